@@ -1,0 +1,100 @@
+"""The exception hierarchy of localrref.
+
+Rules (see STYLE.md, rule 4):
+
+* Every class derives from ``RuntimeError`` through :class:`LocalRRefError`, so
+  code written for ``torch.distributed.rpc`` (which raises ``RuntimeError`` for
+  nearly everything) keeps working with ``except RuntimeError``.
+* The class says *who* is at fault: :class:`WorkerClosedError` means your own
+  code shut the agent down (trio's "Closed"); :class:`WorkerGoneError` means a
+  peer died under you (trio's "Broken", loky's ``TerminatedWorkerError``);
+  :class:`RRefInternalError` means localrref itself broke an invariant, which
+  is always a bug to report.
+* Every class pickles (it may cross a process boundary inside a reply), so any
+  class whose ``__init__`` differs from ``(msg,)`` defines ``__reduce__``.
+
+This module is a leaf: it imports nothing of ours, so the pure protocol core
+may use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LocalRRefError",
+    "RRefInternalError",
+    "ProtocolError",
+    "RRefLeakError",
+    "RPCTimeoutError",
+    "RRefCreationError",
+    "WorkerClosedError",
+    "WorkerGoneError",
+    "RPCNotInitializedError",
+]
+
+
+class LocalRRefError(RuntimeError):
+    """Root of every error localrref raises on its own account."""
+
+
+class RRefInternalError(LocalRRefError):
+    """An internal invariant of the Remote Reference Protocol does not hold.
+
+    The port of the seed's ``TORCH_INTERNAL_ASSERT``: the message names the
+    ids involved. Seeing one is a bug in localrref (or a message forged by
+    hand), never a misuse of the public API.
+    """
+
+
+class ProtocolError(LocalRRefError):
+    """A message cannot be handled in the state the receiver is in."""
+
+
+class RRefLeakError(LocalRRefError):
+    """``checkRRefLeaks`` found forks still registered and leaks are not ignored."""
+
+
+class RPCTimeoutError(LocalRRefError):
+    """A call ran past its deadline.
+
+    The message keeps torch's wording ("RPC ran for more than set timeout")
+    so that code matching on it keeps working.
+    """
+
+
+class RRefCreationError(LocalRRefError):
+    """The ``remote()`` that created this RRef failed or timed out.
+
+    Raised by every later use of such an RRef (``to_here``, forking it to
+    another worker, the proxies), as soon as the failure is known.
+    """
+
+
+class WorkerClosedError(LocalRRefError):
+    """The local RPC agent was shut down by this process's own code."""
+
+
+class WorkerGoneError(LocalRRefError):
+    """A peer worker died; calls that depended on it cannot complete.
+
+    Carries the dead worker's name, rank, pid and exit code (negative for a
+    signal, as ``multiprocessing`` reports it).
+    """
+
+    def __init__(self, msg: str, *, name: str | None = None, rank: int | None = None,
+                 pid: int | None = None, exitcode: int | None = None) -> None:
+        super().__init__(msg)
+        self.name = name
+        self.rank = rank
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self):
+        return _rebuild_worker_gone, (self.args[0], self.name, self.rank, self.pid, self.exitcode)
+
+
+def _rebuild_worker_gone(msg, name, rank, pid, exitcode):
+    return WorkerGoneError(msg, name=name, rank=rank, pid=pid, exitcode=exitcode)
+
+
+class RPCNotInitializedError(LocalRRefError):
+    """An RPC API was used before ``init_rpc`` or after ``shutdown``."""
