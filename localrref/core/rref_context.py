@@ -950,6 +950,26 @@ class RRefContext:
         else:
             self._emit(Fail(request_id=request.request_id, error=error))
 
+    def on_peer_gone(self, rank: int, error: object, *, now: float) -> list:
+        """Worker ``rank`` died: fail at once everything that waited on it.
+
+        Calls and fetches to it fail with ``error``; a ``remote()`` it owned
+        fails its creation; control messages to it are dropped (its tables
+        died with it). Nothing here waits for a timeout.
+        """
+        self._advance(now)
+        for request in list(self.requests.values()):
+            if request.dst != rank:
+                continue
+            if request.kind in _RETRYABLE_KINDS:
+                del self.requests[request.request_id]
+                self.num_pending_futures -= 1
+            elif request.kind is RequestKind.FETCH and request.abandoned:
+                self._finish_fetch(request)
+            else:
+                self._fail_request(request, error)
+        return self.take_effects()
+
     # ------------------------------------------------------------------
     # Jobs: the driver runs user functions and reports back
     # ------------------------------------------------------------------

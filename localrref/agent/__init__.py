@@ -1,0 +1,1 @@
+"""The imperative shell around the protocol core: threads, transport, futures."""

@@ -1,0 +1,758 @@
+"""The RPC agent of one worker process: the shell that drives the protocol core.
+
+Data flow (one worker; every arrow that leaves the box crosses a process)::
+
+    app thread: rpc_async / remote / to_here
+      | pickle args in this thread (RRefs -> core.prepare_child_fork under the lock,
+      | big tensors -> ShmPool copy), then under the lock: core.rpc/remote/fetch
+      v
+    effects --Send--> Endpoint.send(dst, frame) ---------------------------> peer inbox
+                                                                                 |
+    reader thread: Endpoint.recv() <------------------------------------ our inbox
+      | decode frame; under the lock: core.handle(src, msg, now)
+      v
+    effects: Execute  -> ElasticPool thread: unpickle, run the user function,
+                         pickle the result, under the lock: core.finish_*; Send
+             Complete -> unpickle the reply, Future.set_result
+             Fail     -> Future.set_exception
+    housekeeping thread: timers (core.on_tick at core.next_deadline()) and the
+      releases of RRefs that Python dropped, woken through a self-pipe
+
+Which thread touches what: ``self._lock`` guards the core and the futures
+tables and nothing else; effects run after it is released (STYLE rule 6), so
+no thread ever blocks, sends or runs user code while holding it. Python may
+drop an RRef in any thread, at any allocation, even one holding the lock:
+``RRef.__del__`` only appends to a deque and writes one byte to the
+housekeeping pipe (no lock, no blocking), and the housekeeping thread tells
+the core.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..codec import frames
+from ..codec.pickler import dumps, dumps_exception, loads, loads_exception, wrap_exception
+from ..core import effects as fx
+from ..core.messages import REQUEST_TYPES
+from ..core.rref_context import RetryPolicy, RRefContext
+from ..core.shutdown import DelAllUsersAndUnforkedOwners
+from ..errors import LocalRRefError, WorkerClosedError, WorkerGoneError
+from ..transport.mpqueue import Endpoint
+from ..transport.shm import ShmMapper, ShmPool
+from ..world import PEER_EXITED, describe_exitcode
+from .pool import ElasticPool
+
+__all__ = ["Agent", "WorkerDesc", "wait"]
+
+log = logging.getLogger("localrref")
+
+HELLO = "__hello__"
+SHUTDOWN_ARRIVED = "__shutdown_arrived__"
+SHUTDOWN_PROCEED = "__shutdown_proceed__"
+SHUTDOWN_DONE = "__shutdown_done__"
+SHUTDOWN_FAILED = "__shutdown_failed__"
+
+
+def set_exception(future: torch.futures.Future, error: BaseException) -> None:
+    """``future.set_exception(error)``, but every ``wait()`` raises a fresh copy.
+
+    torch's Future keeps its exception from C++, where Python's cycle
+    collector cannot see it. Raising that very object attaches a traceback
+    whose frames hold the future (``Future.wait``'s ``self``) and the
+    caller's locals (RRefs, tensors): an uncollectable cycle, so those RRefs
+    would never be deleted. A copy raised in its place carries the traceback
+    instead, and nothing the future holds points back at it.
+    """
+    def raise_copy(stored):
+        try:
+            fresh = copy.copy(stored)
+        except Exception:
+            fresh = stored
+        raise fresh
+
+    future._set_unwrap_func(raise_copy)
+    future.set_result(error)
+
+
+def wait(future: torch.futures.Future):
+    """``future.wait()`` without leaking what the caller's frames hold.
+
+    A torch Future keeps its exception from C++, invisible to Python's cycle
+    collector; once raised, that exception's traceback holds the frames it
+    crossed, and their locals (RRefs among them, which would then never be
+    deleted). So the stored traceback is dropped and the future let go before
+    the error propagates.
+    """
+    try:
+        return future.wait()
+    except BaseException as exc:
+        error = exc
+    error.__traceback__ = None
+    del future
+    raise error
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDesc:
+    name: str
+    rank: int
+    pid: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: torch.futures.Future
+    kind: str          # "call" | "fetch"
+    dst: int
+
+
+class Agent:
+    """One worker's RPC agent. Built by ``init_rpc``; see the module docstring."""
+
+    def __init__(self, spec, name: str, options) -> None:
+        self.spec = spec
+        self.rank = spec.rank
+        self.world_size = spec.world_size
+        self.name = name
+        self.options = options
+        self.endpoint = Endpoint(spec.rank, spec.inboxes)
+        self.shm_pool = ShmPool(spec.world_id, spec.rank, threshold=options.shm_threshold)
+        self.mapper = ShmMapper()
+        self.core = RRefContext(spec.rank, retry=RetryPolicy(
+            ack_timeout=options.rpc_timeout if options.rpc_timeout > 0 else 60.0))
+        self.executor = ElasticPool(options.num_worker_threads)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._creation: dict[int, torch.futures.Future] = {}
+        self._owner_waiters: dict[int, list[torch.futures.Future]] = {}
+        self._releases: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._timer_target: float | None = None
+        self._closing = False
+        self.closed = False
+        self._peers: dict[int, WorkerDesc] = {
+            self.rank: WorkerDesc(name, self.rank, os.getpid())}
+        self._peers_ready = threading.Condition()
+        self._dead: dict[int, WorkerGoneError] = {}
+        self._control: collections.deque = collections.deque()
+        self._control_cv = threading.Condition()
+        self._progress = threading.Condition()
+        self._shutdown_machine: DelAllUsersAndUnforkedOwners | None = None
+        self.default_timeout = options.rpc_timeout
+        self._reader = threading.Thread(target=self._read_loop, name="localrref-reader",
+                                        daemon=True)
+        self._housekeeper = threading.Thread(target=self._housekeeping_loop,
+                                             name="localrref-housekeeping", daemon=True)
+
+    # ------------------------------------------------------------------
+    # Start: meet every peer
+    # ------------------------------------------------------------------
+
+    def start(self, init_timeout: float) -> None:
+        self._reader.start()
+        self._housekeeper.start()
+        hello = frames.encode_control((HELLO, self.rank, self.name, os.getpid(),
+                                       self.world_size))
+        for rank in range(self.world_size):
+            if rank != self.rank:
+                self.endpoint.send(rank, hello)
+        deadline = time.monotonic() + init_timeout
+        with self._peers_ready:
+            while len(self._peers) < self.world_size and not self._dead and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(range(self.world_size)) - set(self._peers))
+                    raise RuntimeError(
+                        f"init_rpc timed out after {init_timeout:.0f} s waiting for ranks "
+                        f"{missing} to call init_rpc (every worker of the world must call it)")
+                self._peers_ready.wait(left)
+            if self._dead:
+                raise next(iter(self._dead.values()))
+        names = collections.Counter(p.name for p in self._peers.values())
+        duplicates = sorted(n for n, c in names.items() if c > 1)
+        if duplicates:
+            raise RuntimeError(f"worker name {duplicates[0]!r} is not unique: ranks "
+                               f"{sorted(p.rank for p in self._peers.values() if p.name == duplicates[0])}"
+                               f" all use it; give every worker its own name")
+
+    def _on_hello(self, src: int, rank: int, name: str, pid: int, world_size: int) -> None:
+        if world_size != self.world_size:
+            error = RuntimeError(f"world size mismatch: rank {rank} ({name!r}) called init_rpc "
+                                 f"with world_size={world_size}, this worker has "
+                                 f"{self.world_size}")
+            with self._peers_ready:
+                self._dead[rank] = error
+                self._peers_ready.notify_all()
+            return
+        with self._peers_ready:
+            self._peers[rank] = WorkerDesc(name, rank, pid)
+            self._peers_ready.notify_all()
+
+    # ------------------------------------------------------------------
+    # Names
+    # ------------------------------------------------------------------
+
+    def peers(self) -> list[WorkerDesc]:
+        return [self._peers[r] for r in sorted(self._peers)]
+
+    def peer(self, rank: int) -> WorkerDesc:
+        return self._peers[rank]
+
+    def rank_of(self, name: str) -> int | None:
+        for desc in self._peers.values():
+            if desc.name == name:
+                return desc.rank
+        return None
+
+    # ------------------------------------------------------------------
+    # Calls the application makes
+    # ------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed or self._closing:
+            raise WorkerClosedError("RPC has been shut down on this worker; call "
+                                    "localrref.init_rpc again before making RPCs")
+
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is None or timeout < 0:
+            return self.default_timeout
+        return float(timeout)
+
+    def encode(self, obj):
+        from ..rref import RRef
+        return dumps(obj, fork=self._fork, abandon=self._abandon, pool=self.shm_pool,
+                     rref_type=RRef)
+
+    def _fork(self, rref) -> object:
+        record = rref._record_for(self)
+        with self._lock:
+            return self.core.prepare_child_fork(record)
+
+    def _abandon(self, fork_data) -> None:
+        with self._lock:
+            self.core.abandon_child_fork(fork_data)
+            effects = self.core.take_effects()
+        self._run(effects)
+
+    def rpc_async(self, dst: int, func, args, kwargs, timeout) -> torch.futures.Future:
+        self._check_open()
+        future = torch.futures.Future()
+        if dst in self._dead:
+            set_exception(future, self._dead[dst])
+            return future
+        encoded = self.encode((func, args, kwargs))
+        with self._lock:
+            request_id = self.core.rpc(dst, encoded.data, encoded.forks, now=time.monotonic(),
+                                       timeout=self._timeout(timeout))
+            self._pending[request_id] = _Pending(future, "call", dst)
+            effects = self.core.take_effects()
+            self._poke_timer_locked()
+        self._run(effects)
+        return future
+
+    def remote(self, dst: int, func, args, kwargs, timeout):
+        from ..rref import RRef
+        self._check_open()
+        if dst in self._dead:
+            raise self._dead[dst]
+        encoded = self.encode((func, args, kwargs))
+        creation = torch.futures.Future()
+        with self._lock:
+            record = self.core.remote(dst, encoded.data, encoded.forks, now=time.monotonic(),
+                                      timeout=self._timeout(timeout))
+            self._creation[id(record)] = creation
+            effects = self.core.take_effects()
+            self._poke_timer_locked()
+        rref = RRef._adopt(self, record, creation)
+        self._run(effects)
+        return rref
+
+    def fetch(self, record, timeout) -> torch.futures.Future:
+        """The value of ``record`` (to_here): local owners wait for their job."""
+        self._check_open()
+        future = torch.futures.Future()
+        if record.is_owner:
+            self._owner_value(record, future)
+            return future
+        if record.owner in self._dead:
+            set_exception(future, self._dead[record.owner])
+            return future
+        with self._lock:
+            request_id = self.core.fetch(record, now=time.monotonic(),
+                                         timeout=self._timeout(timeout))
+            self._pending[request_id] = _Pending(future, "fetch", record.owner)
+            effects = self.core.take_effects()
+            self._poke_timer_locked()
+        self._run(effects)
+        return future
+
+    def _owner_value(self, owner, future) -> None:
+        with self._lock:
+            ready = owner.has_value
+            if not ready:
+                self._owner_waiters.setdefault(id(owner), []).append(future)
+        if ready:
+            self._settle_owner_future(owner, future)
+
+    def _settle_owner_future(self, owner, future) -> None:
+        if owner.error is not None:
+            set_exception(future, loads_exception(owner.error))
+        else:
+            future.set_result(owner.value)
+
+    def create_local(self, value):
+        """``RRef(value)``: an OwnerRRef on this worker, outside the tables until shared."""
+        with self._lock:
+            owner = self.core.create_owner_rref()
+        owner.set_value(value)
+        return owner
+
+    def defer_release(self, record) -> None:
+        """Called from ``RRef.__del__`` in any thread: never blocks, never locks."""
+        if self.closed:
+            return
+        self._releases.append(record)
+        try:
+            os.write(self._wake_w, b"r")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    # ------------------------------------------------------------------
+    # Effects
+    # ------------------------------------------------------------------
+
+    def _run(self, effects) -> None:
+        for effect in effects:
+            match effect:
+                case fx.Send():
+                    self._send(effect.dst, effect.message)
+                case fx.Execute():
+                    try:
+                        self.executor.submit(self._run_job, effect)
+                    except Exception as exc:
+                        self._fail_job(effect, exc)
+                case fx.Complete():
+                    self._complete(effect)
+                case fx.Fail():
+                    self._fail(effect)
+                case fx.CreationSettled():
+                    self._creation_settled(effect)
+                case fx.Released():
+                    pass
+                case fx.Log():
+                    log.log(logging.getLevelName(effect.level.upper()), "%s", effect.text)
+
+    def _send(self, dst: int, message) -> None:
+        try:
+            if dst in self._dead:
+                raise self._dead[dst]
+            self.endpoint.send(dst, frames.encode_message(message))
+        except (WorkerGoneError, WorkerClosedError, OSError) as exc:
+            if message.type not in REQUEST_TYPES:
+                log.info("could not send %s to rank %d: %s", message.type.value, dst, exc)
+                return
+            with self._lock:
+                effects = self.core.on_send_failed(message.request_id, exc, now=time.monotonic())
+                self._poke_timer_locked()
+            self._run(effects)
+
+    def _complete(self, effect: fx.Complete) -> None:
+        from ..rref import RRef
+        with self._lock:
+            pending = self._pending.pop(effect.request_id, None)
+        wrappers = [RRef._adopt(self, record) for record in effect.rrefs]
+        if pending is None:
+            return
+        try:
+            value, _ = loads(effect.payload, rrefs=wrappers, mapper=self.mapper)
+        except BaseException as exc:
+            set_exception(pending.future, RuntimeError(
+                f"could not unpickle the reply from {self._describe(pending.dst)}: "
+                f"{type(exc).__name__}: {exc}"))
+            return
+        del wrappers
+        pending.future.set_result(value)
+
+    def _fail(self, effect: fx.Fail) -> None:
+        with self._lock:
+            pending = self._pending.pop(effect.request_id, None)
+        if pending is None:
+            return
+        error = effect.error
+        if isinstance(error, fx.RemoteFailure):
+            error = loads_exception(error.payload) if isinstance(error.payload, bytes) \
+                else RuntimeError(str(error.payload))
+        set_exception(pending.future, error)
+
+    def _creation_settled(self, effect: fx.CreationSettled) -> None:
+        with self._lock:
+            future = self._creation.pop(id(effect.rref), None)
+        if future is None:
+            return
+        error = effect.error
+        if error is None:
+            future.set_result(True)
+            return
+        if isinstance(error, fx.RemoteFailure):
+            error = loads_exception(error.payload)
+        set_exception(future, error)
+
+    # ------------------------------------------------------------------
+    # Jobs (on pool threads)
+    # ------------------------------------------------------------------
+
+    def _run_job(self, job: fx.Execute) -> None:
+        from ..rref import RRef
+        if job.kind is fx.JobKind.FETCH:
+            self._serve_fetch(job)
+            return
+        wrappers = [RRef._adopt(self, record) for record in job.rrefs]
+        try:
+            func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=self.mapper)[0]
+            del wrappers
+            result = func(*args, **(kwargs or {}))
+        except BaseException as exc:
+            self._fail_job(job, exc)
+            return
+        if getattr(func, "_wrapped_async_rpc_function", None) is not None:
+            if not isinstance(result, torch._C.Future):
+                self._fail_job(job, TypeError(
+                    f"{getattr(func, '__qualname__', func)} is decorated with "
+                    f"@rpc.functions.async_execution but returned {type(result).__name__}, not a "
+                    f"torch.futures.Future"))
+                return
+            result.add_done_callback(lambda f: self._finish_async(job, f))
+            return
+        self._finish_job(job, result)
+
+    def _finish_async(self, job, future) -> None:
+        try:
+            value = future.value()
+        except BaseException as exc:
+            self._fail_job(job, exc)
+            return
+        self._finish_job(job, value)
+
+    def _finish_job(self, job, result) -> None:
+        if job.kind is fx.JobKind.REMOTE:
+            with self._lock:
+                effects = self.core.finish_remote(job.job_id, result)
+                waiters = self._owner_waiters.pop(id(job.owner), [])
+            self._run(effects)
+            for future in waiters:
+                self._settle_owner_future(job.owner, future)
+            return
+        try:
+            encoded = self.encode(result)
+        except BaseException as exc:
+            self._fail_job(job, exc)
+            return
+        with self._lock:
+            effects = self.core.finish_call(job.job_id, encoded.data, encoded.forks)
+        self._run(effects)
+
+    def _fail_job(self, job, exc: BaseException) -> None:
+        payload = dumps_exception(wrap_exception(exc, self.worker_info_text()))
+        with self._lock:
+            effects = self.core.fail_job(job.job_id, payload)
+            waiters = self._owner_waiters.pop(id(job.owner), []) if job.owner is not None else []
+        self._run(effects)
+        for future in waiters:
+            self._settle_owner_future(job.owner, future)
+
+    def _serve_fetch(self, job) -> None:
+        owner = job.owner
+        if owner.error is not None:
+            with self._lock:
+                effects = self.core.fail_job(job.job_id, owner.error)
+            self._run(effects)
+            return
+        try:
+            encoded = self.encode(owner.value)
+        except BaseException as exc:
+            self._fail_job(job, exc)
+            return
+        with self._lock:
+            effects = self.core.finish_call(job.job_id, encoded.data, encoded.forks)
+        self._run(effects)
+
+    def worker_info_text(self) -> str:
+        return f"WorkerInfo(id={self.rank}, name={self.name})"
+
+    def _describe(self, rank: int) -> str:
+        desc = self._peers.get(rank)
+        return f"rank {rank} ({desc.name!r})" if desc else f"rank {rank}"
+
+    # ------------------------------------------------------------------
+    # Threads
+    # ------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                item = self.endpoint.recv(None)
+            except (WorkerClosedError, OSError, ValueError):
+                return
+            if item is None:
+                if self._closing:
+                    return
+                continue
+            src, frame = item
+            try:
+                kind, obj = frames.decode(frame)
+            except Exception:
+                log.exception("localrref: dropped an undecodable frame from rank %d", src)
+                continue
+            if kind == "control":
+                self._on_control(src, obj)
+                continue
+            try:
+                with self._lock:
+                    effects = self.core.handle(src, obj, now=time.monotonic())
+                    self._poke_timer_locked()
+                self._run(effects)
+            except Exception:
+                log.exception("localrref: error handling %s from rank %d",
+                              getattr(obj, "type", obj), src)
+            self._signal_progress()
+
+    def _on_control(self, src: int, message: tuple) -> None:
+        tag = message[0] if message else None
+        if tag == HELLO:
+            self._on_hello(src, *message[1:])
+        elif tag == PEER_EXITED:
+            _, rank, pid, exitcode = message
+            self._on_peer_exited(rank, pid, exitcode)
+        else:
+            with self._control_cv:
+                self._control.append(message)
+                self._control_cv.notify_all()
+
+    def _on_peer_exited(self, rank: int, pid: int, exitcode: int) -> None:
+        desc = self._peers.get(rank)
+        who = f"rank {rank}" + (f" ({desc.name!r})" if desc else "")
+        error = WorkerGoneError(
+            f"worker {who}, pid {pid}, {describe_exitcode(exitcode)}; every call that "
+            f"depended on it fails", name=desc.name if desc else None, rank=rank, pid=pid,
+            exitcode=exitcode)
+        with self._lock:
+            self._dead[rank] = error
+            effects = self.core.on_peer_gone(rank, error, now=time.monotonic())
+        with self._peers_ready:
+            self._peers_ready.notify_all()
+        self._run(effects)
+        with self._control_cv:
+            self._control_cv.notify_all()
+        self._signal_progress()
+
+    def _poke_timer_locked(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline is not None and (self._timer_target is None or deadline < self._timer_target):
+            self._timer_target = deadline
+            try:
+                os.write(self._wake_w, b"t")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _housekeeping_loop(self) -> None:
+        while not self._closing:
+            with self._lock:
+                deadline = self.core.next_deadline()
+                self._timer_target = deadline
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                select.select([self._wake_r], [], [], timeout)
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            except (OSError, ValueError):
+                return
+            if self._closing:
+                return
+            self._housekeeping_pass()
+
+    def _housekeeping_pass(self) -> None:
+        releases = []
+        while self._releases:
+            releases.append(self._releases.popleft())
+        now = time.monotonic()
+        with self._lock:
+            for record in releases:
+                try:
+                    self.core.release(record)
+                except LocalRRefError:
+                    log.exception("localrref: releasing %r", record)
+            effects = self.core.take_effects()
+            effects += self.core.on_tick(now)
+            if self._shutdown_machine is not None:
+                effects += self._shutdown_machine.poll(now)
+        self._run(effects)
+        self._signal_progress()
+
+    def _signal_progress(self) -> None:
+        with self._progress:
+            self._progress.notify_all()
+
+    # ------------------------------------------------------------------
+    # Debug info and shutdown
+    # ------------------------------------------------------------------
+
+    def debug_info(self) -> dict[str, str]:
+        with self._lock:
+            info = self.core.get_debug_info()
+            pending = len(self._pending)
+        out = {key: str(value) for key, value in info.items()}
+        out.update({
+            "agent.num_pending_calls": str(pending),
+            "agent.worker_threads": str(self.executor.thread_count),
+            "agent.threads": str(threading.active_count()),
+            "agent.shm_segments": str(len(self.shm_pool.segment_names())),
+            "agent.num_deferred_releases": str(len(self._releases)),
+        })
+        return out
+
+    def wait_until_quiet(self, timeout: float) -> bool:
+        """Wait (on progress events, not by polling) until this worker holds no RRef state."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while True:
+                with self._lock:
+                    core = self.core
+                    quiet = not (core.owners or core.forks or core.pending_users
+                                 or core.pending_children or core.confirmed_users
+                                 or core.num_pending_futures or self._releases)
+                if quiet:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._progress.wait(left)
+
+    def wait_control(self, tags: set[str], timeout: float, what: str) -> tuple:
+        deadline = time.monotonic() + timeout
+        with self._control_cv:
+            while True:
+                for i, message in enumerate(self._control):
+                    if message[0] == SHUTDOWN_FAILED:
+                        del self._control[i]
+                        raise RuntimeError(f"graceful shutdown failed: {message[1]}")
+                    if message[0] in tags:
+                        del self._control[i]
+                        return message
+                if self._dead:
+                    raise next(iter(self._dead.values()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"graceful shutdown timed out after {timeout:.0f} s "
+                                       f"waiting for {what}")
+                self._control_cv.wait(left)
+
+    def graceful_shutdown(self, timeout: float) -> list[dict]:
+        """The worker's half of the supervisor-driven shutdown; returns leak records."""
+        supervisor = self.world_size
+        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_ARRIVED, self.rank)))
+        self.wait_control({SHUTDOWN_PROCEED}, timeout, "every worker to reach shutdown()")
+        self._release_now()
+        now = time.monotonic()
+        machine = DelAllUsersAndUnforkedOwners(self.core, now=now, timeout=max(timeout, 1.0))
+        with self._lock:
+            self._shutdown_machine = machine
+            effects = machine.poll(now)
+        self._run(effects)
+        deadline = time.monotonic() + max(timeout, 1.0) * 2
+        with self._progress:
+            while True:
+                with self._lock:
+                    effects = machine.poll(time.monotonic())
+                    settled = machine.done and self.core.num_pending_futures == 0
+                self._run(effects)
+                if settled or self._dead or time.monotonic() > deadline:
+                    break
+                self._progress.wait(0.05)
+        if self._dead:
+            raise next(iter(self._dead.values()))
+        leaks = self.leak_records()
+        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_DONE, self.rank, leaks)))
+        self.wait_control({SHUTDOWN_PROCEED}, timeout, "every worker to finish deleting RRefs")
+        return leaks
+
+    def _release_now(self) -> None:
+        import gc
+        gc.collect()
+        self._housekeeping_pass()
+
+    def leak_records(self) -> list[dict]:
+        with self._lock:
+            leaks = self.core.leaks()
+            records = []
+            for rref_id, fork_id in leaks:
+                owner = self.core.owners.get(rref_id)
+                value_type, tensor_bytes = _describe_value(owner)
+                records.append({
+                    "rref_id": str(rref_id), "fork_id": str(fork_id),
+                    "owner_rank": self.rank, "holder_rank": fork_id.created_on,
+                    "state": "fork", "value_type": value_type, "tensor_bytes": tensor_bytes,
+                    "creation_site": None})
+            return records
+
+    def close(self) -> None:
+        """Stop every thread and release every OS resource (idempotent)."""
+        if self.closed:
+            return
+        self._closing = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self.endpoint.wake()
+        self._reader.join(5.0)
+        self._housekeeper.join(5.0)
+        self.executor.shutdown(5.0)
+        with self._lock:
+            self.core.destroy_instance(ignore_rref_leak=True)
+            pending, self._pending = self._pending, {}
+        closed = WorkerClosedError("RPC was shut down while this call was pending")
+        for item in pending.values():
+            if not item.future.done():
+                set_exception(item.future, closed)
+        self.closed = True
+        self.endpoint.close()
+        self.shm_pool.close()
+        self.mapper.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _describe_value(owner) -> tuple[str | None, int]:
+    if owner is None or not owner.has_value or owner.error is not None:
+        return None, 0
+    value = owner.value
+    total = 0
+    stack = [value]
+    seen = 0
+    while stack and seen < 10_000:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+        elif isinstance(item, torch.nn.Module):
+            stack.extend(item.state_dict().values())
+    return type(value).__qualname__, total
+

@@ -1,0 +1,220 @@
+"""The ``torch.distributed.rpc`` functions, over localrref's agent.
+
+Signatures, defaults and error texts follow torch's ``rpc/api.py``;
+``tests/test_public_api.py`` pins them against the installed torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import threading
+
+import torch
+from torch.distributed.rpc import WorkerInfo
+
+from . import constants
+from .agent import current
+from .agent.agent import Agent, wait
+from .errors import RPCNotInitializedError
+from .options import RpcBackendOptions
+
+__all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
+           "get_rpc_timeout", "set_rpc_timeout", "get_debug_info", "WorkerInfo"]
+
+log = logging.getLogger("localrref")
+_init_lock = threading.Lock()
+
+
+def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=None):
+    """Start this worker's RPC agent and meet every other worker of the world.
+
+    Args:
+        name: this worker's name, unique in the world ("ps", "trainer3", ...).
+        backend: accepted for compatibility and ignored (there is one backend).
+        rank: this worker's rank; -1 takes it from the world the supervisor
+            (``localrref.spawn`` or ``python -m localrref.launch``) started,
+            or from the ``RANK`` environment variable.
+        world_size: number of workers; None takes it from the world / ``WORLD_SIZE``.
+        rpc_backend_options: :class:`localrref.RpcBackendOptions` (torch's
+            ``TensorPipeRpcBackendOptions`` fields are accepted too).
+
+    Raises:
+        RuntimeError: already initialized, not started by a localrref
+            supervisor, a rank or world size that disagrees with the world,
+            a duplicate name, or peers that never called ``init_rpc``.
+    """
+    from .world import current as current_world
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    with _init_lock:
+        if current.get() is not None:
+            raise RuntimeError("RPC is already initialized: call localrref.shutdown() before "
+                               "calling init_rpc again")
+        spec = current_world()
+        if spec is None:
+            raise RuntimeError(
+                "localrref workers must be started by localrref.spawn(...) or "
+                "`python -m localrref.launch`; this process was not (no world to join)")
+        rank = _resolve_int("rank", rank, os.environ.get("RANK"), spec.rank, unset=-1)
+        world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"),
+                                  spec.world_size, unset=None)
+        if rank != spec.rank:
+            raise RuntimeError(f"rank {rank} does not match this worker's rank {spec.rank} in "
+                               f"its world; pass rank=-1 (the default) to use the world's")
+        if world_size != spec.world_size:
+            raise RuntimeError(f"world size mismatch: init_rpc(world_size={world_size}) but the "
+                               f"world has {spec.world_size} workers")
+        options = _options(rpc_backend_options)
+        agent = Agent(spec, name, options)
+        current.set(agent)
+        try:
+            agent.start(options.init_timeout)
+        except BaseException:
+            current.set(None)
+            agent.close()
+            raise
+
+
+def _resolve_int(what, given, env, world_value, *, unset):
+    if given is not unset and given is not None:
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise ValueError(f"{what} must be an int, got {given!r}")
+        return int(given)
+    if env is not None and env.strip():
+        return int(env)
+    return world_value
+
+
+def _options(options) -> RpcBackendOptions:
+    if options is None:
+        return RpcBackendOptions()
+    if isinstance(options, RpcBackendOptions):
+        return options
+    # torch's TensorPipeRpcBackendOptions: take the fields both understand.
+    try:
+        return RpcBackendOptions(rpc_timeout=options.rpc_timeout,
+                                 num_worker_threads=options.num_worker_threads,
+                                 init_method=getattr(options, "init_method", "env://"))
+    except AttributeError:
+        raise TypeError(f"rpc_backend_options must be localrref.RpcBackendOptions, got "
+                        f"{type(options).__name__}") from None
+
+
+def _worker_info(agent: Agent, rank: int) -> WorkerInfo:
+    return WorkerInfo(agent.peer(rank).name, rank)
+
+
+def _to_rank(agent: Agent, to) -> int:
+    if isinstance(to, WorkerInfo):
+        rank = to.id
+        if rank not in range(agent.world_size) or agent.peer(rank).name != to.name:
+            raise ValueError(f"unknown worker {to}: this world's workers are "
+                             f"{_names(agent)}")
+        return rank
+    if isinstance(to, str):
+        rank = agent.rank_of(to)
+        if rank is None:
+            raise ValueError(f"unknown worker name {to!r}: this world's workers are "
+                             f"{_names(agent)}")
+        return rank
+    if isinstance(to, numbers.Integral) and not isinstance(to, bool):
+        if not 0 <= to < agent.world_size:
+            raise ValueError(f"unknown worker rank {to}: ranks run from 0 to "
+                             f"{agent.world_size - 1} ({_names(agent)})")
+        return int(to)
+    raise ValueError(f"Cannot get WorkerInfo from name {to}")
+
+
+def _names(agent: Agent) -> str:
+    return ", ".join(f"{d.rank}={d.name!r}" for d in agent.peers())
+
+
+def get_worker_info(worker_name=None):
+    """The ``WorkerInfo`` of ``worker_name`` (a name or rank), or of this worker."""
+    agent = current.require()
+    if worker_name is None:
+        return _worker_info(agent, agent.rank)
+    return _worker_info(agent, _to_rank(agent, worker_name))
+
+
+def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):
+    """Run ``func(*args, **kwargs)`` on ``to``; return a ``torch.futures.Future`` of the result.
+
+    Args:
+        to: a worker name, rank or ``WorkerInfo``.
+        timeout: seconds; -1 uses the default (``get_rpc_timeout()``), 0 means no limit.
+
+    Raises:
+        ValueError: unknown worker.
+        TypeError: an argument cannot be pickled (the message names it).
+    """
+    agent = current.require()
+    _check_callable(func)
+    return agent.rpc_async(_to_rank(agent, to), func, tuple(args or ()), dict(kwargs or {}),
+                           timeout)
+
+
+def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):
+    """As :func:`rpc_async`, waiting for the result (remote exceptions re-raised)."""
+    return wait(rpc_async(to, func, args, kwargs, timeout))
+
+
+def remote(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):
+    """Run ``func`` on ``to`` and keep the result there; return an ``RRef`` to it at once."""
+    agent = current.require()
+    _check_callable(func)
+    return agent.remote(_to_rank(agent, to), func, tuple(args or ()), dict(kwargs or {}),
+                        timeout)
+
+
+def _check_callable(func) -> None:
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+
+
+def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
+    """Stop this worker's agent; graceful waits for every worker and deletes every RRef.
+
+    A graceful shutdown is driven by the supervisor: every worker reaches
+    ``shutdown()``, each runs ``delAllUsersAndUnforkedOwners``, a barrier, the
+    leak check (a warning; ``--strict-leaks`` / ``LOCALRREF_STRICT_LEAKS=1``
+    make it an error), then stop. ``timeout`` bounds each phase (0: the
+    world's shutdown timeout). A dead peer makes it fail at once, naming it.
+    """
+    agent = current.get()
+    if agent is None:
+        raise RPCNotInitializedError(
+            "RPC has not been initialized. Call localrref.init_rpc first.")
+    try:
+        if graceful:
+            limit = timeout if timeout and timeout > 0 else agent.spec.shutdown_timeout or 300.0
+            agent.graceful_shutdown(limit)
+    finally:
+        current.set(None)
+        agent.close()
+
+
+def get_rpc_timeout() -> float:
+    """The default timeout of calls made from now on, in seconds (0: no limit)."""
+    return current.require().default_timeout
+
+
+def set_rpc_timeout(seconds: float) -> None:
+    """Change the default timeout of later calls (0: no limit); calls in flight keep theirs."""
+    if seconds < 0:
+        raise ValueError(f"timeout must be >= 0 seconds (0: no limit), got {seconds}")
+    current.require().default_timeout = float(seconds)
+
+
+def _wait_until_tables_empty(timeout: float = 30.0) -> bool:
+    """Tests and benchmarks: wait until this worker's RRef tables are empty."""
+    return current.require().wait_until_quiet(timeout)
+
+
+def get_debug_info() -> dict[str, str]:
+    """torch's four RRef counters, localrref's own protocol counters and the agent's figures."""
+    return current.require().debug_info()
+
+

@@ -1,0 +1,1 @@
+"""Serialisation: protocol messages to frames, payloads to bytes (in the sender's thread)."""

@@ -1,0 +1,235 @@
+"""Payloads: Python objects to bytes and back, with RRefs and tensors taken out.
+
+Serialisation happens in the sending thread, before anything is queued
+(STYLE rule 5), so an unpicklable argument fails the call that passed it, in
+the caller's thread, with a message naming the object.
+
+Two kinds of objects never travel inside the pickle stream:
+
+* **RRefs.** Pickling one runs the protocol's ``prepare_child_fork`` (through
+  the ``fork`` hook) and stores only an index into the message's RRef table;
+  the receiving core turns the table into records *before* the payload is
+  unpickled, and :func:`loads` binds each index to the record it was given.
+* **Tensors.** Above the shared-memory threshold a tensor becomes a
+  :class:`~localrref.transport.shm.TensorHandle` (one copy into a pooled
+  block; the receiver maps it without copying). Below it, its bytes are
+  written inline, which is much faster than torch's own reducer for small
+  tensors.
+
+If pickling fails after RRefs were forked or tensors exported, the
+``abandon`` hooks undo them: a failed call leaks nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Encoded", "dumps", "loads", "RemoteException", "wrap_exception",
+           "rebuild_exception", "describe_unpicklable"]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A pickled payload and the side tables the message carries with it."""
+
+    data: bytes
+    forks: tuple          # RRefForkData, in index order
+    tensor_handles: tuple  # TensorHandle objects exported (for release on failure)
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, *, fork, pool, rref_type):
+        super().__init__(file, protocol=_PROTOCOL)
+        self._fork = fork
+        self._pool = pool
+        self._rref_type = rref_type
+        self.forks: list = []
+        self.handles: list = []
+
+    def persistent_id(self, obj):
+        if self._rref_type is not None and isinstance(obj, self._rref_type):
+            self.forks.append(self._fork(obj))
+            return ("r", len(self.forks) - 1)
+        if type(obj) in _TENSOR_TYPES:
+            return self._tensor_id(obj)
+        return None
+
+    def _tensor_id(self, tensor: torch.Tensor):
+        if tensor.device.type != "cpu":
+            raise TypeError(f"localrref moves CPU tensors only; got a tensor on {tensor.device}. "
+                            f"Move it with .cpu() before sending")
+        if tensor.is_sparse or tensor.is_quantized or tensor.layout != torch.strided:
+            return None  # torch's own reducer handles the exotic layouts
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        requires_grad = tensor.requires_grad
+        if self._pool is not None and self._pool.wants(tensor):
+            handle = self._pool.export(tensor)
+            self.handles.append(handle)
+            return ("t", handle, is_param)
+        flat = tensor.detach().contiguous()
+        data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return ("i", flat.dtype, tuple(flat.shape), data, requires_grad, is_param)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, *, rrefs, mapper):
+        super().__init__(file)
+        self._rrefs = rrefs
+        self._mapper = mapper
+        self.used = set()
+
+    def persistent_load(self, pid):
+        kind = pid[0]
+        if kind == "r":
+            index = pid[1]
+            self.used.add(index)
+            return self._rrefs[index]
+        if kind == "t":
+            _, handle, is_param = pid
+            tensor = self._mapper.import_(handle)
+            return torch.nn.Parameter(tensor, handle.requires_grad) if is_param else tensor
+        if kind == "i":
+            _, dtype, shape, data, requires_grad, is_param = pid
+            if data:
+                tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+                tensor = tensor.reshape(shape)
+            else:
+                tensor = torch.empty(shape, dtype=dtype)
+            if is_param:
+                return torch.nn.Parameter(tensor, requires_grad)
+            return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded:
+    """Pickle ``obj``; RRefs go through ``fork``, big tensors through ``pool``.
+
+    On failure every fork already made is handed to ``abandon`` and every
+    exported tensor is released, then the error is re-raised as a
+    ``TypeError`` naming the object that could not be pickled.
+    """
+    buffer = io.BytesIO()
+    pickler = _Pickler(buffer, fork=fork, pool=pool, rref_type=rref_type)
+    try:
+        pickler.dump(obj)
+    except BaseException as exc:
+        for fork_data in pickler.forks:
+            if abandon is not None:
+                abandon(fork_data)
+        for handle in pickler.handles:
+            pool.release_unsent(handle)
+        if isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)) and not \
+                getattr(exc, "_localrref_named", False):
+            raise describe_unpicklable(obj, exc) from exc
+        raise
+    return Encoded(buffer.getvalue(), tuple(pickler.forks), tuple(pickler.handles))
+
+
+def loads(data: bytes, *, rrefs=(), mapper=None):
+    """Unpickle ``data``; RRef index i becomes ``rrefs[i]``.
+
+    Returns ``(obj, unused)``: the indices of ``rrefs`` the stream never
+    referred to (their holders must release them).
+    """
+    unpickler = _Unpickler(io.BytesIO(data), rrefs=rrefs, mapper=mapper)
+    obj = unpickler.load()
+    unused = [i for i in range(len(rrefs)) if i not in unpickler.used]
+    return obj, unused
+
+
+def describe_unpicklable(obj, exc: BaseException) -> TypeError:
+    """A TypeError naming the innermost object that would not pickle."""
+    culprit = _find_unpicklable(obj)
+    where = f" (the culprit: {culprit})" if culprit else ""
+    error = TypeError(
+        f"cannot send {_short_repr(obj)} over RPC: it is not picklable{where}: "
+        f"{type(exc).__name__}: {exc}. Pass only picklable objects (module-level functions, "
+        f"plain data, tensors, RRefs), or give the object a __reduce__.")
+    error._localrref_named = True
+    return error
+
+
+def _find_unpicklable(obj, depth: int = 0):
+    if depth > 4:
+        return None
+    children = []
+    if isinstance(obj, dict):
+        children = list(obj.items())
+        children = [c for pair in children for c in pair]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    for child in children:
+        try:
+            pickle.dumps(child, protocol=_PROTOCOL)
+        except Exception:
+            if type(child) in _TENSOR_TYPES:
+                continue
+            deeper = _find_unpicklable(child, depth + 1)
+            return deeper or _short_repr(child)
+    return None
+
+
+def _short_repr(obj) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ----------------------------------------------------------------- exceptions
+
+@dataclass(frozen=True, slots=True)
+class RemoteException:
+    """An exception raised by a user function on another worker.
+
+    torch's ``internal.RemoteException``: the type, and a message that starts
+    ``On WorkerInfo(id=..., name=...):`` and ends with the remote traceback.
+    """
+
+    msg: str
+    exception_type: type
+
+
+def wrap_exception(exc: BaseException, worker_info) -> RemoteException:
+    text = f"On {worker_info}:\n{exc!r}\n{''.join(traceback.format_exception(exc))}"
+    return RemoteException(text, type(exc))
+
+
+def rebuild_exception(remote: RemoteException) -> BaseException:
+    """The caller-side exception: the remote type with the remote story."""
+    try:
+        exc = remote.exception_type(remote.msg)
+    except BaseException as exc_build:
+        return RuntimeError(
+            f"Failed to create original exception type {remote.exception_type.__qualname__}. "
+            f"Error msg was {exc_build}. Original exception on remote side was {remote.msg}")
+    return exc
+
+
+def dumps_exception(remote: RemoteException) -> bytes:
+    """Pickle a RemoteException; a type that cannot travel is named instead."""
+    try:
+        return pickle.dumps(remote, protocol=_PROTOCOL)
+    except Exception:
+        return pickle.dumps(RemoteException(
+            f"{remote.msg}\n(the exception type {remote.exception_type.__module__}."
+            f"{remote.exception_type.__qualname__} cannot be pickled, so it was replaced by "
+            f"RuntimeError)", RuntimeError), protocol=_PROTOCOL)
+
+
+def loads_exception(data: bytes) -> BaseException:
+    try:
+        remote = pickle.loads(data)
+    except Exception as exc:
+        return RuntimeError(f"a remote worker raised an exception that cannot be rebuilt here: "
+                            f"{type(exc).__name__}: {exc}")
+    return rebuild_exception(remote)

@@ -1,0 +1,1 @@
+"""Runnable examples; each is also a test of the runtime."""

@@ -1,0 +1,148 @@
+"""What the supervisor does with the control tuples workers send it.
+
+Workers send ``(tag, rank, *payload)`` tuples (vocabulary in
+``localrref.world``). :class:`ControlDispatcher` maps each tag to a handler
+and the runtime may add its own with :meth:`register`. Built in:
+
+* the graceful-shutdown barrier (the process side of ``localrref.shutdown``)::
+
+      phase "arrive": collect __shutdown_arrived__ from every rank -> broadcast __shutdown_proceed__
+      phase "done":   collect __shutdown_done__ (with leaks)      -> broadcast __shutdown_proceed__
+      a rank exits while a phase waits for it                    -> broadcast __shutdown_failed__
+
+* leak reports (``__shutdown_done__`` and ``__leak_report__``), kept for the
+  supervisor to print (:func:`format_leak_line`) when the world is over.
+
+Handlers run on the supervisor's watcher thread, one message at a time; the
+``send`` they are given never blocks for long (``inbox.bounded_send``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from localrref import world
+
+__all__ = ["ControlDispatcher", "Handler", "format_leak_line"]
+
+Handler = Callable[[int, tuple[Any, ...]], None]
+Send = Callable[[int, tuple[Any, ...]], None]
+
+
+class ControlDispatcher:
+    """Routes supervisor-inbox messages by tag; drives the shutdown barrier.
+
+    Args:
+        world_size: Number of worker ranks.
+        send: ``send(rank, control_tuple)`` to one worker.
+
+    Attributes:
+        shutdown_arrived: Ranks that sent ``__shutdown_arrived__``, in arrival order.
+        leaks: Every leaked-RRef dict received, each with ``reporting_rank`` added.
+    """
+
+    def __init__(self, world_size: int, send: Send) -> None:
+        self.world_size = world_size
+        self.shutdown_arrived: list[int] = []
+        self.leaks: list[dict[str, Any]] = []
+        self._send = send
+        self._exited: dict[int, int] = {}  # rank -> exit code
+        self._phase: str | None = None  # None -> "arrive" -> "done" -> "complete" / "failed"
+        self._waiting_for: set[int] = set()
+        self._handlers: dict[str, Handler] = {
+            world.SHUTDOWN_ARRIVED: self._on_shutdown_arrived,
+            world.SHUTDOWN_DONE: self._on_shutdown_done,
+            world.LEAK_REPORT: self._on_leak_report,
+        }
+
+    def register(self, tag: str, handler: Handler) -> None:
+        """Handle messages whose first element is ``tag`` as ``handler(src, message)``."""
+        self._handlers[tag] = handler
+
+    def dispatch(self, src: int, message: object) -> None:
+        """Run the handler for ``message``; malformed or unknown messages are reported, not raised."""
+        if not (isinstance(message, tuple) and message and isinstance(message[0], str)):
+            _say(f"ignored a control message from rank {src} that is not a (tag, ...) tuple: "
+                 f"{message!r:.200}")
+            return
+        handler = self._handlers.get(message[0])
+        if handler is None:
+            _say(f"ignored a control message with unknown tag {message[0]!r} from rank {src}; "
+                 f"known tags: {sorted(self._handlers)}")
+            return
+        try:
+            handler(src, message)
+        except Exception as exc:  # one bad message must not stop the watcher
+            _say(f"handler for {message[0]!r} failed: {type(exc).__name__}: {exc}")
+
+    def on_worker_exit(self, rank: int, exitcode: int) -> None:
+        """A worker exited: a barrier phase still waiting for it can never complete."""
+        self._exited[rank] = exitcode
+        self._fail_if_waiting_for_the_dead()
+
+    # --------------------------------------------------------------- shutdown barrier
+
+    def _on_shutdown_arrived(self, src: int, message: tuple[Any, ...]) -> None:
+        _, rank = message
+        self.shutdown_arrived.append(rank)
+        if self._phase in (None, "complete"):  # "complete": a later init_rpc/shutdown cycle
+            self._start_phase("arrive")
+        self._reached(rank, "arrive", next_phase="done")
+
+    def _on_shutdown_done(self, src: int, message: tuple[Any, ...]) -> None:
+        _, rank, leaks = message
+        self._record_leaks(rank, leaks)
+        self._reached(rank, "done", next_phase="complete")
+
+    def _reached(self, rank: int, phase: str, *, next_phase: str) -> None:
+        if self._phase != phase:
+            if self._phase != "failed":
+                _say(f"rank {rank} sent its {phase!r} shutdown message during the "
+                     f"{self._phase!r} phase; ignored")
+            return
+        self._waiting_for.discard(rank)
+        if not self._waiting_for:
+            self._broadcast((world.SHUTDOWN_PROCEED,))
+            self._start_phase(next_phase)
+
+    def _start_phase(self, phase: str) -> None:
+        self._phase, self._waiting_for = phase, set(range(self.world_size))
+        self._fail_if_waiting_for_the_dead()
+
+    def _fail_if_waiting_for_the_dead(self) -> None:
+        if self._phase not in ("arrive", "done"):
+            return
+        dead = sorted(self._waiting_for & self._exited.keys())
+        if dead:
+            rank = dead[0]
+            reason = (f"worker rank {rank} {world.describe_exitcode(self._exited[rank])} before it "
+                      f"reached the shutdown barrier ({self._phase} phase)")
+            self._phase = "failed"
+            self._broadcast((world.SHUTDOWN_FAILED, reason))
+
+    def _broadcast(self, control: tuple[Any, ...]) -> None:
+        for rank in range(self.world_size):
+            if rank not in self._exited:
+                self._send(rank, control)
+
+    # -------------------------------------------------------------------- leak reports
+
+    def _on_leak_report(self, src: int, message: tuple[Any, ...]) -> None:
+        _, rank, leaks = message
+        self._record_leaks(rank, leaks)
+
+    def _record_leaks(self, rank: int, leaks: list[dict[str, Any]]) -> None:
+        for leak in leaks:
+            self.leaks.append({**leak, "reporting_rank": rank})
+
+
+def format_leak_line(leak: dict[str, Any]) -> str:
+    """One line per leaked RRef, fields in :data:`localrref.world.LEAK_FIELDS` order."""
+    fields = " ".join(f"{name}={leak.get(name, '?')}" for name in world.LEAK_FIELDS)
+    return f"localrref: leaked RRef {fields}"
+
+
+def _say(message: str) -> None:
+    print(f"localrref.launch: {message}", file=sys.stderr)

@@ -1,0 +1,52 @@
+"""Backend options, accepted where torch takes ``TensorPipeRpcBackendOptions``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import constants
+
+__all__ = ["RpcBackendOptions", "TensorPipeRpcBackendOptions"]
+
+
+@dataclass(kw_only=True)
+class RpcBackendOptions:
+    """Options for localrref's agent; the fields torch's options have keep their names.
+
+    Attributes:
+        rpc_timeout: default timeout of every call, in seconds (0: no limit).
+        init_method: accepted for compatibility; localrref needs no rendezvous.
+        num_worker_threads: threads kept alive to run user functions; more are
+            started while all are busy (nested calls never starve the pool).
+        shm_threshold: tensors of at least this many bytes travel through
+            shared memory; smaller ones ride inline in the message.
+        init_timeout: how long ``init_rpc`` waits for every peer.
+    """
+
+    rpc_timeout: float = constants.DEFAULT_RPC_TIMEOUT_SEC
+    init_method: str = constants.DEFAULT_INIT_METHOD
+    num_worker_threads: int = constants.DEFAULT_NUM_WORKER_THREADS
+    shm_threshold: int = constants.DEFAULT_SHM_THRESHOLD
+    init_timeout: float = constants.DEFAULT_INIT_TIMEOUT_SEC
+    device_maps: dict = field(default_factory=dict)
+    devices: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rpc_timeout < 0:
+            raise ValueError(f"rpc_timeout must be >= 0 seconds (0: no limit), got "
+                             f"{self.rpc_timeout}")
+        if self.num_worker_threads < 1:
+            raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
+        if self.device_maps or any(str(d) != "cpu" for d in self.devices):
+            raise ValueError("localrref moves CPU tensors only: device_maps and non-CPU devices "
+                             "are not supported")
+
+
+def TensorPipeRpcBackendOptions(*, num_worker_threads=constants.DEFAULT_NUM_WORKER_THREADS,
+                                rpc_timeout=constants.DEFAULT_RPC_TIMEOUT_SEC,
+                                init_method=constants.DEFAULT_INIT_METHOD, device_maps=None,
+                                devices=None, _transports=None, _channels=None):
+    """torch's constructor name, returning localrref's options (the transports are ignored)."""
+    return RpcBackendOptions(num_worker_threads=num_worker_threads, rpc_timeout=rpc_timeout,
+                             init_method=init_method, device_maps=device_maps or {},
+                             devices=devices or [])

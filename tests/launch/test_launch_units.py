@@ -1,0 +1,289 @@
+"""Pieces of localrref.launch that need no worker processes: CLI parsing, formats, records."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+
+import pytest
+
+from localrref import world
+from localrref.launch import errorfile
+from localrref.launch.bootstrap import ChildPlan, RunScript, Stream
+from localrref.launch.cli import UsageError, config_from_args, parse_args
+from localrref.launch.control import ControlDispatcher, format_leak_line
+from localrref.launch.launcher import main
+from localrref.launch.stdio import Std, line_prefix, parse_std
+from localrref.launch.supervisor import RunOptions, sweep_shm
+
+
+# ------------------------------------------------------------------------ world.py
+
+
+def _spec(**overrides):
+    fields = dict(world_id="abc123", rank=1, world_size=2, inboxes=("q0", "q1", "qs"), supervisor_pid=7)
+    fields.update(overrides)
+    return world.WorldSpec(**fields)
+
+
+def test_worldspec_views_and_pickling():
+    spec = _spec()
+    assert (spec.inbox, spec.supervisor_inbox, spec.supervisor_rank) == ("q1", "qs", 2)
+    assert spec.shm_prefix == "lrr_abc123_"
+    assert pickle.loads(pickle.dumps(spec)) == spec
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"world_id": "Has-Dash"}, "world_id 'Has-Dash' must be 1-16 lowercase letters or digits"),
+    ({"rank": 2}, r"rank 2 is outside \[0, 2\)"),
+    ({"inboxes": ("q0", "q1")}, "expected 3 inboxes"),
+    ({"world_size": 0, "rank": 0, "inboxes": ("q",)}, "world_size must be >= 1"),
+])
+def test_worldspec_rejects_inconsistent_fields(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _spec(**overrides)
+
+
+def test_peer_exited_message_round_trip():
+    message = world.peer_exited_message(3, 1234, -9)
+    assert message == ("__peer_exited__", 3, 1234, -9)
+    decoded = world.PeerExited.from_message(message)
+    assert decoded == world.PeerExited(rank=3, pid=1234, exitcode=-9)
+    assert decoded.describe() == "worker rank 3 (pid 1234) was killed by signal SIGKILL"
+    assert world.PeerExited.from_message(("__peer_exited__", 3)) is None
+    assert world.PeerExited.from_message(b"frame bytes") is None
+    assert world.describe_exitcode(2) == "exited with code 2"
+
+
+def test_install_and_current():
+    assert world.current() is None
+    spec = _spec()
+    world.install(spec)
+    try:
+        assert world.current() is spec
+    finally:
+        world.install(None)
+
+
+# ---------------------------------------------------------------------- control.py
+
+
+class _Sent:
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, rank, control):
+        self.sent.append((rank, control))
+
+
+def test_dispatcher_collects_and_extends(capsys):
+    dispatcher = ControlDispatcher(2, _Sent())
+    dispatcher.dispatch(0, world.leak_report_message(0, [{"rref_id": "0:1", "state": "OWNER"}]))
+    seen = []
+    dispatcher.register("__custom__", lambda src, message: seen.append((src, message)))
+    dispatcher.dispatch(1, ("__custom__", 5))
+    dispatcher.dispatch(1, ("__nope__", 1))
+    dispatcher.dispatch(1, "not a tuple")
+    assert dispatcher.leaks == [{"rref_id": "0:1", "state": "OWNER", "reporting_rank": 0}]
+    assert seen == [(1, ("__custom__", 5))]
+    err = capsys.readouterr().err
+    assert "unknown tag '__nope__' from rank 1" in err and "not a (tag, ...) tuple" in err
+    assert format_leak_line(dispatcher.leaks[0]) == (
+        "localrref: leaked RRef rref_id=0:1 fork_id=? owner_rank=? holder_rank=? state=OWNER "
+        "value_type=? tensor_bytes=? creation_site=?")
+
+
+def test_shutdown_barrier_proceeds_twice_then_can_run_again():
+    send = _Sent()
+    dispatcher = ControlDispatcher(2, send)
+    dispatcher.dispatch(1, world.shutdown_arrived_message(1))
+    assert send.sent == []
+    dispatcher.dispatch(0, world.shutdown_arrived_message(0))
+    assert send.sent == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+    dispatcher.dispatch(0, world.shutdown_done_message(0, [{"rref_id": "0:3"}]))
+    dispatcher.dispatch(1, world.shutdown_done_message(1, []))
+    assert send.sent[2:] == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+    assert dispatcher.leaks == [{"rref_id": "0:3", "reporting_rank": 0}]
+    dispatcher.on_worker_exit(0, 0)  # after the barrier: nothing to fail
+    assert len(send.sent) == 4
+    assert dispatcher.shutdown_arrived == [1, 0]
+
+
+@pytest.mark.parametrize("exit_before_arriving", [True, False])
+def test_shutdown_barrier_fails_when_a_rank_exits_instead(exit_before_arriving):
+    send = _Sent()
+    dispatcher = ControlDispatcher(3, send)
+    if exit_before_arriving:
+        dispatcher.on_worker_exit(2, -9)
+        dispatcher.dispatch(0, world.shutdown_arrived_message(0))
+    else:
+        dispatcher.dispatch(0, world.shutdown_arrived_message(0))
+        dispatcher.on_worker_exit(2, -9)
+    reason = "worker rank 2 was killed by signal SIGKILL before it reached the shutdown barrier (arrive phase)"
+    assert send.sent == [(0, ("__shutdown_failed__", reason)), (1, ("__shutdown_failed__", reason))]
+    dispatcher.dispatch(1, world.shutdown_arrived_message(1))  # too late: no PROCEED
+    assert len(send.sent) == 2
+
+
+# -------------------------------------------------------------------- errorfile.py
+
+
+def test_failure_summary_matches_torchs_child_failed_error(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error_file = str(tmp_path / "error.json")
+    try:
+        raise RuntimeError("rank 1 broke")
+    except RuntimeError as exc:
+        errorfile.write_error_file(error_file, exc, "Traceback (most recent call last):\nRuntimeError: rank 1 broke\n")
+    with open(error_file) as fh:
+        assert json.load(fh)["message"]["message"] == "RuntimeError: rank 1 broke"
+    now = time.time()
+    ours = [
+        errorfile.Failure.observe(rank=1, local_rank=1, pid=11, exitcode=1, error_file=error_file, exited_at=now),
+        errorfile.Failure.observe(rank=0, local_rank=0, pid=10, exitcode=-15, error_file=None, exited_at=now + 5),
+        errorfile.Failure.observe(rank=2, local_rank=2, pid=12, exitcode=3, error_file=None, exited_at=now + 5),
+    ]
+    theirs = {1: ProcessFailure(local_rank=1, pid=11, exitcode=1, error_file=error_file)}
+    for rank, pid, code in ((0, 10, -15), (2, 12, 3)):
+        failure = ProcessFailure(local_rank=rank, pid=pid, exitcode=code, error_file="/nonexistent")
+        failure.timestamp = int(now + 5)
+        theirs[rank] = failure
+    expected = ChildFailedError("train.py", theirs).format_msg()
+    assert errorfile.format_failure_summary("train.py", ours) == expected
+    assert "Root Cause (first observed failure):\n[0]:" in expected
+
+
+def test_error_file_absent_or_garbage_reads_as_none(tmp_path):
+    assert errorfile.read_error_file(str(tmp_path / "missing.json")) is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert errorfile.read_error_file(str(tmp_path / "bad.json")) is None
+
+
+# ------------------------------------------------------------------------ bootstrap
+
+
+def test_child_records_validate():
+    with pytest.raises(ValueError, match="mode must be path, module or exec"):
+        RunScript(mode="shell", target="x")
+    with pytest.raises(ValueError, match="Stream kind 'file' needs path"):
+        Stream(kind="file")
+    assert ChildPlan(error_file="e").stdout == Stream(kind="inherit")
+
+
+# ------------------------------------------------------------------ supervisor bits
+
+
+def test_run_options_resolve_env(monkeypatch):
+    monkeypatch.setenv("LOCALRREF_STRICT_LEAKS", "1")
+    monkeypatch.setenv("LOCALRREF_RECORD_CREATION_SITES", "0")
+    assert RunOptions.resolve() == RunOptions(strict_leaks=True, record_creation_sites=False)
+    assert RunOptions.resolve(strict_leaks=False, shutdown_timeout=3).strict_leaks is False
+    with pytest.raises(ValueError, match="shutdown_timeout must be >= 0"):
+        RunOptions(shutdown_timeout=-1)
+
+
+def test_sweep_shm_removes_only_its_world(tmp_path):
+    for name in ("lrr_w1_a", "lrr_w1_b", "lrr_w10_a", "lrr_w2_a", "other"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(sweep_shm("w1", shm_dir=str(tmp_path))) == ["lrr_w1_a", "lrr_w1_b"]
+    assert sorted(os.listdir(tmp_path)) == ["lrr_w10_a", "lrr_w2_a", "other"]
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _config(*argv):
+    return config_from_args(parse_args([*argv, "train.py", "--lr", "1"]))
+
+
+def test_both_spellings_and_script_args():
+    a = _config("--nproc-per-node", "3", "--max-restarts", "2", "--start-method", "forkserver")
+    b = _config("--nproc_per_node=3", "--max_restarts=2", "--start_method=forkserver")
+    for config in (a, b):
+        assert (config.nprocs, config.max_restarts, config.start_method) == (3, 2, "forkserver")
+        assert (config.mode, config.target, config.target_args) == ("path", "train.py", ("--lr", "1"))
+
+
+def test_pet_environment_defaults(monkeypatch):
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "4")
+    monkeypatch.setenv("PET_MODULE", "1")
+    monkeypatch.setenv("PET_TEE", "3")
+    config = _config()
+    assert (config.nprocs, config.mode, config.tee) == (4, "module", Std.ALL)
+    assert _config("--nproc-per-node", "2").nprocs == 2  # the command line wins
+
+
+def test_flags_and_values():
+    config = _config("--standalone", "-r", "0:1,1:2", "--local-ranks-filter", "0,2", "--master-port", "1234",
+                     "--shutdown-timeout", "7", "--strict-leaks", "--signals-to-handle", "SIGTERM,USR1",
+                     "--rdzv-id", "myrun")
+    assert config.redirects == {0: Std.OUT, 1: Std.ERR}
+    assert config.local_ranks_filter == frozenset({0, 2})
+    assert (config.master_port, config.shutdown_timeout, config.strict_leaks) == (1234, 7.0, True)
+    assert config.signals_to_handle == (signal.SIGTERM, signal.SIGUSR1)
+    assert config.run_id != "myrun"  # --standalone picks a fresh run id, as torchrun does
+    assert _config("--rdzv-id", "myrun").run_id == "myrun"
+    assert _config("--no-python").mode == "exec"
+    assert _config().strict_leaks is None  # left to LOCALRREF_STRICT_LEAKS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nnodes", "2"], "--nnodes=2 asks for several nodes"),
+    (["--nnodes", "1:4"], "--nnodes=1:4 asks for several nodes"),
+    (["--node-rank", "1"], "--node-rank=1 only makes sense with several nodes"),
+    (["--rdzv-backend", "etcd"], "--rdzv-backend=etcd is a multi-node rendezvous"),
+    (["--rdzv-endpoint", "node7:29400"], "--rdzv-endpoint=node7:29400 points at another host"),
+])
+def test_multi_node_flags_point_to_torchrun(argv, message):
+    with pytest.raises(UsageError, match=message) as info:
+        _config(*argv)
+    assert "torchrun with torch.distributed.rpc" in str(info.value)
+
+
+def test_local_rendezvous_settings_are_accepted():
+    assert _config("--nnodes", "1:1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0").nprocs == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "--no-python"], "Don't use both the '--no-python' flag and the '--module' flag"),
+    (["--redirects", "7"], "--redirects/--tee"),
+    (["--local-ranks-filter", "a"], "--local-ranks-filter must be a comma-separated list"),
+    (["--nproc-per-node", "gpu"], "localrref runs CPU processes"),
+    (["--signals-to-handle", "SIGNOPE"], "unknown signal 'SIGNOPE'"),
+])
+def test_bad_flags_are_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        _config(*argv)
+
+
+def test_main_turns_usage_errors_into_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--nnodes", "2", "train.py"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "localrref runs every worker on this one machine" in err and "torchrun" in err
+
+
+def test_std_parsing_and_prefix(monkeypatch):
+    assert parse_std("0") == Std.NONE and parse_std("3") == Std.ALL
+    assert parse_std("0:3,1:0") == {0: Std.ALL, 1: Std.NONE}
+    with pytest.raises(ValueError):
+        parse_std("4")
+    monkeypatch.delenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", raising=False)
+    assert line_prefix(2, "default") == "[rank2]:"
+    monkeypatch.setenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[${role_name}${local_rank}]:")
+    assert line_prefix(2, "default") == "[default2]:"
+
+
+def test_simplequeue_internals_the_inbox_helpers_rely_on():
+    queue = multiprocessing.get_context("spawn").SimpleQueue()
+    try:
+        assert queue._reader.fileno() >= 0 and queue._writer.fileno() >= 0
+        assert hasattr(queue._wlock, "acquire")
+    finally:
+        queue.close()

@@ -1,0 +1,432 @@
+"""Scenarios that run on rank 0 of a test world (see world.py); each returns or raises.
+
+Workers are named worker0..worker{n-1}. Functions the scenarios send to
+other workers are defined here too, so every worker can import them.
+Nothing here sleeps to synchronise: blocking callees wait on events that a
+later call releases, with generous bounds that only matter if a test fails.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import torch
+
+import localrref as rpc
+from localrref.errors import RPCTimeoutError, RRefCreationError
+
+_EVENTS: dict[str, threading.Event] = {}
+_EVENTS_LOCK = threading.Lock()
+_STORE: dict[str, object] = {}
+
+
+def _event(name: str) -> threading.Event:
+    with _EVENTS_LOCK:
+        return _EVENTS.setdefault(name, threading.Event())
+
+
+# ------------------------------------------------------------ remote-side functions
+
+def add(a, b):
+    return a + b
+
+
+def whoami():
+    return rpc.get_worker_info().name
+
+
+def raise_value_error(text):
+    raise ValueError(text)
+
+
+def block_until(name, bound=30.0):
+    """Wait until release(name) is called (the bound only matters if a test fails)."""
+    if not _event(name).wait(bound):
+        raise RuntimeError(f"event {name} never released")
+    return name
+
+
+def release(name):
+    _event(name).set()
+
+
+def reset(name):
+    with _EVENTS_LOCK:
+        _EVENTS.pop(name, None)
+
+
+def fail_after_event(name):
+    block_until(name)
+    raise KeyError("creation failed on purpose")
+
+
+def nested_ping(depth, dst_a, dst_b):
+    if depth == 0:
+        return rpc.get_worker_info().name
+    return rpc.rpc_sync(dst_b, nested_ping, args=(depth - 1, dst_b, dst_a))
+
+
+def rref_sum(rref):
+    return rref.to_here().sum().item()
+
+
+def rref_confirmed_and_value(rref):
+    return rref.confirmed_by_owner(), rref.to_here()
+
+
+def keep(key, value):
+    _STORE[key] = value
+    return True
+
+
+def drop(key):
+    _STORE.pop(key, None)
+    gc.collect()
+    return True
+
+
+def pass_on(rref, dst):
+    return rpc.rpc_sync(dst, rref_sum, args=(rref,))
+
+
+def make_tensor(n_bytes, fill):
+    return torch.full((n_bytes // 4,), float(fill), dtype=torch.float32)
+
+
+def mutate_and_sum(t):
+    total = t.sum().item()
+    t.add_(1000)
+    return total
+
+
+def ones_like_plus(t):
+    return t + 1
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} {b}")
+
+
+def raise_needs_two():
+    raise NeedsTwoArgs(1, 2)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("Unpicklable refuses to be pickled")
+
+    def __repr__(self):
+        return "<Unpicklable object>"
+
+
+def return_unpicklable():
+    return {"fine": 1, "bad": Unpicklable()}
+
+
+def debug_counter(key):
+    return int(rpc.get_debug_info()[key])
+
+
+def wait_tables_empty(timeout=20.0):
+    """Event-driven wait until this worker's protocol tables are empty (else its counters)."""
+    if rpc.api._wait_until_tables_empty(timeout):
+        return True
+    return {k: v for k, v in rpc.get_debug_info().items() if v != "0"}
+
+
+@rpc.functions.async_execution
+def async_add_chain(dst, a, b):
+    return rpc.rpc_async(dst, add, args=(a, b)).then(lambda fut: fut.wait() * 10)
+
+
+class Counter:
+    def __init__(self, start):
+        self.value = start
+
+    def increment(self, by=1):
+        self.value += by
+        return self.value
+
+    def get(self):
+        return self.value
+
+
+# ------------------------------------------------------------ scenarios (on rank 0)
+
+def basic_calls():
+    assert rpc.rpc_sync("worker1", add, args=(2, 3)) == 5
+    assert rpc.rpc_sync(1, add, args=(2,), kwargs={"b": 4}) == 6
+    info = rpc.get_worker_info("worker2")
+    assert (info.name, info.id) == ("worker2", 2)
+    assert rpc.rpc_sync(info, whoami) == "worker2"
+    assert rpc.rpc_sync("worker0", add, args=(1, 1)) == 2, "calls to self"
+    futures = [rpc.rpc_async(f"worker{i % 3}", add, args=(i, i)) for i in range(30)]
+    assert torch.futures.wait_all(futures) == [2 * i for i in range(30)]
+    chained = rpc.rpc_async("worker1", add, args=(1, 2)).then(lambda f: f.wait() + 1)
+    assert chained.wait() == 4
+    collected = torch.futures.collect_all([rpc.rpc_async(1, add, args=(1, 1))]).wait()
+    assert collected[0].wait() == 2
+    assert rpc.get_worker_info().name == "worker0"
+    return True
+
+
+def remote_and_rref_api():
+    rref = rpc.remote("worker1", add, args=(torch.ones(2), 1))
+    assert not rref.is_owner() and rref.owner_name() == "worker1"
+    assert rref.owner().id == 1
+    assert torch.equal(rref.to_here(), torch.full((2,), 2.0))
+    assert rref._get_future().wait() is True
+    assert rref.confirmed_by_owner()
+    with __import__("pytest").raises(RuntimeError, match="non-owner"):
+        rref.local_value()
+    mine = rpc.remote("worker0", add, args=(3, 4))
+    assert mine.is_owner() and mine.local_value() == 7 and mine.to_here() == 7
+    local = rpc.RRef({"a": 1})
+    assert local.is_owner() and local.owner_name() == "worker0"
+    assert rpc.rpc_sync("worker2", rref_confirmed_and_value, args=(local,)) == (True, {"a": 1})
+    counter = rpc.remote("worker2", Counter, args=(10,))
+    assert counter.rpc_sync().increment(5) == 15
+    assert counter.rpc_async().increment().wait() == 16
+    doubled = counter.remote().get()
+    assert doubled.to_here() == 16
+    return repr(rref)
+
+
+def remote_exception_keeps_type_and_traceback():
+    import pytest
+    with pytest.raises(ValueError) as info:
+        rpc.rpc_sync("worker1", raise_value_error, args=("kaboom",))
+    text = str(info.value)
+    assert "On WorkerInfo(id=1, name=worker1)" in text and "kaboom" in text
+    assert "raise_value_error" in text and "Traceback" in text
+    with pytest.raises(RuntimeError, match="Failed to create original exception type "
+                                           "NeedsTwoArgs"):
+        rpc.rpc_sync("worker2", raise_needs_two)
+    return True
+
+
+def timeouts():
+    import pytest
+    reset("t1")
+    started = time.monotonic()
+    with pytest.raises(RPCTimeoutError, match="RPC ran for more than set timeout"):
+        rpc.rpc_sync("worker1", block_until, args=("t1",), timeout=0.3)
+    assert time.monotonic() - started < 10
+    rpc.rpc_sync("worker2", release, args=("t1",))  # worker2's event: harmless
+    rpc.rpc_sync("worker1", release, args=("t1",))
+    assert rpc.get_rpc_timeout() == 60.0
+    rpc.set_rpc_timeout(0.3)
+    try:
+        reset("t2")
+        with pytest.raises(RPCTimeoutError):
+            rpc.rpc_sync("worker1", block_until, args=("t2",))
+        # 0 means no limit for this call
+        reset("t3")
+        future = rpc.rpc_async("worker1", block_until, args=("t3",), timeout=0)
+        rpc.rpc_sync("worker1", release, args=("t3",), timeout=10)
+        assert future.wait() == "t3"
+    finally:
+        rpc.set_rpc_timeout(60.0)
+        rpc.rpc_sync("worker1", release, args=("t2",))
+    return True
+
+
+def failed_remote_poisons_every_use():
+    import pytest
+    reset("f1")
+    rref = rpc.remote("worker1", fail_after_event, args=("f1",))
+    waiter = rpc.rpc_async("worker0", rref_sum, args=(rref,)) if False else None
+    assert waiter is None
+    rpc.rpc_sync("worker1", release, args=("f1",))
+    with pytest.raises(KeyError, match="creation failed on purpose"):
+        rref.to_here()
+    with pytest.raises(KeyError):
+        rref._get_future().wait()
+    with pytest.raises(RRefCreationError, match="cannot be shared"):
+        rpc.rpc_sync("worker2", rref_sum, args=(rref,))
+    with pytest.raises(RRefCreationError):
+        rref.rpc_sync().get()
+    return True
+
+
+def timed_out_remote_wakes_blocked_to_here():
+    import pytest
+    reset("r1")
+    rref = rpc.remote("worker1", block_until, args=("r1",), timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(RRefCreationError, match="RRef creation via rpc.remote\\(\\) timed out"):
+        rref.to_here(timeout=0)  # no limit of its own: woken by the creation timeout
+    assert time.monotonic() - started < 10
+    with pytest.raises(RRefCreationError, match="timed out"):
+        rpc.rpc_sync("worker2", rref_sum, args=(rref,))
+    rpc.rpc_sync("worker1", release, args=("r1",))
+    return True
+
+
+def rrefs_as_arguments_and_results():
+    rref = rpc.remote("worker1", torch.ones, args=(4,))
+    assert rpc.rpc_sync("worker2", rref_sum, args=(rref,)) == 4.0       # user -> user
+    assert rpc.rpc_sync("worker1", rref_sum, args=(rref,)) == 4.0       # user -> owner
+    assert rpc.rpc_sync("worker2", pass_on, args=(rref, "worker1")) == 4.0
+    local = rpc.RRef(torch.arange(3.0))
+    assert rpc.rpc_sync("worker1", rref_sum, args=(local,)) == 3.0      # owner -> user
+    assert rpc.rpc_sync("worker0", rref_sum, args=(local,)) == 3.0      # owner -> self
+    nested = rpc.rpc_sync("worker2", add, args=([rref], [local]))       # inside containers
+    assert [type(r).__name__ for r in nested] == ["RRef", "RRef"]
+    assert nested[1].is_owner() and nested[0].owner_name() == "worker1"
+    assert rpc.rpc_sync("worker2", keep, args=("k", {"x": [rref, local]}))
+    assert rpc.rpc_sync("worker2", drop, args=("k",))
+    del rref, local, nested
+    gc.collect()
+    for worker in ("worker0", "worker1", "worker2"):
+        state = rpc.rpc_sync(worker, wait_tables_empty)
+        assert state is True, (worker, state)
+    return True
+
+
+def fork_churn_returns_to_zero(n=50):
+    for _ in range(n):
+        rref = rpc.remote("worker1", torch.zeros, args=(2,))
+        rpc.rpc_sync("worker2", rref_sum, args=(rref,))
+        del rref
+    gc.collect()
+    for worker in ("worker0", "worker1", "worker2"):
+        state = rpc.rpc_sync(worker, wait_tables_empty)
+        assert state is True, (worker, state)
+    return rpc.rpc_sync("worker1", debug_counter, args=("num_owner_rrefs",))
+
+
+def nested_calls_do_not_deadlock():
+    futures = [rpc.rpc_async("worker1", nested_ping, args=(5 + i % 2, "worker1", "worker2"))
+               for i in range(24)]
+    return sorted(set(torch.futures.wait_all(futures)))
+
+
+def many_threads_at_once(threads=8, calls=50):
+    results = []
+    errors = []
+
+    def caller(i):
+        try:
+            for j in range(calls):
+                results.append(rpc.rpc_sync(f"worker{1 + (i + j) % 2}", add, args=(i, j)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert not errors, errors
+    return len(results)
+
+
+def async_execution_chains():
+    return rpc.rpc_sync("worker1", async_add_chain, args=("worker2", 2, 3))
+
+
+def tensors_keep_value_semantics(sizes=(16, 4096, 1 << 20, 16 << 20)):
+    for size in sizes:
+        mine = torch.full((size // 4,), 1.0)
+        assert rpc.rpc_sync("worker1", mutate_and_sum, args=(mine,)) == size // 4
+        assert torch.all(mine == 1.0), "the callee's write reached the caller"
+        theirs = rpc.rpc_sync("worker1", make_tensor, args=(size, 3))
+        assert theirs.numel() == size // 4 and torch.all(theirs == 3.0)
+        theirs.add_(1)
+        again = rpc.rpc_sync("worker1", make_tensor, args=(size, 3))
+        assert torch.all(again == 3.0)
+    param = torch.nn.Parameter(torch.ones(3))
+    back = rpc.rpc_sync("worker2", add, args=(param, 0))
+    assert back.requires_grad
+    echoed = rpc.rpc_sync("worker2", keep, args=("p", param))
+    assert echoed
+    rpc.rpc_sync("worker2", drop, args=("p",))
+    view = torch.arange(100.0).reshape(10, 10).t()[2:5]
+    assert torch.equal(rpc.rpc_sync("worker1", ones_like_plus, args=(view,)), view + 1)
+    return True
+
+
+def bad_input_gets_clear_errors():
+    import pytest
+    with pytest.raises(ValueError, match="unknown worker name 'nobody'"):
+        rpc.rpc_sync("nobody", add, args=(1, 2))
+    with pytest.raises(ValueError, match="unknown worker rank 7"):
+        rpc.rpc_sync(7, add, args=(1, 2))
+    with pytest.raises(ValueError, match="Cannot get WorkerInfo from name 1.5"):
+        rpc.rpc_sync(1.5, add, args=(1, 2))
+    with pytest.raises(TypeError, match="Unpicklable"):
+        rpc.rpc_sync("worker1", add, args=(Unpicklable(), 1))
+    assert rpc.rpc_sync("worker1", add, args=(1, 1)) == 2, "the callee stays healthy"
+    with pytest.raises(TypeError, match="Unpicklable"):
+        rpc.rpc_sync("worker1", return_unpicklable)
+    assert rpc.rpc_sync("worker1", add, args=(2, 2)) == 4
+    with pytest.raises(TypeError, match="not picklable"):
+        rpc.rpc_sync("worker1", lambda: 1)
+    with pytest.raises(RuntimeError, match="already initialized"):
+        rpc.init_rpc("worker0")
+    with pytest.raises(RuntimeError, match="can only be pickled when using RPC"):
+        __import__("pickle").dumps(rpc.RRef(1))
+    missing = _function_only_rank0_has()
+    with pytest.raises(Exception, match="lrr_only_on_rank0"):
+        rpc.rpc_sync("worker1", missing)
+    return True
+
+
+def _function_only_rank0_has():
+    import importlib
+    import sys
+    import tempfile
+    directory = tempfile.mkdtemp(prefix="lrr_mod_")
+    with open(os.path.join(directory, "lrr_only_on_rank0.py"), "w") as f:
+        f.write("def hello():\n    return 'hi'\n")
+    sys.path.insert(0, directory)
+    try:
+        return importlib.import_module("lrr_only_on_rank0").hello
+    finally:
+        sys.path.remove(directory)
+
+
+def threads_and_debug_info():
+    info = rpc.get_debug_info()
+    for key in ("num_owner_rrefs", "num_pending_futures", "num_pending_users", "num_forks"):
+        assert key in info and isinstance(info[key], str)
+    return int(info["agent.threads"])
+
+
+def _debug_failed_remote(part):
+    import pytest
+    reset("f9")
+    rref = rpc.remote("worker1", fail_after_event, args=("f9",))
+    rpc.rpc_sync("worker1", release, args=("f9",))
+    if part >= 1:
+        with pytest.raises(KeyError):
+            rref.to_here()
+    if part >= 2:
+        with pytest.raises(KeyError):
+            rref._get_future().wait()
+    if part >= 3:
+        with pytest.raises(RRefCreationError):
+            rpc.rpc_sync("worker2", rref_sum, args=(rref,))
+    if part >= 4:
+        with pytest.raises(RRefCreationError):
+            rref.rpc_sync().get()
+    del rref
+    gc.collect()
+    return wait_tables_empty(5)
+
+
+def _dump_core():
+    from localrref.agent import current
+    core = current.get().core
+    gc.collect()
+    out = []
+    for fork_id, rec in list(core.confirmed_users.items()):
+        refs = [type(r).__name__ for r in gc.get_referrers(rec)]
+        out.append((str(rec.rref_id), str(fork_id), rec.holds, rec.timed_out,
+                    repr(rec.creation_error)[:80], refs))
+    return out

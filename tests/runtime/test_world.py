@@ -1,0 +1,77 @@
+"""The torch.distributed.rpc API over real worker processes (one world, many scenarios)."""
+
+import threading
+
+import pytest
+
+import scenarios
+from world import World
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def world(leak_free):
+    baseline_threads = threading.active_count()
+    w = World(3)
+    try:
+        yield w
+    finally:
+        w.close()
+    assert threading.active_count() <= baseline_threads + 1
+
+
+def test_basic_calls(world):
+    assert world.run(scenarios.basic_calls)
+
+
+def test_remote_and_rref_api(world):
+    assert world.run(scenarios.remote_and_rref_api).startswith("UserRRef(RRefId = ")
+
+
+def test_remote_exception_keeps_type_and_traceback(world):
+    assert world.run(scenarios.remote_exception_keeps_type_and_traceback)
+
+
+def test_timeouts(world):
+    assert world.run(scenarios.timeouts)
+
+
+def test_failed_remote_poisons_every_use(world):
+    assert world.run(scenarios.failed_remote_poisons_every_use)
+
+
+def test_timed_out_remote_wakes_blocked_to_here(world):
+    assert world.run(scenarios.timed_out_remote_wakes_blocked_to_here)
+
+
+def test_rrefs_as_arguments_and_results(world):
+    assert world.run(scenarios.rrefs_as_arguments_and_results)
+
+
+def test_fork_churn_returns_to_zero(world):
+    assert world.run(scenarios.fork_churn_returns_to_zero) == 0
+
+
+def test_nested_calls_do_not_deadlock(world):
+    assert world.run(scenarios.nested_calls_do_not_deadlock) == ["worker1", "worker2"]
+
+
+def test_many_threads_at_once(world):
+    assert world.run(scenarios.many_threads_at_once) == 400
+
+
+def test_async_execution_chains(world):
+    assert world.run(scenarios.async_execution_chains) == 50
+
+
+def test_tensors_keep_value_semantics(world):
+    assert world.run(scenarios.tensors_keep_value_semantics)
+
+
+def test_bad_input_gets_clear_errors(world):
+    assert world.run(scenarios.bad_input_gets_clear_errors)
+
+
+def test_threads_per_worker_stay_few(world):
+    assert world.run(scenarios.threads_and_debug_info) <= 20

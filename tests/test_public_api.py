@@ -1,0 +1,69 @@
+"""The public surface is torch's: names, signatures and defaults (trio's export test)."""
+
+import inspect
+
+import pytest
+import torch.distributed.rpc as torch_rpc
+
+import localrref
+
+SHARED = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info"]
+
+
+def test_all_is_pinned():
+    assert sorted(localrref.__all__) == sorted([
+        "init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info", "RRef",
+        "WorkerInfo", "functions", "spawn", "get_debug_info", "get_rpc_timeout",
+        "set_rpc_timeout", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
+        "DEFAULT_RPC_TIMEOUT_SEC", "UNSET_RPC_TIMEOUT"])
+    for name in localrref.__all__:
+        assert hasattr(localrref, name), name
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_signatures_match_torch(name):
+    ours = inspect.signature(getattr(localrref, name))
+    theirs = inspect.signature(getattr(torch_rpc, name))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+def test_rref_methods_match_torch():
+    for method in ["to_here", "local_value", "owner", "owner_name", "is_owner",
+                   "confirmed_by_owner", "rpc_sync", "rpc_async", "remote", "_get_future"]:
+        assert callable(getattr(localrref.RRef, method)), method
+        assert hasattr(torch_rpc.RRef, method), method
+    assert inspect.signature(localrref.RRef.to_here).parameters["timeout"].default == -1.0
+
+
+def test_defaults_are_torchs():
+    from torch.distributed.rpc import constants
+    assert localrref.DEFAULT_RPC_TIMEOUT_SEC == constants.DEFAULT_RPC_TIMEOUT_SEC == 60.0
+    assert localrref.UNSET_RPC_TIMEOUT == constants.UNSET_RPC_TIMEOUT
+    options = localrref.RpcBackendOptions()
+    assert (options.rpc_timeout, options.num_worker_threads) == (60.0, 16)
+    assert localrref.WorkerInfo is torch_rpc.WorkerInfo
+    assert localrref.functions.async_execution is torch_rpc.functions.async_execution
+
+
+def test_spawn_signature_mirrors_torch():
+    import torch.multiprocessing as tmp
+    ours = inspect.signature(localrref.spawn)
+    theirs = inspect.signature(tmp.spawn)
+    assert list(ours.parameters)[:len(theirs.parameters)] == list(theirs.parameters)
+
+
+def test_calls_before_init_rpc_say_what_to_do():
+    for call in (lambda: localrref.rpc_sync("w1", print),
+                 lambda: localrref.remote(1, print),
+                 lambda: localrref.get_worker_info(),
+                 lambda: localrref.RRef(1),
+                 lambda: localrref.shutdown()):
+        with pytest.raises(RuntimeError, match="RPC has not been initialized. Call "
+                                               "localrref.init_rpc first."):
+            call()
+
+
+def test_init_rpc_outside_a_localrref_world_says_how_to_start_one():
+    with pytest.raises(RuntimeError, match="must be started by localrref.spawn"):
+        localrref.init_rpc("lonely")
