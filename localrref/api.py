@@ -21,7 +21,7 @@ from .errors import RPCNotInitializedError
 from .options import RpcBackendOptions
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
-           "get_rpc_timeout", "set_rpc_timeout", "get_debug_info", "WorkerInfo"]
+           "get_rpc_timeout", "set_rpc_timeout", "get_debug_info", "share_tensor", "WorkerInfo"]
 
 log = logging.getLogger("localrref")
 _init_lock = threading.Lock()
@@ -206,6 +206,18 @@ def set_rpc_timeout(seconds: float) -> None:
     if seconds < 0:
         raise ValueError(f"timeout must be >= 0 seconds (0: no limit), got {seconds}")
     current.require().default_timeout = float(seconds)
+
+
+def share_tensor(tensor):
+    """A copy of ``tensor`` in shared memory: sending it later copies nothing (opt-in zero copy).
+
+    Normally a tensor costs one copy each way (the sender's value is copied
+    into a pooled shared-memory block, so the receiver never aliases memory
+    the sender can still change). A tensor made here is sent as-is instead:
+    receivers map it copy-on-write, so their writes never reach you, but
+    **your later writes reach them**: do not mutate it after sending it.
+    """
+    return current.require().shm_pool.share(tensor)
 
 
 def _wait_until_tables_empty(timeout: float = 30.0) -> bool:

@@ -10,8 +10,8 @@ Inbox layout (one ``SimpleQueue`` per rank, plus one for the supervisor)::
     inboxes[world_size]                     the supervisor's inbox (control messages only)
 
 Besides the runtime's protocol frames, *control tuples* travel on these
-queues, as control frames in the transport's wire format (one
-``send_bytes`` of ``<sender rank, int32 LE> + b"C" + pickle(tuple)``; see
+queues, as control frames in the transport's wire format (one atomic
+pipe write of ``<sender rank, int32 LE> + b"C" + pickle(tuple)``; see
 ``localrref.transport.mpqueue`` and ``localrref.codec.frames``). Their
 shapes are fixed here so every side matches on the same constants:
 

@@ -12,17 +12,25 @@ Prints, per tensor size from 4 KiB to --max-mb:
            send the handle, import and re-export (the peer's copy), send back,
            import; so two copies and two pipe hops.
 and the Endpoint round-trip latency for a 100-byte frame, next to the same
-ping through SimpleQueue.put/get (pickling a bytes object) as a baseline.
+ping through SimpleQueue.put/get (pickling a bytes object) as a baseline;
+then, for a --frame-kib frame (64 KiB: a blob, through shared memory), the
+round-trip latency and the one-way throughput of a stream of such frames.
 Timings are medians over --reps runs (wall clock, perf_counter).
+
+Also runs against a transport from before blobs (an ``Endpoint`` without
+``blob_pool``), so that before/after numbers come from one harness:
+``PYTHONPATH=<old checkout> python tools/shm_bench.py --no-tensors``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import multiprocessing as mp
 import pickle
 import statistics
+import struct
 import time
 
 import torch
@@ -31,6 +39,7 @@ from localrref.transport.mpqueue import Endpoint, close_inboxes, make_inboxes
 from localrref.transport.shm import ShmMapper, ShmPool, new_world_id, sweep_world_segments
 
 KIB = 1024
+_STREAM = struct.Struct("<ii")  # frames, bytes per frame
 
 
 def _sizes(max_mb: int) -> list[int]:
@@ -54,10 +63,16 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def _endpoint(rank: int, inboxes, pool, mapper) -> Endpoint:
+    if "blob_pool" in inspect.signature(Endpoint).parameters:
+        return Endpoint(rank, inboxes, blob_pool=pool, blob_mapper=mapper)
+    return Endpoint(rank, inboxes)  # a transport from before blobs: big frames go inline
+
+
 def _echo_peer(world_id: str, inboxes) -> None:
     """Rank 1: import each handle, export it again (a copy), send it back."""
-    ep = Endpoint(1, inboxes)
     pool, mapper = ShmPool(world_id, 1, threshold=1), ShmMapper()
+    ep = _endpoint(1, inboxes, pool, mapper)
     try:
         while True:
             src, frame = ep.recv(None)
@@ -65,6 +80,12 @@ def _echo_peer(world_id: str, inboxes) -> None:
                 return
             if frame[:1] == b"p":          # plain ping
                 ep.send(src, frame)
+                continue
+            if frame[:1] == b"s":          # stream n frames of size bytes back
+                n, size = _STREAM.unpack_from(frame, 1)
+                payload = b"d" * size
+                for _ in range(n):
+                    ep.send(src, payload)
                 continue
             tensor = mapper.import_(pickle.loads(frame))
             ep.send(src, pickle.dumps(pool.export(tensor)))
@@ -92,6 +113,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--max-mb", type=int, default=256)
     parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--frame-kib", type=int, default=64)
+    parser.add_argument("--stream", type=int, default=2000, help="frames per throughput run")
+    parser.add_argument("--no-tensors", action="store_true", help="skip the tensor table")
     args = parser.parse_args()
 
     world = new_world_id()
@@ -99,13 +123,14 @@ def main() -> None:
     inboxes = make_inboxes(ctx, 2)
     peer = ctx.Process(target=_echo_peer, args=(world, inboxes))
     peer.start()
-    ep = Endpoint(0, inboxes)
     pool, mapper = ShmPool(world, 0, threshold=1), ShmMapper()
+    ep = _endpoint(0, inboxes, pool, mapper)
     try:
         print(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}")
-        print(f"{'size':>8} | {'warm ms':>8} {'GB/s':>6} | {'cold ms':>8} {'GB/s':>6} | "
-              f"{'share_ ms':>9} {'GB/s':>6} | {'xproc RT ms':>11}")
-        for size in _sizes(args.max_mb):
+        if not args.no_tensors:
+            print(f"{'size':>8} | {'warm ms':>8} {'GB/s':>6} | {'cold ms':>8} {'GB/s':>6} | "
+                  f"{'share_ ms':>9} {'GB/s':>6} | {'xproc RT ms':>11}")
+        for size in [] if args.no_tensors else _sizes(args.max_mb):
             src = torch.randint(0, 255, (size,), dtype=torch.uint8)
 
             def send_receive(p=pool, m=mapper):
@@ -164,6 +189,7 @@ def main() -> None:
         print(f"Endpoint round trip, {len(ping)}-byte frame, {len(ours)} pings: "
               f"{_ping_stats(ours)}")
         print(f"SimpleQueue put/get round trip (baseline), same frame: {_ping_stats(baseline)}")
+        _frame_bench(ep, args.frame_kib * KIB, args.pings, args.stream, args.reps)
     finally:
         ep.send(1, b"stop")
         peer.join(30)
@@ -174,6 +200,28 @@ def main() -> None:
         left = sweep_world_segments(world)
         if left:
             print(f"warning: swept {len(left)} leftover segments: {left}")
+
+
+def _frame_bench(ep: Endpoint, size: int, pings: int, stream: int, reps: int) -> None:
+    """Round trips of one ``size``-byte frame, and a one-way stream of them."""
+    frame = b"p" * size
+    rtts = []
+    for _ in range(pings // 4):
+        t0 = time.perf_counter()
+        ep.send(1, frame)
+        ep.recv(None)
+        rtts.append(time.perf_counter() - t0)
+    print(f"Endpoint round trip, {_fmt(size)} frame, {len(rtts)} pings: {_ping_stats(rtts)}")
+
+    def run():
+        ep.send(1, b"s" + _STREAM.pack(stream, size))
+        for _ in range(stream):
+            ep.recv(None)
+    run()  # warm the pools
+    seconds = _median_s(run, reps)
+    print(f"Endpoint stream, {stream} x {_fmt(size)} frames one way: "
+          f"{stream / seconds:,.0f} frames/s, {stream * size / seconds / 1e6:,.0f} MB/s "
+          f"(median of {reps})")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,16 @@ import torch
 from ..codec import frames
 from ..codec.pickler import dumps, dumps_exception, loads, loads_exception, wrap_exception
 from ..core import effects as fx
-from ..core.messages import REQUEST_TYPES
+from ..core.messages import REQUEST_TYPES, ExceptionMessage
 from ..core.rref_context import RetryPolicy, RRefContext
 from ..core.shutdown import DelAllUsersAndUnforkedOwners
 from ..errors import LocalRRefError, WorkerClosedError, WorkerGoneError
 from ..transport.mpqueue import Endpoint
 from ..transport.shm import ShmMapper, ShmPool
-from ..world import PEER_EXITED, describe_exitcode
+from ..world import (
+    PEER_EXITED, SHUTDOWN_ARRIVED, SHUTDOWN_DONE, SHUTDOWN_FAILED, SHUTDOWN_PROCEED,
+    describe_exitcode,
+)
 from .pool import ElasticPool
 
 __all__ = ["Agent", "WorkerDesc", "wait"]
@@ -57,10 +60,8 @@ __all__ = ["Agent", "WorkerDesc", "wait"]
 log = logging.getLogger("localrref")
 
 HELLO = "__hello__"
-SHUTDOWN_ARRIVED = "__shutdown_arrived__"
-SHUTDOWN_PROCEED = "__shutdown_proceed__"
-SHUTDOWN_DONE = "__shutdown_done__"
-SHUTDOWN_FAILED = "__shutdown_failed__"
+# IO threads kept waiting to read the inbox when idle; more retire.
+_IDLE_FOLLOWERS = 2
 
 
 def set_exception(future: torch.futures.Future, error: BaseException) -> None:
@@ -125,9 +126,11 @@ class Agent:
         self.world_size = spec.world_size
         self.name = name
         self.options = options
-        self.endpoint = Endpoint(spec.rank, spec.inboxes)
         self.shm_pool = ShmPool(spec.world_id, spec.rank, threshold=options.shm_threshold)
         self.mapper = ShmMapper()
+        # Frames too big for one atomic pipe write travel through shared memory.
+        self.endpoint = Endpoint(spec.rank, spec.inboxes, blob_pool=self.shm_pool,
+                                 blob_mapper=self.mapper)
         self.core = RRefContext(spec.rank, retry=RetryPolicy(
             ack_timeout=options.rpc_timeout if options.rpc_timeout > 0 else 60.0))
         self.executor = ElasticPool(options.num_worker_threads)
@@ -149,8 +152,14 @@ class Agent:
         self._progress = threading.Condition()
         self._shutdown_machine: DelAllUsersAndUnforkedOwners | None = None
         self.default_timeout = options.rpc_timeout
-        self._reader = threading.Thread(target=self._read_loop, name="localrref-reader",
-                                        daemon=True)
+        # id(record) -> "file:line in function", when the world records creation sites.
+        self._sites: dict[int, str] = {}
+        self._record_sites = bool(getattr(spec, "record_creation_sites", False))
+        # Leader/followers over the inbox (see _io_loop).
+        self._leader = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._io_threads: set[threading.Thread] = set()
+        self._followers = 0
         self._housekeeper = threading.Thread(target=self._housekeeping_loop,
                                              name="localrref-housekeeping", daemon=True)
 
@@ -159,7 +168,7 @@ class Agent:
     # ------------------------------------------------------------------
 
     def start(self, init_timeout: float) -> None:
-        self._reader.start()
+        self._start_io_thread()
         self._housekeeper.start()
         hello = frames.encode_control((HELLO, self.rank, self.name, os.getpid(),
                                        self.world_size))
@@ -273,6 +282,8 @@ class Agent:
             self._creation[id(record)] = creation
             effects = self.core.take_effects()
             self._poke_timer_locked()
+        if self._record_sites:
+            self._sites[id(record)] = _caller_site()
         rref = RRef._adopt(self, record, creation)
         self._run(effects)
         return rref
@@ -315,6 +326,8 @@ class Agent:
         with self._lock:
             owner = self.core.create_owner_rref()
         owner.set_value(value)
+        if self._record_sites:
+            self._sites[id(owner)] = _caller_site()
         return owner
 
     def defer_release(self, record) -> None:
@@ -331,12 +344,16 @@ class Agent:
     # Effects
     # ------------------------------------------------------------------
 
-    def _run(self, effects) -> None:
+    def _run(self, effects, *, inline_jobs: bool = False) -> None:
+        jobs = []
         for effect in effects:
             match effect:
                 case fx.Send():
                     self._send(effect.dst, effect.message)
                 case fx.Execute():
+                    if inline_jobs:
+                        jobs.append(effect)
+                        continue
                     try:
                         self.executor.submit(self._run_job, effect)
                     except Exception as exc:
@@ -351,20 +368,46 @@ class Agent:
                     pass
                 case fx.Log():
                     log.log(logging.getLevelName(effect.level.upper()), "%s", effect.text)
+        for job in jobs:
+            # Leader/followers: this thread read the request, so it runs it
+            # now (no hand-off on the call's path); another thread already
+            # waits to read the inbox, so a job that blocks on a nested RPC
+            # never stops replies from being read.
+            self._ensure_follower()
+            self._run_job(job)
 
     def _send(self, dst: int, message) -> None:
         try:
             if dst in self._dead:
                 raise self._dead[dst]
             self.endpoint.send(dst, frames.encode_message(message))
-        except (WorkerGoneError, WorkerClosedError, OSError) as exc:
+        except Exception as exc:
+            gone = isinstance(exc, (WorkerGoneError, WorkerClosedError))
             if message.type not in REQUEST_TYPES:
-                log.info("could not send %s to rank %d: %s", message.type.value, dst, exc)
+                if gone:
+                    log.info("could not send %s to rank %d: %s", message.type.value, dst, exc)
+                else:
+                    self._reply_failed(dst, message, exc)
                 return
             with self._lock:
                 effects = self.core.on_send_failed(message.request_id, exc, now=time.monotonic())
                 self._poke_timer_locked()
             self._run(effects)
+
+    def _reply_failed(self, dst: int, message, exc: BaseException) -> None:
+        """A reply could not be sent: undo its forks and tell the caller why."""
+        log.warning("could not send %s to rank %d: %s", message.type.value, dst, exc)
+        for fork_data in getattr(message, "rrefs", ()):
+            self._abandon(fork_data)
+        if message.type.value in ("PYTHON_RET", "PYTHON_RREF_FETCH_RET"):
+            payload = dumps_exception(wrap_exception(RuntimeError(
+                f"the reply could not be sent: {type(exc).__name__}: {exc}"),
+                self.worker_info_text()))
+            try:
+                self.endpoint.send(dst, frames.encode_message(
+                    ExceptionMessage(request_id=message.request_id, payload=payload)))
+            except Exception:
+                log.exception("localrref: could not tell rank %d its reply failed", dst)
 
     def _complete(self, effect: fx.Complete) -> None:
         from ..rref import RRef
@@ -497,34 +540,81 @@ class Agent:
     # Threads
     # ------------------------------------------------------------------
 
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                item = self.endpoint.recv(None)
-            except (WorkerClosedError, OSError, ValueError):
-                return
-            if item is None:
-                if self._closing:
+    def _start_io_thread(self) -> None:
+        thread = threading.Thread(target=self._io_loop, name="localrref-io", daemon=True)
+        with self._io_lock:
+            self._io_threads.add(thread)
+            self._followers += 1  # counted from birth, so _ensure_follower sees it at once
+        thread.start()
+
+    def _ensure_follower(self) -> None:
+        with self._io_lock:
+            needed = self._followers == 0 and not self._closing
+        if needed:
+            self._start_io_thread()
+
+    def _io_loop(self) -> None:
+        """Leader/followers: whichever IO thread holds ``_leader`` reads the inbox.
+
+        The leader reads one frame, lets the core handle it, hands leadership
+        to a follower, then carries out the effects itself, running any user
+        function it was asked to; afterwards it becomes a follower again (or
+        retires, when enough followers already wait).
+        """
+        try:
+            while True:
+                self._leader.acquire()
+                with self._io_lock:
+                    self._followers -= 1
+                try:
+                    outcome = self._lead_once()
+                finally:
+                    self._leader.release()
+                if outcome is None:
                     return
-                continue
-            src, frame = item
-            try:
-                kind, obj = frames.decode(frame)
-            except Exception:
-                log.exception("localrref: dropped an undecodable frame from rank %d", src)
-                continue
-            if kind == "control":
-                self._on_control(src, obj)
-                continue
-            try:
-                with self._lock:
-                    effects = self.core.handle(src, obj, now=time.monotonic())
-                    self._poke_timer_locked()
-                self._run(effects)
-            except Exception:
-                log.exception("localrref: error handling %s from rank %d",
-                              getattr(obj, "type", obj), src)
-            self._signal_progress()
+                effects = outcome
+                if effects:
+                    try:
+                        self._run(effects, inline_jobs=True)
+                    except Exception:
+                        log.exception("localrref: error carrying out effects")
+                self._signal_progress()
+                with self._io_lock:
+                    if self._closing or self._followers >= _IDLE_FOLLOWERS:
+                        return
+                    self._followers += 1
+        finally:
+            with self._io_lock:
+                self._io_threads.discard(threading.current_thread())
+
+    def _lead_once(self):
+        """Read and handle one frame as leader; return its effects, or None to stop."""
+        if self._closing:
+            return None
+        try:
+            item = self.endpoint.recv(None)
+        except (WorkerClosedError, OSError, ValueError):
+            return None
+        if item is None:
+            return None if self._closing else []
+        src, frame = item
+        try:
+            kind, obj = frames.decode(frame)
+        except Exception:
+            log.exception("localrref: dropped an undecodable frame from rank %d", src)
+            return []
+        if kind == "control":
+            self._on_control(src, obj)
+            return []
+        try:
+            with self._lock:
+                effects = self.core.handle(src, obj, now=time.monotonic())
+                self._poke_timer_locked()
+        except Exception:
+            log.exception("localrref: error handling %s from rank %d",
+                          getattr(obj, "type", obj), src)
+            return []
+        return effects
 
     def _on_control(self, src: int, message: tuple) -> None:
         tag = message[0] if message else None
@@ -638,8 +728,8 @@ class Agent:
                     return False
                 self._progress.wait(left)
 
-    def wait_control(self, tags: set[str], timeout: float, what: str) -> tuple:
-        deadline = time.monotonic() + timeout
+    def wait_control(self, tags: set[str], timeout: float | None, what: str) -> tuple:
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._control_cv:
             while True:
                 for i, message in enumerate(self._control):
@@ -651,8 +741,8 @@ class Agent:
                         return message
                 if self._dead:
                     raise next(iter(self._dead.values()))
-                left = deadline - time.monotonic()
-                if left <= 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     raise RuntimeError(f"graceful shutdown timed out after {timeout:.0f} s "
                                        f"waiting for {what}")
                 self._control_cv.wait(left)
@@ -660,9 +750,23 @@ class Agent:
     def graceful_shutdown(self, timeout: float) -> list[dict]:
         """The worker's half of the supervisor-driven shutdown; returns leak records."""
         supervisor = self.world_size
+        # The supervisor bounds each phase and names who is missing; this
+        # worker's own bound is only a backstop should the supervisor vanish.
+        backstop = 2 * timeout + 10
+        # Young cyclic garbage (RRefs in fresh reference cycles) is freed
+        # first; a full collection would cost ~40 ms with torch loaded, more
+        # than the whole shutdown should, so older cycles are the
+        # application's to break (torch's leak warning says the same).
+        import gc
+        gc.collect(1)
+        self._housekeeping_pass()
+        held = self.leak_records()
         self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_ARRIVED, self.rank)))
-        self.wait_control({SHUTDOWN_PROCEED}, timeout, "every worker to reach shutdown()")
-        self._release_now()
+        # Unbounded here: other workers may legitimately still be working
+        # (torch's shutdown waits for them too). A peer that dies, or the
+        # supervisor's --shutdown-timeout, ends the wait with a named error.
+        self.wait_control({SHUTDOWN_PROCEED}, None, "every worker to reach shutdown()")
+        self._housekeeping_pass()
         now = time.monotonic()
         machine = DelAllUsersAndUnforkedOwners(self.core, now=now, timeout=max(timeout, 1.0))
         with self._lock:
@@ -681,28 +785,50 @@ class Agent:
                 self._progress.wait(0.05)
         if self._dead:
             raise next(iter(self._dead.values()))
-        leaks = self.leak_records()
-        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_DONE, self.rank, leaks)))
-        self.wait_control({SHUTDOWN_PROCEED}, timeout, "every worker to finish deleting RRefs")
-        return leaks
-
-    def _release_now(self) -> None:
-        import gc
-        gc.collect()
-        self._housekeeping_pass()
+        with self._lock:
+            # torch's checkRRefLeaks, as a warning in the seed's wording.
+            self.core.check_rref_leaks(ignore_rref_leak=True)
+            effects = self.core.take_effects()
+        self._run(effects)
+        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_DONE, self.rank, held)))
+        self.wait_control({SHUTDOWN_PROCEED}, backstop, "every worker to finish deleting RRefs")
+        return held
 
     def leak_records(self) -> list[dict]:
+        """What this worker still holds as shutdown begins, one dict per reference.
+
+        The states are the protocol's: a ``confirmed_user`` the application
+        still holds, a ``pending_user`` not yet confirmed, a ``pending_child``
+        (a fork this worker sent, not yet accepted) and an ``unforked_owner``.
+        An ``owner_value`` record tells the supervisor the type and tensor
+        bytes of each value this worker owns, to fill in its users' lines.
+        """
         with self._lock:
-            leaks = self.core.leaks()
+            core = self.core
             records = []
-            for rref_id, fork_id in leaks:
-                owner = self.core.owners.get(rref_id)
-                value_type, tensor_bytes = _describe_value(owner)
+
+            def add(record, fork_id, state, holder=self.rank):
                 records.append({
-                    "rref_id": str(rref_id), "fork_id": str(fork_id),
-                    "owner_rank": self.rank, "holder_rank": fork_id.created_on,
-                    "state": "fork", "value_type": value_type, "tensor_bytes": tensor_bytes,
-                    "creation_site": None})
+                    "rref_id": str(record.rref_id), "fork_id": str(fork_id),
+                    "owner_rank": record.owner, "holder_rank": holder, "state": state,
+                    "value_type": None, "tensor_bytes": None,
+                    "creation_site": self._sites.get(id(record))})
+
+            for fork_id, record in core.confirmed_users.items():
+                if record.holds > 0:
+                    add(record, fork_id, "confirmed_user")
+            for fork_id, state in core.pending_users.items():
+                add(state.rref, fork_id, "pending_user")
+            for fork_id, record in core.pending_children.items():
+                add(record, fork_id, "pending_child")
+            for rref_id, owner in core.owners.items():
+                value_type, tensor_bytes = _describe_value(owner)
+                if rref_id not in core.forks:
+                    add(owner, rref_id, "unforked_owner")
+                    records[-1].update(value_type=value_type, tensor_bytes=tensor_bytes)
+                records.append({"rref_id": str(rref_id), "state": "owner_value",
+                                "value_type": value_type, "tensor_bytes": tensor_bytes,
+                                "creation_site": self._sites.get(id(owner))})
             return records
 
     def close(self) -> None:
@@ -715,7 +841,11 @@ class Agent:
         except OSError:
             pass
         self.endpoint.wake()
-        self._reader.join(5.0)
+        with self._io_lock:
+            io_threads = list(self._io_threads)
+        for thread in io_threads:
+            if thread is not threading.current_thread():
+                thread.join(5.0)
         self._housekeeper.join(5.0)
         self.executor.shutdown(5.0)
         with self._lock:
@@ -734,6 +864,18 @@ class Agent:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _caller_site() -> str:
+    """The first frame outside localrref: where the application made the RRef."""
+    import sys
+    frame = sys._getframe(1)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def _describe_value(owner) -> tuple[str | None, int]:

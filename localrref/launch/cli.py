@@ -138,7 +138,7 @@ class LaunchConfig:
     master_addr: str
     master_port: int | None
     signals_to_handle: tuple[signal.Signals, ...]
-    shutdown_timeout: float
+    shutdown_timeout: float | None
     strict_leaks: bool | None  # None: LOCALRREF_STRICT_LEAKS decides
     record_creation_sites: bool | None  # None: LOCALRREF_RECORD_CREATION_SITES decides
 
@@ -222,10 +222,14 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         except ValueError:
             raise UsageError("--local-ranks-filter must be a comma-separated list of integers "
                              "e.g. --local-ranks-filter=0,1,2") from None
+    # None: the default (30 s for the stop ladder; no bound on waiting for
+    # workers that are still running application code before shutdown()).
     if args.shutdown_timeout is not None:
         shutdown_timeout = float(args.shutdown_timeout)
+    elif os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        shutdown_timeout = float(os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     else:
-        shutdown_timeout = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+        shutdown_timeout = None
     if args.standalone or args.rdzv_id == "none":
         run_id = str(uuid.uuid4())
     else:

@@ -43,10 +43,20 @@ class ControlDispatcher:
         leaks: Every leaked-RRef dict received, each with ``reporting_rank`` added.
     """
 
-    def __init__(self, world_size: int, send: Send) -> None:
+    def __init__(self, world_size: int, send: Send, *, phase_timeout: float = 0.0,
+                 arrive_timeout: float = 0.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
         self.world_size = world_size
+        # Bound the "done" phase (protocol work only) and the "arrive" phase
+        # (which also waits for application code); 0 means unbounded.
+        self.phase_timeout = phase_timeout
+        self.arrive_timeout = arrive_timeout
+        self._clock = clock or time.monotonic
+        self.deadline: float | None = None
         self.shutdown_arrived: list[int] = []
         self.leaks: list[dict[str, Any]] = []
+        self._values: dict[str, tuple[dict[str, Any], str | None]] = {}
         self._send = send
         self._exited: dict[int, int] = {}  # rank -> exit code
         self._phase: str | None = None  # None -> "arrive" -> "done" -> "complete" / "failed"
@@ -106,10 +116,30 @@ class ControlDispatcher:
         if not self._waiting_for:
             self._broadcast((world.SHUTDOWN_PROCEED,))
             self._start_phase(next_phase)
+            if next_phase == "complete":
+                self.deadline = None
 
     def _start_phase(self, phase: str) -> None:
         self._phase, self._waiting_for = phase, set(range(self.world_size))
+        limit = self.arrive_timeout if phase == "arrive" else self.phase_timeout
+        waiting = phase in ("arrive", "done") and limit > 0
+        self.deadline = self._clock() + limit if waiting else None
         self._fail_if_waiting_for_the_dead()
+
+    def check_deadline(self, now: float) -> None:
+        """Fail a barrier phase that waited past its deadline, naming who never came."""
+        if self.deadline is None or now < self.deadline or self._phase not in ("arrive", "done"):
+            return
+        missing = sorted(self._waiting_for)
+        step = ("reach shutdown()" if self._phase == "arrive"
+                else "finish deleting its RRefs")
+        limit = self.arrive_timeout if self._phase == "arrive" else self.phase_timeout
+        reason = (f"worker rank(s) {missing} did not {step} within {limit:g} s "
+                  f"(--shutdown-timeout); the others gave up waiting")
+        _say(reason)
+        self._phase = "failed"
+        self.deadline = None
+        self._broadcast((world.SHUTDOWN_FAILED, reason))
 
     def _fail_if_waiting_for_the_dead(self) -> None:
         if self._phase not in ("arrive", "done"):
@@ -120,6 +150,7 @@ class ControlDispatcher:
             reason = (f"worker rank {rank} {world.describe_exitcode(self._exited[rank])} before it "
                       f"reached the shutdown barrier ({self._phase} phase)")
             self._phase = "failed"
+            self.deadline = None
             self._broadcast((world.SHUTDOWN_FAILED, reason))
 
     def _broadcast(self, control: tuple[Any, ...]) -> None:
@@ -134,8 +165,31 @@ class ControlDispatcher:
         self._record_leaks(rank, leaks)
 
     def _record_leaks(self, rank: int, leaks: list[dict[str, Any]]) -> None:
+        # "owner_value" records are not leaks: they carry the type and tensor
+        # bytes of values an owner holds, for the lines of that RRef's users
+        # (which know neither), whichever report arrives first.
         for leak in leaks:
-            self.leaks.append({**leak, "reporting_rank": rank})
+            if leak.get("state") == "owner_value":
+                value = {k: leak.get(k) for k in ("value_type", "tensor_bytes")}
+                self._values[leak["rref_id"]] = (value, leak.get("creation_site"))
+                for earlier in self.leaks:
+                    if earlier["rref_id"] == leak["rref_id"]:
+                        self._fill(earlier)
+                continue
+            record = {**leak, "reporting_rank": rank}
+            self._fill(record)
+            self.leaks.append(record)
+
+    def _fill(self, record: dict[str, Any]) -> None:
+        known = self._values.get(record["rref_id"])
+        if known is None:
+            return
+        value, site = known
+        for key, item in value.items():
+            if record.get(key) is None:
+                record[key] = item
+        if record.get("creation_site") is None and site is not None:
+            record["creation_site"] = site
 
 
 def format_leak_line(leak: dict[str, Any]) -> str:

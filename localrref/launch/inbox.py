@@ -1,42 +1,51 @@
 """The supervisor's side of the inboxes: control frames, sent and read without blocking.
 
-Wire format (the transport's, ``localrref.transport.mpqueue``): one
-``Connection.send_bytes`` per frame, i.e. a 4-byte big-endian length, then
-``<sender rank, int32 little-endian> + frame``; a control frame is ``b"C" +
-pickle(tuple)`` (``localrref.codec.frames``). The launch layer may not import
-the codec, so :func:`encode_control`/:func:`decode_control` restate those few
-bytes; ``tests/launch/test_launch_inbox.py`` holds them to the codec's and the
+Wire format (the transport's, ``localrref.transport.mpqueue``): one atomic
+pipe write of at most ``PIPE_BUF`` bytes per frame, i.e. a 4-byte
+big-endian length, then ``<sender rank, int32 little-endian> + frame``; a
+control frame is ``b"C" + pickle(tuple)`` (``localrref.codec.frames``). A
+frame too big for one such write arrives as a *blob*: the rank complemented
+(negative) and a packed ``BlobHandle`` naming the shared-memory block that
+holds the frame. The launch layer may not import the codec, so
+:func:`encode_control`/:func:`decode_control` restate those few bytes;
+``tests/launch/test_launch_inbox.py`` holds them to the codec's and the
 transport's behaviour.
 
 Why not ``Endpoint.send``/``recv``: the supervisor's watcher thread must keep
-watching worker sentinels whatever the workers did to the queues, and two
-things a dying worker leaves behind would block those calls forever:
+watching worker sentinels whatever the workers did to the inboxes, and a
+worker that stopped reading lets its pipe fill, so a plain blocking write
+could wait forever. No writer takes a lock (see the transport's docstring),
+so a worker killed mid-send no longer blocks anyone.
 
-* a worker killed in the middle of a send keeps the inbox's shared write lock
-  (a POSIX semaphore is not released by process death), so every later send
-  waits for it; and a worker that stopped reading lets its pipe fill;
-* the same worker leaves half a frame in the pipe, so ``recv_bytes`` waits
-  for bytes that will never come.
-
-:func:`bounded_send` takes the write lock with a timeout, checks the pipe has
-room and writes one frame of at most ``PIPE_BUF`` bytes (atomic). 
-:class:`InboxReader` reads only the bytes the kernel says are there
-(``FIONREAD``) and returns whole frames, keeping a partial one for later.
-Both rely on ``SimpleQueue``'s ``_reader``/``_writer``/``_wlock`` attributes,
-as the transport does.
+:func:`bounded_send` writes one frame of at most ``PIPE_BUF`` bytes (atomic)
+through a private non-blocking file description of the pipe, waiting for
+room at most ``timeout``. :class:`InboxReader` reads only the bytes the
+kernel says are there (``FIONREAD``), returns whole frames, keeping a partial
+one for later (defensive: atomic writes leave none), and copies blobs out of
+shared memory (:mod:`localrref.transport.segment`, which imports no torch).
+Both rely on ``SimpleQueue``'s ``_reader``/``_writer`` attributes, as the
+transport does.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import pickle
 import select
 import struct
 import termios
+import time
 from typing import Any
 
+from localrref.errors import WorkerClosedError, WorkerGoneError
+from localrref.transport.segment import BlobHandle, SegmentMaps
+
 __all__ = ["bounded_send", "InboxReader", "encode_control", "decode_control"]
+
+log = logging.getLogger("localrref")
 
 _LENGTH = struct.Struct("!i")  # multiprocessing.connection's frame header
 _SRC = struct.Struct("<i")  # the transport's sender rank
@@ -69,11 +78,11 @@ def bounded_send(queue: Any, payload: bytes, timeout: float) -> bool:
     Args:
         queue: An inbox (``multiprocessing`` ``SimpleQueue``).
         payload: The frame's bytes (see :func:`encode_control`); small.
-        timeout: Seconds to wait for the write lock, and again for pipe room.
+        timeout: Seconds to wait for room in the pipe.
 
     Returns:
-        True if the frame was written, False if the lock or the pipe stayed
-        unavailable (a writer died holding the lock, or the reader stopped reading).
+        True if the frame was written (whole), False if the pipe stayed full
+        (the reader stopped reading) or is broken (every reader closed).
 
     Raises:
         ValueError: The frame exceeds ``PIPE_BUF`` and so could not be written atomically.
@@ -82,24 +91,50 @@ def bounded_send(queue: Any, payload: bytes, timeout: float) -> bool:
     if len(frame) > _PIPE_BUF:
         raise ValueError(f"control frame of {len(frame)} bytes exceeds PIPE_BUF ({_PIPE_BUF}); "
                          "bounded_send is only for small control tuples")
-    lock = queue._wlock  # None where the queue needs no write lock (Windows)
-    if lock is not None and not lock.acquire(timeout=timeout):
-        return False
+    deadline = time.monotonic() + timeout
     try:
-        fd = queue._writer.fileno()
-        _, writable, _ = select.select([], [fd], [], timeout)
-        if not writable:
-            return False
-        # The pipe has a free slot and the frame is <= PIPE_BUF: this write is
-        # atomic and does not block.
-        return os.write(fd, frame) == len(frame)
+        fd = _nonblocking_writer(queue._writer.fileno())
+    except OSError:
+        return False  # closed in this process, or no reader left anywhere (ENXIO)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            # Writable means >= PIPE_BUF bytes free, so the frame fits, unless
+            # another writer takes the room first: the non-blocking write
+            # then fails whole (EAGAIN) and we wait again.
+            _, writable, _ = select.select([], [fd], [], max(left, 0))
+            if writable:
+                try:
+                    return os.write(fd, frame) == len(frame)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return False  # EPIPE: every reader closed
+            if left <= 0:
+                return False
     finally:
-        if lock is not None:
-            lock.release()
+        os.close(fd)
+
+
+def _nonblocking_writer(fd: int) -> int:
+    """A new file description of the pipe behind ``fd``, opened ``O_NONBLOCK``.
+
+    The inbox's own description is shared by every process (``O_NONBLOCK``
+    on it would turn every worker's send non-blocking); opening the pipe
+    again through ``/proc`` gives this call a private one (Linux).
+    """
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise  # no reader: the write could never succeed
+        # No /proc: a duplicate shares the blocking description, so a write
+        # after select could (rarely) block if another writer took the room.
+        return os.dup(fd)
 
 
 class InboxReader:
-    """Whole frames from a ``SimpleQueue``'s pipe, read without ever blocking.
+    """Whole frames from a ``SimpleQueue``'s pipe, read without ever blocking; blobs resolved.
 
     Call :meth:`read_available` when :meth:`fileno` is readable (for example
     from ``multiprocessing.connection.wait``). One reader per queue.
@@ -108,6 +143,7 @@ class InboxReader:
     def __init__(self, queue: Any) -> None:
         self._fd = queue._reader.fileno()
         self._buffer = bytearray()
+        self._blobs: SegmentMaps | None = None
         self.eof = False
 
     def fileno(self) -> int:
@@ -129,7 +165,31 @@ class InboxReader:
             self.eof = True
             return []
         self._buffer += os.read(self._fd, available)
-        return list(self._whole_frames())
+        payloads = []
+        for payload in self._whole_frames():
+            src = _SRC.unpack_from(payload)[0] if len(payload) >= _SRC.size else 0
+            if src < 0:
+                payload = self._import_blob(~src, payload)
+            if payload is not None:
+                payloads.append(payload)
+        return payloads
+
+    def close(self) -> None:
+        """Drop the cached mappings of workers' segments (idempotent)."""
+        if self._blobs is not None:
+            self._blobs.close()
+
+    def _import_blob(self, src: int, payload: bytes) -> bytes | None:
+        """The inline payload a blob frame stands for; None if it cannot be read."""
+        if self._blobs is None:
+            self._blobs = SegmentMaps()
+        try:
+            handle = BlobHandle.unpack(memoryview(payload)[_SRC.size:])
+            return _SRC.pack(src) + self._blobs.import_bytes(handle)
+        except (WorkerGoneError, WorkerClosedError, ValueError) as exc:
+            log.warning("localrref: the supervisor dropped a frame from rank %d that it could "
+                        "not read from shared memory: %s", src, exc)
+            return None
 
     def _whole_frames(self):
         while len(self._buffer) >= _LENGTH.size:

@@ -92,6 +92,11 @@ class RunOptions:
     strict_leaks: bool = False
     record_creation_sites: bool = False
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    # How long workers that reached shutdown() wait for the rest, 0 = as long
+    # as it takes (torch's default: ranks commonly call shutdown() at once and
+    # wait there while rank 0 works). Set when a shutdown timeout is given
+    # explicitly: then a worker that never arrives is named after that long.
+    arrive_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shutdown_timeout < 0:
@@ -106,6 +111,7 @@ class RunOptions:
             record_creation_sites=(_env_flag(RECORD_CREATION_SITES_ENV)
                                    if record_creation_sites is None else record_creation_sites),
             shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout,
+            arrive_timeout=0.0 if shutdown_timeout is None else shutdown_timeout,
         )
 
 
@@ -195,7 +201,9 @@ class WorkerGroup:
         self.nprocs = len(jobs)
         self.world_id = world_id or new_world_id()
         self.options = options or RunOptions()
-        self.dispatcher = ControlDispatcher(self.nprocs, self._send_control)
+        self.dispatcher = ControlDispatcher(self.nprocs, self._send_control,
+                                            phase_timeout=self.options.shutdown_timeout,
+                                            arrive_timeout=self.options.arrive_timeout)
         self.processes: list[Any] = []
         self._jobs = list(jobs)
         self._plans = list(plans)
@@ -374,13 +382,16 @@ class WorkerGroup:
         signals_sent = False
         while alive:
             now = time.monotonic()
-            timeout = None if ladder is None else max(0.0, ladder.deadline - now)
+            deadlines = [d for d in (ladder.deadline if ladder else None,
+                                     self.dispatcher.deadline) if d is not None]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
             waitables = [self._wake_r, *alive] + ([] if reader.eof else [reader])
             ready = multiprocessing.connection.wait(waitables, timeout)
             if self._wake_r in ready:
                 os.read(self._wake_r, 512)
             if reader in ready:
                 self._dispatch_all(reader)
+            self.dispatcher.check_deadline(time.monotonic())
             exited = [alive.pop(s) for s in list(alive) if s in ready]
             for rank in exited:
                 self._record_exit(rank, signals_sent)
@@ -451,7 +462,7 @@ class WorkerGroup:
     def _send_control(self, rank: int, control: tuple[Any, ...]) -> None:
         if not bounded_send(self._inboxes[rank], encode_control(self.nprocs, control), NOTIFY_TIMEOUT):
             print(f"localrref.launch: could not send {control[0]} to rank {rank}: its inbox "
-                  f"stayed locked or full for {NOTIFY_TIMEOUT:g}s", file=sys.stderr)
+                  f"stayed full for {NOTIFY_TIMEOUT:g}s", file=sys.stderr)
 
     def _notify_peers(self, exit_: WorkerExit, live_ranks: Any) -> None:
         message = world.peer_exited_message(exit_.rank, exit_.pid, exit_.exitcode)

@@ -5,45 +5,74 @@ Data flow (N workers, ranks 0..N-1; the supervisor is rank N)::
     supervisor: inboxes = make_inboxes(ctx, N)   # N+1 SimpleQueues, before any spawn
                 spawn(worker, args=(..., inboxes))   # every process gets every inbox
 
-    any thread of rank s                       the receive thread of rank d
-    --------------------                       ----------------------------
+    any thread of rank s                        the receive thread of rank d
+    --------------------                        ----------------------------
     frame = codec.encode(msg)  (caller's thread)
-    Endpoint.send(d, frame):                   Endpoint.recv(timeout):
-      with inboxes[d]._wlock:  (all processes)   poll([inbox d, wake pipe], timeout)
-        _writer.send_bytes(<s> + frame)  ─────►  inboxes[d]._reader.recv_bytes()
-                                                 -> (s, frame) | None
+    Endpoint.send(d, frame):                    Endpoint.recv(timeout):
+      small (<= MAX_INLINE bytes):                poll([inbox d, wake pipe], timeout)
+        os.write(<len><s><frame>)  ────────────►  inboxes[d]._reader.recv_bytes()
+      big:                                        src >= 0: -> (src, frame)
+        h = blob_pool.export_bytes(frame)         src <  0: a blob from rank ~src:
+        os.write(<len><~s><h.pack()>)  ────────►    frame = import_bytes(h)  (copy out,
+                    (pooled shared memory) ─────►   block freed) -> (~src, frame)
     Endpoint.wake()  (any thread of rank d)  ──  1 byte on a private self-pipe ──►  None
 
 Which thread touches what: ``send`` may be called from any thread of any
 process; ``recv`` by one thread at a time per process (the agent's receive
 loop; a lock enforces it); ``wake`` and ``close`` from any thread.
 
+Wire format (what ``Connection.recv_bytes`` and the supervisor's
+``InboxReader`` parse): a 4-byte big-endian signed length, then the payload
+``<sender rank, int32 little-endian> + frame``. A *blob* frame carries the
+sender's rank complemented (``~s``, always negative, as no rank is) and a
+packed :class:`~localrref.transport.segment.BlobHandle` in place of the
+frame; ``recv`` turns it back into ``(s, frame)``, so callers only ever see
+plain frames.
+
+Atomicity, without any lock. Every frame is exactly one ``os.write`` of at
+most ``PIPE_BUF`` (4096) bytes. POSIX makes such a write to a pipe atomic:
+it never interleaves with other writers' bytes and is never partial (on a
+blocking pipe ``write`` waits until all of it fits; a signal that interrupts
+the wait leaves nothing written). So no writer, in any process, takes a
+lock, and a writer SIGKILLed anywhere in ``send`` leaves either its whole
+frame or nothing: no lock held forever, no torn frame. (The queue's own
+write lock, ``SimpleQueue._wlock``, is never taken: a process killed while
+holding it used to block every later writer, the supervisor's
+``__peer_exited__`` notice included.) Frames too big for one such write go
+out of band: the sender copies them into a pooled shared-memory block
+(:meth:`ShmPool.export_bytes`, reused, pre-faulted blocks) and writes the
+handle; the receiver copies the bytes out and frees the block at once.
+Consequences, accepted and documented:
+
+* A frame of more than ``MAX_INLINE`` bytes costs two copies (into and out
+  of shared memory) and needs the sender's ``blob_pool``; without one,
+  ``send`` raises ``ValueError``.
+* A sender killed after copying a blob but before writing its handle leaves
+  that block BUSY in its own segment until the supervisor's sweep; a handle
+  whose segment is gone when it is read (the sender closed its pool, or died
+  and was swept) is dropped with a warning.
+* ``send`` blocks while the receiver's pipe has no room for the frame
+  (back-pressure). ``make_inboxes`` raises the pipe capacity to 1 MiB where
+  the kernel allows it, and the receive thread drains continuously, so this
+  is rarely felt. Big frames now wait in shared memory instead of the pipe,
+  so the pipe bounds the number of frames in flight, not their bytes: a
+  flood of big frames to a stalled receiver grows the sender's pool (as big
+  tensors always did) until ``/dev/shm`` is full.
+
 Why the queue's connection and not ``SimpleQueue.put/get``: ``put`` pickles
 its argument, and the codec has already turned the message into bytes in the
-caller's thread (STYLE rule 5). Writing those bytes with ``send_bytes`` skips
-a second pickle and copy. A ``multiprocessing.Queue`` is worse still: its
-feeder thread adds a hand-off (about 20-40 us on this machine) and pickles
-where errors cannot reach the caller. Round trips (two processes,
-ping-pong, ``tools/shm_bench.py``, interleaved rounds on this 2-core VM):
-Endpoint 17-23 us, ``SimpleQueue.put/get`` 20-22 us; both are dominated by
-the wake-up of the other process, so the poll(2) below costs little.
-
-Atomicity. Every writer, in every process, takes the inbox's write lock (a
-process-shared semaphore that ``SimpleQueue`` creates) around the whole
-frame, so frames from many writers never interleave, whatever their size
-(a pipe only guarantees this for writes up to PIPE_BUF = 4096 bytes, and
-``send_bytes`` writes the length header and large bodies separately).
-Two consequences are accepted and documented:
-
-* A writer SIGKILLed in the middle of ``send`` leaves that inbox's lock taken
-  and a torn frame in the pipe: the inbox is unusable. The window is a few
-  microseconds; the supervisor treats any worker death as the end of the
-  world (torch semantics: the group is broken), so nothing tries to reuse it.
-* ``send`` blocks while the receiver's pipe is full. ``make_inboxes`` raises
-  the pipe capacity to 1 MiB where the kernel allows it, and the receive
-  thread drains continuously, so this is back-pressure, not a stall; frames
-  are small because tensors above the threshold travel through
-  :mod:`localrref.transport.shm`.
+caller's thread (STYLE rule 5); ``put`` also takes the write lock. A
+``multiprocessing.Queue`` is worse still: its feeder thread adds a hand-off
+(about 20-40 us on this machine) and pickles where errors cannot reach the
+caller. Round trips (two processes, ping-pong, ``tools/shm_bench.py``,
+interleaved rounds on this 2-core VM): Endpoint 17-23 us,
+``SimpleQueue.put/get`` 20-22 us; both are dominated by the wake-up of the
+other process, so the poll(2) below costs little. Against the locked
+``send_bytes`` this module used before (interleaved A/B, same VM): a
+100-byte frame costs the same; a 64 KiB round trip about 15 us more (two
+copies through shared memory instead of two through the pipe, plus the
+handle); a one-way stream of 64 KiB frames runs twice as fast (about 96,000
+frames/s against 48,000), since the receiver wakes once per many handles.
 
 No busy polling: an idle ``recv`` sleeps in ``poll(2)``.
 """
@@ -51,22 +80,34 @@ No busy polling: an idle ``recv`` sleeps in ``poll(2)``.
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 import select
 import struct
 import threading
 
-from localrref.errors import WorkerClosedError, WorkerGoneError
+from localrref.errors import RRefInternalError, WorkerClosedError, WorkerGoneError
+from localrref.transport.segment import BlobHandle, SegmentMaps
 
-__all__ = ["make_inboxes", "close_inboxes", "Endpoint", "PIPE_CAPACITY"]
+__all__ = ["make_inboxes", "close_inboxes", "Endpoint", "PIPE_CAPACITY", "PIPE_BUF",
+           "MAX_INLINE"]
+
+log = logging.getLogger("localrref")
 
 # Bigger than the default 64 KiB so that a burst of frames to a busy rank does
 # not block its senders; 1 MiB is Linux's default pipe-max-size for users.
 PIPE_CAPACITY = 1 << 20
 
-# The sender's rank travels in front of the frame; 4 bytes, little endian.
+# The largest write a pipe performs atomically (POSIX's minimum is 512).
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+# multiprocessing.connection's frame header, then the sender's rank.
+_LENGTH = struct.Struct("!i")
 _SRC = struct.Struct("<i")
+
+# The largest frame sent inline: header, rank and frame fill one PIPE_BUF.
+MAX_INLINE = PIPE_BUF - _LENGTH.size - _SRC.size
 
 # How long close() waits for a recv() in another thread to notice the wake-up
 # before it gives up on closing the wake pipe (it then leaks two fds rather
@@ -126,12 +167,19 @@ class Endpoint:
     Args:
         rank: this process's rank (the supervisor uses ``len(inboxes) - 1``).
         inboxes: the list made by :func:`make_inboxes`.
+        blob_pool: a ``ShmPool`` (:mod:`localrref.transport.shm`) whose pooled
+            blocks carry frames of more than ``MAX_INLINE`` bytes; without
+            one, sending such a frame raises ``ValueError``.
+        blob_mapper: what imports received blobs (``ShmMapper`` or
+            :class:`~localrref.transport.segment.SegmentMaps`; pass the
+            process's ``ShmMapper`` to share its cached mappings). Without
+            one, the endpoint keeps its own.
 
     Raises:
         ValueError: ``rank`` is not an index of ``inboxes``.
     """
 
-    def __init__(self, rank: int, inboxes: list) -> None:
+    def __init__(self, rank: int, inboxes: list, *, blob_pool=None, blob_mapper=None) -> None:
         if not 0 <= rank < len(inboxes):
             raise ValueError(f"rank {rank} has no inbox: there are {len(inboxes)} "
                              f"(ranks 0..{len(inboxes) - 1})")
@@ -139,6 +187,10 @@ class Endpoint:
         self._inboxes = inboxes
         self._reader = inboxes[rank]._reader
         self._src = _SRC.pack(rank)
+        self._blob_src = _SRC.pack(~rank)
+        self._blob_pool = blob_pool
+        self._own_mapper = blob_mapper is None
+        self._blob_mapper = SegmentMaps() if blob_mapper is None else blob_mapper
         self._closed = False
         # A private self-pipe, not a sentinel frame in our own inbox: writing
         # to the inbox could block (pipe full) or leave a stray frame behind,
@@ -153,36 +205,48 @@ class Endpoint:
         self._wake_lock = threading.Lock()
         self._wake_open = True
 
-    def send(self, dst: int, frame: bytes) -> None:
+    def send(self, dst: int, frame) -> None:
         """Append ``frame`` to ``dst``'s inbox.
 
-        The frame is written whole under the inbox's process-shared write lock,
-        so concurrent senders (threads or processes) never interleave. Blocks
-        only while the receiver's pipe is full (back-pressure).
+        One atomic pipe write, no lock: concurrent senders (threads or
+        processes) never interleave, and a sender killed mid-call leaves the
+        inbox usable. A frame of more than ``MAX_INLINE`` bytes travels
+        through a shared-memory block of ``blob_pool``. Blocks only while the
+        receiver's pipe is full (back-pressure).
 
         Args:
             dst: destination rank (may be this rank).
             frame: bytes-like, already serialized by the caller.
 
         Raises:
-            WorkerClosedError: this endpoint was closed.
-            ValueError: ``dst`` is not a rank.
+            WorkerClosedError: this endpoint (or its blob pool) was closed.
+            ValueError: ``dst`` is not a rank, or the frame needs a blob
+                pool and this endpoint has none.
             WorkerGoneError: the inbox's pipe is broken (every reader closed).
+            OSError: ``/dev/shm`` is full (errno ENOSPC), for a big frame.
         """
         if self._closed:
             raise WorkerClosedError(f"cannot send to rank {dst}: the endpoint of "
                                     f"rank {self.rank} is closed")
         if not 0 <= dst < len(self._inboxes):
             raise ValueError(f"no rank {dst}: ranks are 0..{len(self._inboxes) - 1}")
-        inbox = self._inboxes[dst]
-        data = b"".join((self._src, frame))
+        size = memoryview(frame).nbytes
+        if size <= MAX_INLINE:
+            self._write(dst, b"".join((_LENGTH.pack(_SRC.size + size), self._src, frame)))
+            return
+        if self._blob_pool is None:
+            raise ValueError(f"cannot send a {size}-byte frame to rank {dst}: frames over "
+                             f"{MAX_INLINE} bytes travel through shared memory, and the "
+                             f"endpoint of rank {self.rank} has no blob_pool; pass "
+                             f"Endpoint(..., blob_pool=ShmPool(...)) or send smaller frames")
+        handle = self._blob_pool.export_bytes(frame)
+        packed = handle.pack()
         try:
-            with inbox._wlock:
-                inbox._writer.send_bytes(data)
-        except OSError as exc:
-            raise WorkerGoneError(f"cannot send to rank {dst}: its inbox is broken "
-                                  f"({exc}); the supervisor has probably exited",
-                                  rank=dst) from exc
+            self._write(dst, b"".join((_LENGTH.pack(_SRC.size + len(packed)),
+                                       self._blob_src, packed)))
+        except BaseException:
+            self._blob_pool.release_unsent(handle)  # nothing was written: atomic
+            raise
 
     def recv(self, timeout: float | None = None) -> tuple[int, bytes] | None:
         """Take the next frame from this rank's inbox.
@@ -192,8 +256,9 @@ class Endpoint:
                 :meth:`wake`.
 
         Returns:
-            ``(src_rank, frame)``, or ``None`` on timeout or after
-            :meth:`wake`.
+            ``(src_rank, frame)``, or ``None`` on timeout, after :meth:`wake`,
+            or when a blob could not be read (its sender's segment is gone;
+            logged as a warning).
 
         Raises:
             WorkerClosedError: the endpoint (or the inbox) was closed.
@@ -208,12 +273,46 @@ class Endpoint:
                 self._drain_wake()
                 return None
             try:
+                # Frames arrive whole (one atomic write each), so this never
+                # waits for the rest of a frame.
                 data = self._reader.recv_bytes()
             except (EOFError, OSError) as exc:
                 raise WorkerClosedError(f"the inbox of rank {self.rank} was closed "
                                         f"under recv ({exc!r})") from exc
-        (src,) = _SRC.unpack_from(data)
-        return src, data[_SRC.size:]
+            (src,) = _SRC.unpack_from(data)
+            if src >= 0:
+                return src, data[_SRC.size:]
+            return self._import_blob(~src, data)
+
+    def _write(self, dst: int, data: bytes) -> None:
+        try:
+            fd = self._inboxes[dst]._writer.fileno()
+            while True:
+                try:
+                    written = os.write(fd, data)
+                    break
+                except BlockingIOError:
+                    # Someone made the shared pipe non-blocking: wait for room
+                    # (writable means >= PIPE_BUF bytes free) and write again;
+                    # a refused atomic write wrote nothing.
+                    select.select([], [fd], [])
+        except OSError as exc:
+            raise WorkerGoneError(f"cannot send to rank {dst}: its inbox is broken "
+                                  f"({exc}); the supervisor has probably exited",
+                                  rank=dst) from exc
+        if written != len(data):
+            raise RRefInternalError(f"a {len(data)}-byte pipe write to rank {dst} wrote "
+                                    f"{written} bytes: this platform's pipes do not honour "
+                                    f"PIPE_BUF = {PIPE_BUF}")
+
+    def _import_blob(self, src: int, data: bytes) -> tuple[int, bytes] | None:
+        try:
+            handle = BlobHandle.unpack(memoryview(data)[_SRC.size:])
+            return src, self._blob_mapper.import_bytes(handle)
+        except (WorkerGoneError, ValueError) as exc:
+            log.warning("localrref: rank %d dropped a frame from rank %d that it could not "
+                        "read from shared memory: %s", self.rank, src, exc)
+            return None
 
     def wake(self) -> None:
         """Make a blocked (or the next) :meth:`recv` return ``None`` promptly.
@@ -234,7 +333,8 @@ class Endpoint:
 
         Wakes a ``recv`` blocked in another thread. Idempotent. Leaves the
         inbox pipes open (see :func:`close_inboxes`), because other endpoints
-        of this process may share them.
+        of this process may share them, and leaves ``blob_pool`` and
+        ``blob_mapper`` to their owner.
         """
         if self._closed:
             return
@@ -248,6 +348,8 @@ class Endpoint:
                     os.close(self._wake_w)
             finally:
                 self._recv_lock.release()
+        if self._own_mapper:
+            self._blob_mapper.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

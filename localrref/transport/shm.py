@@ -12,14 +12,21 @@ Data flow (sender rank s, receiver rank r; the frame goes through mpqueue)::
     a later export finds the slot FREE  ◄───────  storage finalizer: slot byte := FREE
                                                   (a store in shared memory, no message)
 
+The same pooled blocks carry *blobs*, inbox frames too big for one atomic
+pipe write (:meth:`ShmPool.export_bytes`, :meth:`ShmMapper.import_bytes`,
+which copies the bytes out and frees the block at once; see
+:mod:`localrref.transport.segment`, the torch-free half of this lane).
+
 Segments are files ``/dev/shm/lrr_<world>_<rank>_<pool>_<n>`` owned by the
-sending pool. Layout: one header page (magic, then one state byte per slot
-at ``_SLOT_BASE``), then the data, page aligned.
+sending pool. Layout (:mod:`localrref.transport.segment`): one header page
+(magic, then one state byte per slot at ``SLOT_BASE``), then the data, page
+aligned.
 
 * A *pooled* segment holds ``n`` equal blocks of one size class (powers of
   two split in quarters, so at most 25 % slack); slot ``i`` is block ``i``'s
   state: FREE (0) or BUSY (1). The sender sets BUSY; only the one receiver of
-  that block sets it FREE again, from the finalizer of its tensor's storage.
+  that block sets it FREE again, from the finalizer of its tensor's storage
+  (or right after copying a blob out).
   New segments are pre-faulted (``posix_fallocate`` + ``MAP_POPULATE``) and
   blocks are reused: a copy into touched shared memory runs 4x faster than
   ``share_memory_()`` on a fresh tensor (new pages, page faults).
@@ -90,24 +97,35 @@ import collections
 import ctypes
 import errno
 import itertools
-import mmap
 import multiprocessing.util
 import os
 import re
 import secrets
-import struct
 import threading
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from localrref.errors import WorkerClosedError, WorkerGoneError
+from localrref.errors import WorkerClosedError
+from localrref.transport.segment import BUSY as _BUSY
+from localrref.transport.segment import DATA_OFFSET as _DATA_OFFSET
+from localrref.transport.segment import FREE as _FREE
+from localrref.transport.segment import HEADER as _HEADER
+from localrref.transport.segment import KIND_POOLED as _KIND_POOLED
+from localrref.transport.segment import KIND_SHARED as _KIND_SHARED
+from localrref.transport.segment import MAGIC as _MAGIC
+from localrref.transport.segment import MAX_SLOTS as _MAX_SLOTS
+from localrref.transport.segment import OPEN_FLAGS as _OPEN_FLAGS
+from localrref.transport.segment import PAGE as _PAGE
+from localrref.transport.segment import SLOT_BASE as _SLOT_BASE
+from localrref.transport.segment import SHM_DIR, BlobHandle, Mapping, SegmentMaps, open_segment
 
 __all__ = [
     "DEFAULT_THRESHOLD",
     "SHM_DIR",
     "TensorHandle",
+    "BlobHandle",
     "PoolStats",
     "ShmPool",
     "ShmMapper",
@@ -117,24 +135,14 @@ __all__ = [
     "sweep_world_segments",
 ]
 
-SHM_DIR = "/dev/shm"
 DEFAULT_THRESHOLD = 64 * 1024
 
-_PAGE = mmap.PAGESIZE
-_MAGIC = b"LRRSHM01"
-_HEADER = struct.Struct("<8sIIQ")     # magic, kind, n_slots, block_size
-_KIND_POOLED, _KIND_SHARED = 1, 2
-_SLOT_BASE = 64                        # state bytes start after the header record
-_DATA_OFFSET = max(_PAGE, 4096)        # data starts on the second page
-_MAX_SLOTS = _DATA_OFFSET - _SLOT_BASE
-_FREE, _BUSY = 0, 1
 # A new pooled segment holds as many blocks as the class already has (the
 # pool doubles), but no less than _MIN_SEGMENT and no more than _MAX_SEGMENT
 # bytes of data unless a single block is bigger.
 _MIN_SEGMENT = 1 << 20
 _MAX_SEGMENT = 64 << 20
 _WORLD_ID = re.compile(r"[A-Za-z0-9]{1,32}")
-_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,85 +289,6 @@ def _tensor_over(buffer, dtype, storage_offset, shape, stride, requires_grad) ->
     return out
 
 
-def _segment_rank(name: str) -> int | None:
-    try:
-        return int(name.split("_")[2])
-    except (IndexError, ValueError):
-        return None
-
-
-# -- mappings without file descriptors ---------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_int64)
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
-_memory_view.restype = ctypes.py_object
-_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
-_PyBUF_WRITE = 0x200
-
-
-class _Mapping:
-    """A whole segment mapped read-write, holding no file descriptor.
-
-    Unmapped only when this object is garbage collected; every buffer handed
-    out keeps it alive through its finalizer, so no address is ever used
-    after ``munmap``.
-    """
-
-    __slots__ = ("addr", "size", "__weakref__")
-
-    def __init__(self, fd: int, size: int, *, private: bool) -> None:
-        # MAP_POPULATE only for shared mappings: on a private writable one it
-        # would break copy-on-write for every page, i.e. copy the tensor.
-        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
-        if addr == _MAP_FAILED or addr is None:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
-        self.addr, self.size = addr, size
-        weakref.finalize(self, _libc.munmap, addr, size).atexit = False
-
-    def buffer(self, offset: int, nbytes: int, on_release=None, *args) -> memoryview:
-        """A writable view of ``[offset, offset + nbytes)``; ``on_release(self, *args)``
-        runs when the view is collected."""
-        if not (0 <= offset and nbytes > 0 and offset + nbytes <= self.size):
-            raise ValueError(f"bytes [{offset}, {offset + nbytes}) lie outside the "
-                             f"{self.size}-byte segment")
-        view = _memory_view(self.addr + offset, nbytes, _PyBUF_WRITE)
-        weakref.finalize(view, on_release or _keep_alive, self, *args).atexit = False
-        return view
-
-    def read(self, offset: int, nbytes: int) -> bytes:
-        return ctypes.string_at(self.addr + offset, nbytes)
-
-    def set_byte(self, offset: int, value: int) -> None:
-        # One byte store: atomic, and never touches the neighbouring slots.
-        ctypes.c_uint8.from_address(self.addr + offset).value = value
-
-
-def _keep_alive(mapping: _Mapping) -> None:
-    """Finalizer whose only job is to have held ``mapping`` until now."""
-
-
-def _map_file(path: str, *, private: bool, ticket: int | None = None) -> _Mapping:
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        mapping = _Mapping(fd, os.fstat(fd).st_size, private=private)
-        if ticket is not None:
-            # Through the fd: a store into a private mapping would stay private.
-            os.pwrite(fd, bytes([_FREE]), _SLOT_BASE + ticket)
-    finally:
-        os.close(fd)
-    if mapping.read(0, len(_MAGIC)) != _MAGIC:
-        raise ValueError(f"{path} is not a localrref shared-memory segment")
-    return mapping
-
-
 class _Segment:
     """Sender-side record of one segment (mutated under the pool lock)."""
 
@@ -496,7 +425,35 @@ class ShmPool:
             out.requires_grad_()
         return out
 
-    def release_unsent(self, handle: TensorHandle) -> None:
+    def export_bytes(self, data) -> BlobHandle:
+        """Copy the bytes-like ``data`` into a pooled block and describe where.
+
+        The block is free again once the receiver's
+        :meth:`ShmMapper.import_bytes` has copied the bytes out (or after
+        :meth:`release_unsent`). Used by the inboxes for frames too big for
+        one atomic pipe write.
+
+        Raises:
+            ValueError: ``data`` is empty.
+            WorkerClosedError: the pool is closed.
+            OSError: ``/dev/shm`` is full (errno ENOSPC).
+        """
+        nbytes = memoryview(data).nbytes
+        if nbytes == 0:
+            raise ValueError("an empty blob has no bytes to share; send it inline")
+        self._reap_soon()
+        with self._lock:
+            self._check_open()
+            seg, block = self._take_block(nbytes)
+        offset = _DATA_OFFSET + block * seg.block_size
+        try:
+            seg.mapping.write(offset, data)
+        except BaseException:
+            seg.set_slot(block, _FREE)
+            raise
+        return BlobHandle(segment=seg.name, offset=offset, nbytes=nbytes, slot=block)
+
+    def release_unsent(self, handle: TensorHandle | BlobHandle) -> None:
         """Give back a handle that will never be imported (its send failed)."""
         with self._lock:
             seg = self._by_name.get(handle.segment)
@@ -637,7 +594,7 @@ class ShmPool:
                                   f"or raise the shared-memory threshold") from exc
                 raise
             os.pwrite(fd, _HEADER.pack(_MAGIC, kind, n_slots, block_size), 0)
-            mapping = _Mapping(fd, size, private=False)
+            mapping = Mapping(fd, size, private=False)
         except BaseException:
             os.unlink(path)
             raise
@@ -678,7 +635,7 @@ class ShmPool:
         return reaped
 
 
-def _shared_tensor_died(mapping: _Mapping, pool_ref, seg: _Segment) -> None:
+def _shared_tensor_died(mapping: Mapping, pool_ref, seg: _Segment) -> None:
     pool = pool_ref()
     if pool is not None:
         pool._dead.append(seg)
@@ -695,22 +652,21 @@ def _unlink_names(names) -> None:
         names.clear()
 
 
-def _free_block(mapping: _Mapping, slot: int) -> None:
+def _free_block(mapping: Mapping, slot: int) -> None:
     # No lock and no I/O: this runs in a storage deleter, on whatever thread
     # dropped the last reference, possibly inside a mapper or pool call.
     mapping.set_byte(_SLOT_BASE + slot, _FREE)
 
 
 class ShmMapper:
-    """The receiving side: turns handles into tensors. One per process.
+    """The receiving side: turns handles into tensors (and blobs into bytes). One per process.
 
     Thread-safe. Pooled segments are mapped once and cached (``MAP_SHARED``,
     pre-populated); shared ones get a fresh copy-on-write mapping per import.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._maps: dict[str, _Mapping] = {}
+        self._maps = SegmentMaps()
         self._closed = False
 
     def import_(self, handle: TensorHandle) -> torch.Tensor:
@@ -727,35 +683,22 @@ class ShmMapper:
         if self._closed:
             raise WorkerClosedError("the shared-memory mapper is closed")
         if handle.private:
-            mapping = _open(handle.segment, private=True, ticket=handle.slot)
+            mapping = open_segment(handle.segment, private=True, ticket=handle.slot)
             view = mapping.buffer(handle.offset, handle.nbytes)
         else:
-            mapping = self._maps.get(handle.segment) or self._map_pooled(handle.segment)
+            mapping = self._maps.get(handle.segment)
             view = mapping.buffer(handle.offset, handle.nbytes, _free_block, handle.slot)
         return _tensor_over(view, handle.dtype, handle.storage_offset, handle.shape,
                             handle.stride, handle.requires_grad)
 
+    def import_bytes(self, handle: BlobHandle) -> bytes:
+        """Copy out the bytes :meth:`ShmPool.export_bytes` placed; the block is freed at once.
+
+        Import each handle exactly once. Raises as :meth:`import_`.
+        """
+        return self._maps.import_bytes(handle)
+
     def close(self) -> None:
         """Drop the cached mappings; tensors already imported stay valid."""
-        with self._lock:
-            self._closed = True
-            self._maps = {}
-
-    def _map_pooled(self, name: str) -> _Mapping:
-        with self._lock:
-            if self._closed:
-                raise WorkerClosedError("the shared-memory mapper is closed")
-            mapping = self._maps.get(name)
-            if mapping is None:
-                mapping = self._maps[name] = _open(name, private=False)
-            return mapping
-
-
-def _open(name: str, *, private: bool, ticket: int | None = None) -> _Mapping:
-    try:
-        return _map_file(os.path.join(SHM_DIR, name), private=private, ticket=ticket)
-    except FileNotFoundError:
-        rank = _segment_rank(name)
-        raise WorkerGoneError(f"cannot receive a tensor from rank {rank}: its shared-memory "
-                              f"segment {SHM_DIR}/{name} is gone (the sender closed its pool "
-                              f"or exited before the message was read)", rank=rank) from None
+        self._closed = True
+        self._maps.close()

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import multiprocessing
 import os
+import select
 import struct
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from localrref.codec import frames
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
 from localrref.transport.mpqueue import Endpoint, close_inboxes, make_inboxes
+from localrref.transport.shm import ShmPool, new_world_id, sweep_world_segments, world_segments
 
 
 @pytest.fixture
@@ -18,6 +26,35 @@ def inboxes():
     queues = make_inboxes(multiprocessing.get_context("spawn"), 2)  # ranks 0, 1; supervisor 2
     yield queues
     close_inboxes(queues)
+
+
+@pytest.fixture
+def blob_pool():
+    """A worker's pool, for control frames too big for one pipe write."""
+    world = new_world_id()
+    pool = ShmPool(world, 0, threshold=1)
+    yield pool
+    pool.close()
+    gc.collect()
+    left = world_segments(world)
+    sweep_world_segments(world)
+    assert left == [], f"segments left in /dev/shm: {left}"
+
+
+def fill_pipe(queue) -> int:
+    """Fill ``queue``'s pipe with whole control frames; return how many."""
+    payload = encode_control(0, ("filler", "x" * 3000))
+    frame = struct.pack("!i", len(payload)) + payload
+    fd, count = queue._writer.fileno(), 0
+    os.set_blocking(fd, False)  # briefly, on a pipe no other process holds
+    try:
+        while True:
+            os.write(fd, frame)
+            count += 1
+    except BlockingIOError:
+        return count
+    finally:
+        os.set_blocking(fd, True)
 
 
 def test_supervisor_frames_are_what_the_agent_reads(inboxes):
@@ -35,26 +72,46 @@ def test_worker_frames_are_what_the_supervisor_reads(inboxes):
     assert src_control == [(1, ("__shutdown_arrived__", 1)), (0, None)]
 
 
-def test_bounded_send_gives_up_on_a_lock_a_dead_writer_kept(inboxes):
-    inboxes[0]._wlock.acquire()  # as if a writer died mid-send
+@pytest.mark.timeout(30)
+def test_a_lock_a_dead_writer_kept_stops_no_send(inboxes):
+    inboxes[0]._wlock.acquire()  # what a writer SIGKILLed mid-send used to leave behind
     try:
-        assert bounded_send(inboxes[0], encode_control(2, ("x",)), timeout=0.05) is False
+        assert bounded_send(inboxes[0], encode_control(2, ("__peer_exited__", 1, 42, -9)),
+                            timeout=1)
+        Endpoint(1, inboxes).send(0, frames.encode_control(("from", 1)))
+        receiver = Endpoint(0, inboxes)
+        assert [frames.decode(receiver.recv(timeout=5)[1])[1] for _ in range(2)] == \
+            [("__peer_exited__", 1, 42, -9), ("from", 1)]
     finally:
         inboxes[0]._wlock.release()
-    assert Endpoint(0, inboxes).recv(timeout=0) is None
 
 
 def test_bounded_send_gives_up_on_a_full_pipe(inboxes):
-    fd = inboxes[0]._writer.fileno()
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except BlockingIOError:
-        pass
-    finally:
-        os.set_blocking(fd, True)
+    fill_pipe(inboxes[0])
     assert bounded_send(inboxes[0], encode_control(2, ("x",)), timeout=0.05) is False
+
+
+@pytest.mark.timeout(60)
+def test_bounded_send_waits_for_room_and_writes_its_frame_whole(inboxes):
+    filled = fill_pipe(inboxes[0])
+    results = []
+    sender = threading.Thread(target=lambda: results.append(
+        bounded_send(inboxes[0], encode_control(2, ("late",)), timeout=30)))
+    sender.start()
+    reader, got = InboxReader(inboxes[0]), []
+    deadline = time.monotonic() + 30
+    while len(got) <= filled and time.monotonic() < deadline:
+        select.select([reader], [], [], deadline - time.monotonic())
+        got += [decode_control(payload) for payload in reader.read_available()]
+    sender.join(30)
+    assert results == [True]
+    assert {control[0] for _, control in got[:filled]} == {"filler"}
+    assert got[filled:] == [(2, ("late",))]
+
+
+def test_bounded_send_reports_a_pipe_without_readers(inboxes):
+    inboxes[0]._reader.close()
+    assert bounded_send(inboxes[0], encode_control(2, ("x",)), timeout=1) is False
 
 
 def test_bounded_send_refuses_large_frames(inboxes):
@@ -76,11 +133,34 @@ def test_reader_returns_whole_frames_only(inboxes):
     assert reader.read_available() == [payload, payload]
 
 
-def test_reader_reads_big_frames(inboxes):
+def test_reader_reads_big_frames_from_shared_memory(inboxes, blob_pool):
     reader = InboxReader(inboxes[2])
     big = ("__shutdown_done__", 0, [{"rref_id": str(i), "state": "x" * 100} for i in range(400)])
-    Endpoint(0, inboxes).send(2, frames.encode_control(big))  # ~50 KB: several kernel reads' worth
-    assert [decode_control(p) for p in reader.read_available()] == [(0, big)]
+    worker = Endpoint(0, inboxes, blob_pool=blob_pool)
+    worker.send(2, frames.encode_control(big))  # ~50 KB: a blob
+    worker.send(2, frames.encode_control(("small", 0)))
+    assert [decode_control(p) for p in reader.read_available()] == [(0, big), (0, ("small", 0))]
+    assert blob_pool.stats().blocks_in_use == 0  # the reader freed the block
+    reader.close()
+
+
+def test_reader_drops_a_blob_whose_segment_is_gone(inboxes, blob_pool, caplog):
+    reader = InboxReader(inboxes[2])
+    worker = Endpoint(1, inboxes, blob_pool=blob_pool)
+    worker.send(2, frames.encode_control(("lost", "x" * 10_000)))
+    worker.send(2, frames.encode_control(("kept", 1)))
+    blob_pool.close()  # the worker closed its pool, or died and was swept
+    with caplog.at_level(logging.WARNING, logger="localrref"):
+        assert [decode_control(p) for p in reader.read_available()] == [(1, ("kept", 1))]
+    assert "dropped a frame from rank 1" in caplog.text
+    reader.close()
+
+
+def test_the_inbox_helpers_do_not_import_torch():
+    # The launcher never imports torch (a second of start-up), yet reads blobs.
+    code = ("import sys, localrref.launch.inbox, localrref.launch.launcher; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_undecodable_control_frames_decode_as_none():

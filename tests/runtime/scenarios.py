@@ -430,3 +430,62 @@ def _dump_core():
         out.append((str(rec.rref_id), str(fork_id), rec.holds, rec.timed_out,
                     repr(rec.creation_error)[:80], refs))
     return out
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thousands_of_tensors_in_flight(count=1000, n_bytes=128 * 1024):
+    before = (open_fds(), rpc.rpc_sync("worker1", open_fds))
+    tensors = [torch.full((n_bytes // 4,), float(i)) for i in range(count)]
+    futures = [rpc.rpc_async("worker1", mutate_and_sum, args=(t,)) for t in tensors]
+    sums = torch.futures.wait_all(futures)
+    assert sums == [float(i) * (n_bytes // 4) for i in range(count)]
+    back = [rpc.rpc_async("worker1", make_tensor, args=(n_bytes, i)) for i in range(count)]
+    received = torch.futures.wait_all(back)
+    assert all(float(t[0]) == i for i, t in enumerate(received))
+    after = (open_fds(), rpc.rpc_sync("worker1", open_fds))
+    del received, tensors
+    return before, after
+
+
+class _Cycle:
+    def __init__(self, rref):
+        self.rref = rref
+        self.me = self
+
+
+def rrefs_dropped_anywhere_are_deleted():
+    # Dropped in a then-callback (the agent's reader thread), in other threads,
+    # and as cyclic garbage found by the collector (which may run in any thread).
+    done = []
+    for _ in range(20):
+        rref = rpc.remote("worker1", torch.ones, args=(2,))
+        fut = rpc.rpc_async("worker2", rref_sum, args=(rref,))
+        fut.then(lambda f, r=[rref]: done.append(r.pop()) or done.pop()).wait()
+        del rref
+    threads = []
+    for _ in range(8):
+        def hold_and_drop():
+            r = rpc.remote("worker2", torch.zeros, args=(3,))
+            r.to_here()
+        threads.append(threading.Thread(target=hold_and_drop))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for _ in range(20):
+        _Cycle(rpc.remote("worker1", torch.ones, args=(1,)))
+    gc.collect()
+    for worker in ("worker0", "worker1", "worker2"):
+        state = rpc.rpc_sync(worker, wait_tables_empty)
+        assert state is True, (worker, state)
+    return True
+
+
+def zero_copy_opt_in_is_copy_on_write_for_receivers():
+    shared = rpc.share_tensor(torch.full((1 << 18,), 2.0))
+    assert rpc.rpc_sync("worker1", mutate_and_sum, args=(shared,)) == 2.0 * (1 << 18)
+    assert torch.all(shared == 2.0), "a receiver's write must never reach the sender"
+    return True

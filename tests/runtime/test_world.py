@@ -75,3 +75,16 @@ def test_bad_input_gets_clear_errors(world):
 
 def test_threads_per_worker_stay_few(world):
     assert world.run(scenarios.threads_and_debug_info) <= 20
+
+
+def test_thousands_of_tensors_in_flight_do_not_exhaust_fds(world):
+    (fds0, fds1), (after0, after1) = world.run(scenarios.thousands_of_tensors_in_flight)
+    assert after0 - fds0 < 64 and after1 - fds1 < 64, ((fds0, fds1), (after0, after1))
+
+
+def test_rrefs_dropped_anywhere_are_deleted(world):
+    assert world.run(scenarios.rrefs_dropped_anywhere_are_deleted)
+
+
+def test_zero_copy_opt_in_is_copy_on_write_for_receivers(world):
+    assert world.run(scenarios.zero_copy_opt_in_is_copy_on_write_for_receivers)

@@ -1,15 +1,31 @@
-"""Inboxes and Endpoint: in one process where possible, two spawned peers otherwise."""
+"""Inboxes and Endpoint: in one process where possible, spawned peers otherwise.
+
+Every frame is one atomic pipe write and no writer takes a lock; frames over
+MAX_INLINE bytes travel as blobs through the sender's shared-memory pool.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import gc
+import logging
 import multiprocessing as mp
+import signal
+import struct
+import termios
 import threading
+import time
 
 import pytest
-from transport_workers import BURST, Peers, check_burst_frame, echo_peer
+from transport_workers import (STORM, Peers, check_flood_frame, check_storm_frame, echo_peer,
+                               flood, send_storm)
 
-from localrref.errors import WorkerClosedError
-from localrref.transport.mpqueue import Endpoint, close_inboxes, make_inboxes
+from localrref.errors import WorkerClosedError, WorkerGoneError
+from localrref.launch.inbox import bounded_send, decode_control, encode_control
+from localrref.transport.mpqueue import (MAX_INLINE, PIPE_BUF, Endpoint, close_inboxes,
+                                         make_inboxes)
+from localrref.transport.shm import (ShmMapper, ShmPool, new_world_id, sweep_world_segments,
+                                     world_segments)
 
 
 @pytest.fixture
@@ -19,11 +35,34 @@ def inboxes():
     close_inboxes(boxes)
 
 
+@pytest.fixture
+def blob_pool(world_id):
+    pool = ShmPool(world_id, 0, threshold=1)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture(scope="module")
-def echo_peers():
-    peers = Peers(echo_peer, 2)
+def peers_world():
+    world = new_world_id()
+    yield world
+    gc.collect()
+    left = world_segments(world)
+    sweep_world_segments(world)
+    assert left == [], f"segments left in /dev/shm by the peers: {left}"
+
+
+@pytest.fixture(scope="module")
+def echo_peers(peers_world):
+    peers = Peers(echo_peer, 2, peers_world, blob_world=peers_world)
     yield peers
     peers.stop()
+
+
+def pipe_bytes(inbox) -> int:
+    """Bytes waiting in ``inbox``'s pipe."""
+    raw = fcntl.ioctl(inbox._reader.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", raw)[0]
 
 
 def test_make_inboxes_has_one_per_worker_plus_supervisor(inboxes):
@@ -32,12 +71,104 @@ def test_make_inboxes_has_one_per_worker_plus_supervisor(inboxes):
         make_inboxes(mp.get_context("spawn"), -1)
 
 
-def test_send_to_self_keeps_order_and_source(inboxes):
-    ep = Endpoint(1, inboxes)
-    frames = [b"", b"a", bytearray(b"bytearray"), memoryview(b"view"), b"x" * 100_000]
+def test_send_to_self_keeps_order_and_source(inboxes, blob_pool):
+    mapper = ShmMapper()
+    ep = Endpoint(1, inboxes, blob_pool=blob_pool, blob_mapper=mapper)
+    frames = [b"", b"a", bytearray(b"bytearray"), memoryview(b"view"), b"i" * MAX_INLINE,
+              b"b" * (MAX_INLINE + 1), bytearray(b"z" * 100_000), memoryview(b"w" * 100_000),
+              bytes(range(256)) * (3 << 12)]
     for frame in frames:
         ep.send(1, frame)
     assert [ep.recv(5) for _ in frames] == [(1, bytes(f)) for f in frames]
+    assert blob_pool.stats().blocks_in_use == 0
+    ep.close()
+    # The endpoint leaves a mapper it was given to its owner.
+    assert mapper.import_bytes(blob_pool.export_bytes(b"still open")) == b"still open"
+    mapper.close()
+
+
+def test_frames_up_to_max_inline_are_one_pipe_buf_write_bigger_ones_blobs(inboxes, blob_pool):
+    assert MAX_INLINE + 8 == PIPE_BUF  # length header and sender rank
+    ep = Endpoint(1, inboxes, blob_pool=blob_pool)
+    ep.send(1, b"i" * MAX_INLINE)
+    assert pipe_bytes(inboxes[1]) == PIPE_BUF
+    assert blob_pool.stats().blocks_in_use == 0
+    ep.send(1, b"b" * (MAX_INLINE + 1))
+    assert PIPE_BUF < pipe_bytes(inboxes[1]) < PIPE_BUF + 100  # only a handle
+    assert blob_pool.stats().blocks_in_use == 1
+    assert ep.recv(5) == (1, b"i" * MAX_INLINE)
+    assert ep.recv(5) == (1, b"b" * (MAX_INLINE + 1))
+    assert blob_pool.stats().blocks_in_use == 0  # freed as soon as it was copied out
+    ep.close()
+
+
+def test_big_frame_without_blob_pool_is_refused_and_nothing_is_written(inboxes):
+    ep = Endpoint(1, inboxes)
+    with pytest.raises(ValueError, match=f"{MAX_INLINE + 1}-byte frame.*no blob_pool"):
+        ep.send(1, b"x" * (MAX_INLINE + 1))
+    assert pipe_bytes(inboxes[1]) == 0
+    ep.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_queue_lock_left_taken_by_a_dead_writer_blocks_nobody(inboxes, blob_pool):
+    inboxes[1]._wlock.acquire()  # what a writer SIGKILLed mid-send used to leave behind
+    try:
+        ep = Endpoint(1, inboxes, blob_pool=blob_pool)
+        ep.send(1, b"small")
+        ep.send(1, b"big" * 10_000)
+        assert bounded_send(inboxes[1], encode_control(0, ("__peer_exited__", 0, 1, -9)), 1)
+        assert ep.recv(5) == (1, b"small")
+        assert ep.recv(5) == (1, b"big" * 10_000)
+        src, frame = ep.recv(5)
+        assert decode_control(struct.pack("<i", src) + frame) == \
+            (0, ("__peer_exited__", 0, 1, -9))
+        ep.close()
+    finally:
+        inboxes[1]._wlock.release()
+
+
+def test_failed_send_gives_the_blob_block_back(inboxes, blob_pool):
+    ep = Endpoint(0, inboxes, blob_pool=blob_pool)
+    inboxes[1]._reader.close()  # the only read end: the pipe is broken
+    with pytest.raises(WorkerGoneError, match="cannot send to rank 1"):
+        ep.send(1, b"x" * 100_000)
+    assert blob_pool.stats().blocks_in_use == 0
+    with pytest.raises(WorkerGoneError, match="cannot send to rank 1"):
+        ep.send(1, b"x")
+    ep.close()
+
+
+def test_a_blob_whose_segment_is_gone_is_dropped_with_a_warning(inboxes, world_id, caplog):
+    pool = ShmPool(world_id, 0, threshold=1)
+    ep = Endpoint(1, inboxes, blob_pool=pool)
+    ep.send(1, b"x" * 10_000)
+    pool.close()  # the sender closed its pool (or died and was swept)
+    with caplog.at_level(logging.WARNING, logger="localrref"):
+        assert ep.recv(5) is None
+    assert "dropped a frame from rank 1" in caplog.text and "is gone" in caplog.text
+    ep.send(1, b"next")
+    assert ep.recv(5) == (1, b"next")
+    ep.close()
+
+
+def test_blob_blocks_are_reused_so_the_pool_does_not_grow(inboxes, blob_pool, world_id):
+    ep = Endpoint(1, inboxes, blob_pool=blob_pool)
+    frames = [bytes([i]) * (MAX_INLINE + 1 + 1500 * i) for i in range(50)]  # 4 KiB to 77 KiB
+
+    def batch():
+        for frame in frames:
+            ep.send(1, frame)
+        for frame in frames:
+            assert ep.recv(5) == (1, frame)
+
+    batch()
+    first, names = blob_pool.stats(), world_segments(world_id)
+    assert first.blocks_in_use == 0 and names
+    for _ in range(39):  # 2000 frames in all, 50 in flight at a time
+        batch()
+    assert blob_pool.stats() == first
+    assert world_segments(world_id) == names
     ep.close()
 
 
@@ -86,28 +217,90 @@ def test_bad_ranks_are_refused(inboxes):
     ep.close()
 
 
+# -- between processes -------------------------------------------------------------
+
 @pytest.mark.processes
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("size", [0, 1, 4091, 4096, 70_000, 3 << 20])
+@pytest.mark.parametrize("size", [0, 1, MAX_INLINE, MAX_INLINE + 1, 70_000, 3 << 20])
 def test_frames_round_trip_between_processes(echo_peers, size):
     frame = bytes(range(256)) * (size // 256) + b"t" * (size % 256)
-    assert echo_peers.ask(0, frame) == frame
+    echo_peers.ep.send(0, frame)
+    assert echo_peers.answer(0) == frame
 
 
 @pytest.mark.processes
 @pytest.mark.timeout(120)
-def test_concurrent_writers_never_interleave_frames(echo_peers):
-    # Frames of 100 KB take several pipe writes each: only the inbox's write
-    # lock keeps two peers' frames from tearing each other.
-    n, size = 60, 100_000
+def test_many_threads_in_many_processes_never_tear_or_reorder_frames(echo_peers):
+    # Two peers with three threads each, and two threads of this process,
+    # all write small and big frames (up to 3 MiB) into this rank's inbox.
+    threads, n, me = 3, 24, 2
     for rank in (0, 1):
-        echo_peers.ep.send(rank, b"burst" + BURST.pack(n, size))
-    next_seq = {0: 0, 1: 0}
-    for _ in range(2 * n):
-        got = echo_peers.ep.recv(60)
-        assert got is not None, "a peer stopped sending its burst"
-        src, frame = got
-        rank, seq = check_burst_frame(frame, size)
-        assert rank == src and seq == next_seq[src]  # FIFO per sender
-        next_seq[src] += 1
-    assert next_seq == {0: n, 1: n}
+        echo_peers.ep.send(rank, b"storm" + STORM.pack(threads, n))
+    ours = threading.Thread(target=send_storm, args=(echo_peers.ep, me, me, 2, n))
+    ours.start()
+    next_seq = {(rank, t): 0 for rank in (0, 1) for t in range(threads)}
+    next_seq |= {(me, t): 0 for t in range(2)}
+    try:
+        for _ in range(n * len(next_seq)):
+            got = echo_peers.ep.recv(60)
+            assert got is not None, f"writers stopped early: {next_seq}"
+            src, frame = got
+            rank, thread, seq = check_storm_frame(frame)
+            assert rank == src and seq == next_seq[rank, thread]  # FIFO per writer
+            next_seq[rank, thread] += 1
+    finally:
+        ours.join(60)
+    assert set(next_seq.values()) == {n}
+    assert echo_peers.ep.recv(0) is None
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_writers_sigkilled_mid_send_never_block_other_writers_or_the_reader(echo_peers):
+    # Each round forks a writer that floods this rank's inbox with small and
+    # big frames (it mostly sits blocked on the full pipe), kills it once 25
+    # of its frames arrived, then checks that a peer process, this process
+    # and the supervisor's bounded send still get through, and that every
+    # frame the reader sees is whole.
+    ep, me, victim_rank = echo_peers.ep, 2, 1
+    victim_world = new_world_id()
+    fork = mp.get_context("fork")  # the victims need no fresh interpreter
+    flooded: dict[int, int] = {}
+
+    def receive(want: set, flood_round: int | None = None) -> None:
+        """Receive until every frame of ``want`` arrived, and 25 flood frames
+        of ``flood_round`` if one is named; check every flood frame on the way."""
+        deadline = time.monotonic() + 60
+        while want or (flood_round is not None and flooded.get(flood_round, 0) < 25):
+            got = ep.recv(max(0.0, deadline - time.monotonic()))
+            assert got is not None, f"the inbox stalled; still waiting for {want or 'floods'}"
+            src, frame = got
+            if frame[:1] == b"F":
+                assert src == victim_rank
+                seen_round, _ = check_flood_frame(frame)
+                flooded[seen_round] = flooded.get(seen_round, 0) + 1
+            else:
+                assert (src, frame) in want, f"unexpected frame from rank {src}"
+                want.remove((src, frame))
+
+    try:
+        for round_ in range(20):
+            victim = fork.Process(target=flood, args=(victim_rank, echo_peers.inboxes,
+                                                      victim_world, me, round_))
+            victim.start()
+            receive(set(), flood_round=round_)
+            victim.kill()
+            victim.join(30)
+            assert victim.exitcode == -signal.SIGKILL
+            victim.close()
+            control = encode_control(me, ("after", round_))
+            assert bounded_send(echo_peers.inboxes[me], control, timeout=10)
+            small, big = b"s%d" % round_, bytes([round_]) * 70_000
+            ep.send(0, small)
+            ep.send(0, big)
+            receive({(0, small), (0, big), (me, control[4:])})
+    finally:
+        gc.collect()
+        swept = sweep_world_segments(victim_world)
+    assert swept  # killed writers cannot unlink: the supervisor's sweep does
+    assert world_segments(victim_world) == []

@@ -21,8 +21,9 @@ from transport_workers import Peers, open_fds, shm_peer
 
 from localrref.errors import WorkerClosedError, WorkerGoneError
 from localrref.transport import shm
-from localrref.transport.shm import (DEFAULT_THRESHOLD, ShmMapper, ShmPool, TensorHandle,
-                                     sweep_world_segments, world_segments)
+from localrref.transport.segment import SegmentMaps
+from localrref.transport.shm import (DEFAULT_THRESHOLD, BlobHandle, ShmMapper, ShmPool,
+                                     TensorHandle, sweep_world_segments, world_segments)
 
 
 @pytest.fixture
@@ -294,6 +295,81 @@ def test_concurrent_exports_and_imports_from_threads(lane):
         t.join(60)
     assert errors == [] and not any(t.is_alive() for t in threads)
     assert lane[0].stats().blocks_in_use == 0
+
+
+# -- blobs: bytes through the same pooled blocks ------------------------------------
+
+@pytest.mark.parametrize("data", [b"x", bytes(range(256)) * 300, bytearray(b"y" * 70_000),
+                                  memoryview(b"z" * 5000), b"w" * (3 << 20)],
+                         ids=["1B", "bytes", "bytearray", "memoryview", "3MiB"])
+def test_blob_round_trip_frees_its_block_at_once(lane, data):
+    pool, mapper = lane
+    handle = pool.export_bytes(data)
+    assert pool.stats().blocks_in_use == 1
+    assert mapper.import_bytes(BlobHandle.unpack(handle.pack())) == bytes(data)
+    assert pool.stats().blocks_in_use == 0
+
+
+def test_blobs_and_tensors_share_the_pooled_blocks(lane):
+    pool, mapper = lane
+    tensor = mapper.import_(pool.export(torch.ones(5000, dtype=torch.uint8)))
+    blob = pool.export_bytes(b"b" * 5000)  # same size class: a second block of one segment
+    assert pool.stats().pooled_segments == 1 and pool.stats().blocks_in_use == 2
+    assert mapper.import_bytes(blob) == b"b" * 5000
+    del tensor
+    gc.collect()
+    assert pool.stats().blocks_in_use == 0
+
+
+def test_segment_maps_read_blobs_without_a_shm_mapper(lane):
+    pool, _ = lane
+    maps = SegmentMaps()  # what the launcher uses: no torch needed
+    assert maps.import_bytes(pool.export_bytes(b"control" * 1000)) == b"control" * 1000
+    maps.close()
+    with pytest.raises(WorkerClosedError, match="closed"):
+        maps.import_bytes(pool.export_bytes(b"late"))
+
+
+def test_unsent_blob_is_released_and_empty_blob_refused(lane):
+    pool, _ = lane
+    pool.release_unsent(pool.export_bytes(b"never sent" * 1000))
+    assert pool.stats().blocks_in_use == 0
+    with pytest.raises(ValueError, match="empty blob"):
+        pool.export_bytes(b"")
+
+
+def test_blob_of_a_closed_pool_names_the_sender(world_id):
+    pool, mapper = ShmPool(world_id, 3, threshold=1), ShmMapper()
+    handle = pool.export_bytes(b"x" * 9000)
+    pool.close()
+    with pytest.raises(WorkerGoneError, match="from rank 3") as info:
+        mapper.import_bytes(handle)
+    assert info.value.rank == 3
+    mapper.close()
+
+
+def test_blob_handles_are_small_and_validated():
+    handle = BlobHandle(segment="lrr_abcd1234_12_a1b2c3_7", offset=4096 * 9, nbytes=3 << 20,
+                        slot=8)
+    assert BlobHandle.unpack(handle.pack()) == handle and len(handle.pack()) < 64
+    for bad in [dict(offset=0), dict(nbytes=0), dict(slot=-1), dict(segment="../etc/passwd"),
+                dict(segment="")]:
+        with pytest.raises(ValueError, match="malformed BlobHandle"):
+            BlobHandle(**{"segment": "s", "offset": 4096, "nbytes": 1, "slot": 0, **bad})
+    with pytest.raises(ValueError, match="longer than"):
+        BlobHandle.unpack(b"short")
+    with pytest.raises(ValueError, match="not ASCII"):
+        BlobHandle.unpack(handle.pack()[:-1] + b"\xff")
+
+
+def test_a_blob_outside_its_segment_is_refused(lane):
+    pool, mapper = lane
+    handle = pool.export_bytes(b"x" * 5000)
+    forged = BlobHandle(segment=handle.segment, offset=handle.offset, nbytes=1 << 40,
+                        slot=handle.slot)
+    with pytest.raises(ValueError, match="outside"):
+        mapper.import_bytes(forged)
+    assert mapper.import_bytes(handle) == b"x" * 5000
 
 
 # -- across processes ------------------------------------------------------------

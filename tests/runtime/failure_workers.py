@@ -1,0 +1,114 @@
+"""Worker bodies for tests/runtime/test_failures.py (importable by spawned workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import torch
+
+import localrref as rpc
+from localrref.errors import WorkerGoneError
+
+_FOREVER = threading.Event()
+
+
+def block(bound=60.0):
+    _FOREVER.wait(bound)
+    return "released"
+
+
+def getpid():
+    return os.getpid()
+
+
+def big_tensor(n_bytes):
+    return torch.ones(n_bytes // 4)
+
+
+def kill_peer_during_call(rank, results):
+    rpc.init_rpc(f"worker{rank}", rpc_backend_options=rpc.RpcBackendOptions(rpc_timeout=0))
+    if rank == 0:
+        # The supervisor stops the survivors as soon as rank 1 dies (torch's
+        # spawn does too); this rank must live long enough to report.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        pid = rpc.rpc_sync("worker1", getpid)
+        kept = [rpc.rpc_sync("worker1", big_tensor, args=(1 << 20,)) for _ in range(3)]
+        pending = rpc.rpc_async("worker1", block)        # no timeout: only death can end it
+        rref = rpc.remote("worker1", big_tensor, args=(16,))
+        rref.to_here()
+        os.kill(pid, signal.SIGKILL)
+        try:
+            pending.wait()
+            results.put(("no error", None))
+        except WorkerGoneError as exc:
+            results.put(("gone", str(exc), exc.rank, exc.pid == pid, exc.exitcode))
+        try:
+            rref.to_here()
+        except WorkerGoneError as exc:
+            results.put(("to_here gone", str(exc)))
+        try:
+            rpc.rpc_sync("worker1", getpid)
+        except WorkerGoneError as exc:
+            results.put(("later call gone", str(exc)))
+        del kept
+        try:
+            rpc.shutdown()
+            results.put(("shutdown ok", None))
+        except RuntimeError as exc:
+            results.put(("shutdown failed", str(exc)))
+        return
+    rpc.shutdown()
+
+
+def reinit_after_shutdown(rank, results):
+    rpc.init_rpc(f"worker{rank}")
+    first = rpc.rpc_sync(f"worker{1 - rank}", torch.add, args=(torch.ones(1), 1))
+    rref = rpc.remote(f"worker{1 - rank}", torch.ones, args=(2,))
+    rref.to_here()
+    rpc.shutdown()
+    outcomes = [float(first)]
+    try:
+        rref.to_here()
+    except RuntimeError as exc:
+        outcomes.append(f"to_here after shutdown: {exc}")
+    try:
+        rpc.rpc_sync(f"worker{1 - rank}", torch.add, args=(torch.ones(1), 1))
+    except RuntimeError as exc:
+        outcomes.append(f"rpc after shutdown: {exc}")
+    del rref
+    rpc.init_rpc(f"again{rank}")
+    outcomes.append(float(rpc.rpc_sync(f"again{1 - rank}", torch.add, args=(torch.ones(1), 2))))
+    rpc.shutdown()
+    results.put((rank, outcomes))
+
+
+def duplicate_names(rank, results):
+    try:
+        rpc.init_rpc("same")
+    except RuntimeError as exc:
+        results.put((rank, str(exc)))
+        return
+    results.put((rank, "initialized"))
+    rpc.shutdown()
+
+
+def wrong_world_size(rank, results):
+    try:
+        rpc.init_rpc(f"worker{rank}", world_size=3)
+    except RuntimeError as exc:
+        results.put((rank, str(exc)))
+
+
+def never_reaches_shutdown(rank, results):
+    rpc.init_rpc(f"worker{rank}")
+    if rank == 1:
+        block(120)  # stopped by the supervisor once rank 0 fails
+        return
+    try:
+        rpc.shutdown()
+        results.put("shutdown returned")
+    except RuntimeError as exc:
+        results.put(str(exc))
+        raise

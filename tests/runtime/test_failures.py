@@ -1,0 +1,81 @@
+"""Failure paths over real processes: dead peers, shutdown, re-init, bad worlds."""
+
+import multiprocessing
+import os
+
+import pytest
+from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+
+import failure_workers as fw
+import localrref
+from localrref.launch.supervisor import start_processes
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def results(leak_free):
+    queue = multiprocessing.get_context("spawn").SimpleQueue()
+    yield queue
+    queue.close()
+
+
+def drain(queue):
+    out = []
+    while not queue.empty():
+        out.append(queue.get())
+    return out
+
+
+def test_killed_peer_fails_pending_calls_at_once_naming_it(results):
+    with pytest.raises(ProcessExitedException) as info:
+        localrref.spawn(fw.kill_peer_during_call, args=(results,), nprocs=2)
+    assert info.value.error_index == 1 and "SIGKILL" in str(info.value)
+    got = {item[0]: item[1:] for item in drain(results)}
+    message, rank, same_pid, exitcode = got["gone"]
+    assert rank == 1 and same_pid and exitcode == -9
+    assert "rank 1 ('worker1')" in message and "was killed by signal SIGKILL" in message
+    assert "SIGKILL" in got["to_here gone"][0]
+    assert "worker1" in got["later call gone"][0]
+    assert "shutdown failed" in got and "rank 1" in got["shutdown failed"][0]
+
+
+def test_init_rpc_works_again_after_a_clean_shutdown(results):
+    localrref.spawn(fw.reinit_after_shutdown, args=(results,), nprocs=2)
+    by_rank = dict(drain(results))
+    for rank in (0, 1):
+        first, after_rref, after_rpc, again = by_rank[rank]
+        assert first == 2.0 and again == 3.0
+        assert "used after shutdown" in after_rref or "shut down" in after_rref
+        assert "RPC has not been initialized" in after_rpc
+
+
+def test_duplicate_names_are_refused(results):
+    localrref.spawn(fw.duplicate_names, args=(results,), nprocs=2)
+    messages = dict(drain(results))
+    assert all("'same' is not unique" in m for m in messages.values()), messages
+
+
+def test_world_size_mismatch_is_refused(results):
+    localrref.spawn(fw.wrong_world_size, args=(results,), nprocs=2)
+    messages = dict(drain(results))
+    assert all("world size mismatch" in m for m in messages.values()), messages
+
+
+def test_a_worker_that_never_reaches_shutdown_is_named(results):
+    context = start_processes(fw.never_reaches_shutdown, args=(results,), nprocs=2, join=False,
+                              shutdown_timeout=2.0)
+    with pytest.raises(ProcessRaisedException) as info:
+        while not context.join():
+            pass
+    assert info.value.error_index == 0
+    (message,) = drain(results)
+    assert "worker rank(s) [1] did not reach shutdown() within 2 s" in message
+
+
+def test_no_shm_segment_outlives_a_killed_worker(results):
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("lrr_")}
+    with pytest.raises(ProcessExitedException):
+        localrref.spawn(fw.kill_peer_during_call, args=(results,), nprocs=2)
+    after = {n for n in os.listdir("/dev/shm") if n.startswith("lrr_")}
+    assert after <= before
