@@ -50,6 +50,8 @@ __all__ = [
     "SHUTDOWN_ARRIVED",
     "SHUTDOWN_PROCEED",
     "SHUTDOWN_DONE",
+    "SHUTDOWN_FINISHED",
+    "shutdown_finished_message",
     "SHUTDOWN_FAILED",
     "LEAK_REPORT",
     "LEAK_FIELDS",
@@ -67,6 +69,7 @@ PEER_EXITED = "__peer_exited__"
 SHUTDOWN_ARRIVED = "__shutdown_arrived__"
 SHUTDOWN_PROCEED = "__shutdown_proceed__"
 SHUTDOWN_DONE = "__shutdown_done__"
+SHUTDOWN_FINISHED = "__shutdown_finished__"
 SHUTDOWN_FAILED = "__shutdown_failed__"
 LEAK_REPORT = "__leak_report__"
 
@@ -194,6 +197,11 @@ def shutdown_arrived_message(rank: int) -> tuple[str, int]:
 def shutdown_done_message(rank: int, leaks: list[dict[str, Any]]) -> tuple[str, int, list[dict[str, Any]]]:
     """Worker -> supervisor: ``rank`` deleted its RRefs; ``leaks`` are what remains."""
     return (SHUTDOWN_DONE, rank, [dict(leak) for leak in leaks])
+
+
+def shutdown_finished_message(rank: int) -> tuple[str, int]:
+    """Worker -> supervisor: this rank finished deleting its RRefs (the last barrier)."""
+    return (SHUTDOWN_FINISHED, rank)
 
 
 def leak_report_message(rank: int, leaks: list[dict[str, Any]]) -> tuple[str, int, list[dict[str, Any]]]:

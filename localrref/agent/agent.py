@@ -50,7 +50,8 @@ from ..errors import LocalRRefError, WorkerClosedError, WorkerGoneError
 from ..transport.mpqueue import Endpoint
 from ..transport.shm import ShmMapper, ShmPool
 from ..world import (
-    PEER_EXITED, SHUTDOWN_ARRIVED, SHUTDOWN_DONE, SHUTDOWN_FAILED, SHUTDOWN_PROCEED,
+    PEER_EXITED, SHUTDOWN_ARRIVED, SHUTDOWN_DONE, SHUTDOWN_FAILED, SHUTDOWN_FINISHED,
+    SHUTDOWN_PROCEED,
     describe_exitcode,
 )
 from .pool import ElasticPool
@@ -491,7 +492,9 @@ class Agent:
             with self._lock:
                 effects = self.core.finish_remote(job.job_id, result)
                 waiters = self._owner_waiters.pop(id(job.owner), [])
-            self._run(effects)
+            # Fetches that waited for this value are served right here: the
+            # value is hot, and a hand-off would add a wake-up to to_here().
+            self._run(effects, inline_jobs=True)
             for future in waiters:
                 self._settle_owner_future(job.owner, future)
             return
@@ -509,7 +512,7 @@ class Agent:
         with self._lock:
             effects = self.core.fail_job(job.job_id, payload)
             waiters = self._owner_waiters.pop(id(job.owner), []) if job.owner is not None else []
-        self._run(effects)
+        self._run(effects, inline_jobs=True)
         for future in waiters:
             self._settle_owner_future(job.owner, future)
 
@@ -760,13 +763,19 @@ class Agent:
         import gc
         gc.collect(1)
         self._housekeeping_pass()
-        held = self.leak_records()
         self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_ARRIVED, self.rank)))
         # Unbounded here: other workers may legitimately still be working
         # (torch's shutdown waits for them too). A peer that dies, or the
         # supervisor's --shutdown-timeout, ends the wait with a named error.
         self.wait_control({SHUTDOWN_PROCEED}, None, "every worker to reach shutdown()")
         self._housekeeping_pass()
+        # Every application has stopped making RPCs: what is still held, and
+        # what every owner keeps, is the leak report. It is taken before any
+        # worker deletes anything (the next barrier), or an early delete
+        # could free an owner before its value was described.
+        held = self.leak_records()
+        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_DONE, self.rank, held)))
+        self.wait_control({SHUTDOWN_PROCEED}, backstop, "every worker to report its RRefs")
         now = time.monotonic()
         machine = DelAllUsersAndUnforkedOwners(self.core, now=now, timeout=max(timeout, 1.0))
         with self._lock:
@@ -790,7 +799,8 @@ class Agent:
             self.core.check_rref_leaks(ignore_rref_leak=True)
             effects = self.core.take_effects()
         self._run(effects)
-        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_DONE, self.rank, held)))
+        # The last barrier: nobody stops serving while a peer still deletes.
+        self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_FINISHED, self.rank)))
         self.wait_control({SHUTDOWN_PROCEED}, backstop, "every worker to finish deleting RRefs")
         return held
 

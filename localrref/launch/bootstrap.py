@@ -169,7 +169,9 @@ def _line_buffer_std_streams() -> None:
     # workers sharing a console or pipe never interleave mid-line (with -u,
     # print's text and its newline are two writes).
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)
+        # write_through=False too: under -u or PYTHONUNBUFFERED=1 (CI runners
+        # often set it) the text layer writes through, two writes per print.
+        stream.reconfigure(line_buffering=True, write_through=False)
 
 
 def _call_function(fn: Any, rank: int, args: tuple[Any, ...], error_file: str) -> None:

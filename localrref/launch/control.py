@@ -8,6 +8,7 @@ and the runtime may add its own with :meth:`register`. Built in:
 
       phase "arrive": collect __shutdown_arrived__ from every rank -> broadcast __shutdown_proceed__
       phase "done":   collect __shutdown_done__ (with leaks)      -> broadcast __shutdown_proceed__
+      phase "finished": collect __shutdown_finished__ (RRefs deleted) -> broadcast __shutdown_proceed__
       a rank exits while a phase waits for it                    -> broadcast __shutdown_failed__
 
 * leak reports (``__shutdown_done__`` and ``__leak_report__``), kept for the
@@ -59,11 +60,12 @@ class ControlDispatcher:
         self._values: dict[str, tuple[dict[str, Any], str | None]] = {}
         self._send = send
         self._exited: dict[int, int] = {}  # rank -> exit code
-        self._phase: str | None = None  # None -> "arrive" -> "done" -> "complete" / "failed"
+        self._phase: str | None = None  # None -> "arrive" -> "done" -> "finished" -> "complete" | "failed"
         self._waiting_for: set[int] = set()
         self._handlers: dict[str, Handler] = {
             world.SHUTDOWN_ARRIVED: self._on_shutdown_arrived,
             world.SHUTDOWN_DONE: self._on_shutdown_done,
+            world.SHUTDOWN_FINISHED: self._on_shutdown_finished,
             world.LEAK_REPORT: self._on_leak_report,
         }
 
@@ -104,7 +106,11 @@ class ControlDispatcher:
     def _on_shutdown_done(self, src: int, message: tuple[Any, ...]) -> None:
         _, rank, leaks = message
         self._record_leaks(rank, leaks)
-        self._reached(rank, "done", next_phase="complete")
+        self._reached(rank, "done", next_phase="finished")
+
+    def _on_shutdown_finished(self, src: int, message: tuple[Any, ...]) -> None:
+        _, rank = message
+        self._reached(rank, "finished", next_phase="complete")
 
     def _reached(self, rank: int, phase: str, *, next_phase: str) -> None:
         if self._phase != phase:
@@ -122,17 +128,18 @@ class ControlDispatcher:
     def _start_phase(self, phase: str) -> None:
         self._phase, self._waiting_for = phase, set(range(self.world_size))
         limit = self.arrive_timeout if phase == "arrive" else self.phase_timeout
-        waiting = phase in ("arrive", "done") and limit > 0
+        waiting = phase in ("arrive", "done", "finished") and limit > 0
         self.deadline = self._clock() + limit if waiting else None
         self._fail_if_waiting_for_the_dead()
 
     def check_deadline(self, now: float) -> None:
         """Fail a barrier phase that waited past its deadline, naming who never came."""
-        if self.deadline is None or now < self.deadline or self._phase not in ("arrive", "done"):
+        if self.deadline is None or now < self.deadline or \
+                self._phase not in ("arrive", "done", "finished"):
             return
         missing = sorted(self._waiting_for)
-        step = ("reach shutdown()" if self._phase == "arrive"
-                else "finish deleting its RRefs")
+        step = {"arrive": "reach shutdown()", "done": "report its RRefs",
+                "finished": "finish deleting its RRefs"}[self._phase]
         limit = self.arrive_timeout if self._phase == "arrive" else self.phase_timeout
         reason = (f"worker rank(s) {missing} did not {step} within {limit:g} s "
                   f"(--shutdown-timeout); the others gave up waiting")
@@ -142,7 +149,7 @@ class ControlDispatcher:
         self._broadcast((world.SHUTDOWN_FAILED, reason))
 
     def _fail_if_waiting_for_the_dead(self) -> None:
-        if self._phase not in ("arrive", "done"):
+        if self._phase not in ("arrive", "done", "finished"):
             return
         dead = sorted(self._waiting_for & self._exited.keys())
         if dead:
@@ -190,6 +197,42 @@ class ControlDispatcher:
                 record[key] = item
         if record.get("creation_site") is None and site is not None:
             record["creation_site"] = site
+
+
+LEAK_REPORT_ENV = "LOCALRREF_LEAK_REPORT"
+
+
+def write_leak_report(leaks: list[dict[str, Any]]) -> str | None:
+    """Write ``leaks`` as JSON to ``$LOCALRREF_LEAK_REPORT`` if it is set (``[]`` if clean).
+
+    The leak auditor (``tools/leak_audit.py``) sets the variable and reads the
+    file after the run. A file lock serialises runs that share the path
+    (several launches under one auditor, or restarts), and the write is
+    atomic (a temporary file renamed into place).
+    """
+    import json
+    import os
+
+    from filelock import FileLock
+
+    path = os.environ.get(LEAK_REPORT_ENV)
+    if not path:
+        return None
+    fields = [*world.LEAK_FIELDS, "reporting_rank"]
+    records = [{key: leak.get(key) for key in fields} for leak in leaks]
+    with FileLock(path + ".lock"):
+        previous = []
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    previous = json.load(f)
+            except (OSError, ValueError):
+                previous = []
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(previous + records, f, indent=1)
+        os.replace(tmp, path)
+    return path
 
 
 def format_leak_line(leak: dict[str, Any]) -> str:

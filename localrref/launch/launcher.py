@@ -31,7 +31,7 @@ from types import FrameType
 from localrref.launch import errorfile
 from localrref.launch.bootstrap import ChildPlan, RunScript, Stream
 from localrref.launch.cli import LaunchConfig, UsageError, config_from_args, get_args_parser
-from localrref.launch.control import format_leak_line
+from localrref.launch.control import format_leak_line, write_leak_report
 from localrref.launch.stdio import LogLayout, Std, TeePump, TeeSource, line_prefix, std_for_rank
 from localrref.launch.supervisor import RunOptions, WorkerGroup, new_world_id
 
@@ -89,6 +89,7 @@ class Launcher:
         try:
             for attempt in range(config.max_restarts + 1):
                 result = self._run_attempt(layout, attempt)
+                write_leak_report(result.leaks)
                 for leak in result.leaks:
                     print(format_leak_line(leak), file=sys.stderr)
                 if result.signum is not None:

@@ -57,7 +57,7 @@ from localrref import world
 from localrref.errors import RRefLeakError
 from localrref.launch import errorfile
 from localrref.launch.bootstrap import CallFunction, ChildPlan, RunScript, worker_main
-from localrref.launch.control import ControlDispatcher, format_leak_line
+from localrref.launch.control import ControlDispatcher, format_leak_line, write_leak_report
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
 from localrref.transport.mpqueue import make_inboxes
 
@@ -547,6 +547,7 @@ class ProcessContext:
         self._group.close()
         shutil.rmtree(self._error_dir, ignore_errors=True)
         leaks = self._group.dispatcher.leaks
+        write_leak_report(leaks)
         for leak in leaks:
             print(format_leak_line(leak), file=sys.stderr)
         return leaks

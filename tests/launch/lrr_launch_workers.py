@@ -94,6 +94,9 @@ def graceful_shutdown(rank: int, leaks_per_rank: int, out_dir: str | None = None
              for i in range(leaks_per_rank)]
     _to_supervisor(endpoint, world.shutdown_done_message(rank, leaks))
     second = _next_control(endpoint)
+    _to_supervisor(endpoint, world.shutdown_finished_message(rank))
+    third = _next_control(endpoint)
+    assert third == second, (second, third)
     if out_dir is not None:
         _write(out_dir, f"barrier{rank}.json", [list(first), list(second)])
 

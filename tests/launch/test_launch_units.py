@@ -97,7 +97,7 @@ def test_dispatcher_collects_and_extends(capsys):
         "value_type=? tensor_bytes=? creation_site=?")
 
 
-def test_shutdown_barrier_proceeds_twice_then_can_run_again():
+def test_shutdown_barrier_proceeds_three_times_then_can_run_again():
     send = _Sent()
     dispatcher = ControlDispatcher(2, send)
     dispatcher.dispatch(1, world.shutdown_arrived_message(1))
@@ -108,9 +108,14 @@ def test_shutdown_barrier_proceeds_twice_then_can_run_again():
     dispatcher.dispatch(1, world.shutdown_done_message(1, []))
     assert send.sent[2:] == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
     assert dispatcher.leaks == [{"rref_id": "0:3", "reporting_rank": 0}]
-    dispatcher.on_worker_exit(0, 0)  # after the barrier: nothing to fail
+    dispatcher.dispatch(1, world.shutdown_finished_message(1))
     assert len(send.sent) == 4
-    assert dispatcher.shutdown_arrived == [1, 0]
+    dispatcher.dispatch(0, world.shutdown_finished_message(0))
+    assert send.sent[4:] == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+    dispatcher.dispatch(1, world.shutdown_arrived_message(1))  # a later init_rpc/shutdown
+    dispatcher.dispatch(0, world.shutdown_arrived_message(0))
+    assert len(send.sent) == 8
+    assert dispatcher.shutdown_arrived == [1, 0, 1, 0]
 
 
 @pytest.mark.parametrize("exit_before_arriving", [True, False])

@@ -270,6 +270,10 @@ def timed_out_remote_wakes_blocked_to_here():
 def rrefs_as_arguments_and_results():
     rref = rpc.remote("worker1", torch.ones, args=(4,))
     assert rpc.rpc_sync("worker2", rref_sum, args=(rref,)) == 4.0       # user -> user
+    # A user function runs only once the RRefs among its arguments are
+    # confirmed by their owner (torch's pending-RRef recording).
+    confirmed, value = rpc.rpc_sync("worker2", rref_confirmed_and_value, args=(rref,))
+    assert confirmed is True and torch.equal(value, torch.ones(4))
     assert rpc.rpc_sync("worker1", rref_sum, args=(rref,)) == 4.0       # user -> owner
     assert rpc.rpc_sync("worker2", pass_on, args=(rref, "worker1")) == 4.0
     local = rpc.RRef(torch.arange(3.0))

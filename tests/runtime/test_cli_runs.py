@@ -1,0 +1,62 @@
+"""Real runs through `python -m localrref.launch` with real RPC traffic."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(120)]
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+
+
+def launch(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "localrref.launch", *args],
+                          capture_output=True, text=True, timeout=100,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean(leak_free):
+    yield
+
+
+def test_the_main_job_trains_and_leaks_nothing():
+    run = launch("--nproc-per-node", "3", "--tee", "3", "-m",
+                 "localrref.examples.parameter_server", "--steps", "60")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reached target" in run.stdout and "ps: shutdown complete" in run.stdout
+    assert "trainer2: step 60/60" in run.stdout
+    assert "RRef leak check: no leaked RRefs" in run.stderr
+
+
+def test_a_leak_is_reported_with_its_holder_and_strict_mode_fails():
+    script = os.path.join(SCRIPTS, "holds_rrefs.py")
+    loose = launch("--nproc-per-node", "2", script,
+                   env={"LOCALRREF_RECORD_CREATION_SITES": "1"})
+    assert loose.returncode == 0, loose.stderr[-3000:]
+    (line,) = [l for l in loose.stderr.splitlines() if l.startswith("localrref: leaked RRef")]
+    assert "owner_rank=1 holder_rank=0 state=confirmed_user value_type=Tensor " \
+           "tensor_bytes=1024" in line
+    assert "holds_rrefs.py:12 in <module>" in line
+    strict = launch("--nproc-per-node", "2", "--strict-leaks", script)
+    assert strict.returncode != 0
+    assert "strict leak checking is on" in strict.stderr
+
+
+def test_a_worker_killed_mid_call_fails_the_caller_at_once_and_is_the_root_cause():
+    run = launch("--nproc-per-node", "2", "--tee", "3",
+                 os.path.join(SCRIPTS, "kill_mid_call.py"))
+    assert run.returncode != 0
+    # rpc_timeout is 0 (no limit): only the death notice can end that call.
+    assert "caller saw: WorkerGoneError: worker rank 1 ('worker1')" in run.stdout
+    assert "was killed by signal SIGKILL" in run.stdout
+    assert "rank      : 1" in run.stderr and "Signal 9 (SIGKILL)" in run.stderr
+
+
+def test_a_worker_that_never_reaches_shutdown_is_named():
+    run = launch("--nproc-per-node", "2", "--shutdown-timeout", "2",
+                 os.path.join(SCRIPTS, "never_shuts_down.py"))
+    assert run.returncode != 0
+    assert "worker rank(s) [1] did not reach shutdown() within 2 s" in run.stderr
