@@ -463,17 +463,30 @@ class Agent:
         wrappers = [RRef._adopt(self, record) for record in job.rrefs]
         try:
             func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=self.mapper)[0]
-            del wrappers
-            result = func(*args, **(kwargs or {}))
         except BaseException as exc:
+            del wrappers
             self._fail_job(job, exc)
             return
-        if getattr(func, "_wrapped_async_rpc_function", None) is not None:
+        del wrappers
+        is_async = getattr(func, "_wrapped_async_rpc_function", None) is not None
+        name = getattr(func, "__qualname__", repr(func))
+        error = None
+        try:
+            result = func(*args, **(kwargs or {}))
+        except BaseException as exc:
+            error, result = exc, None
+        # The RRefs among the arguments are dropped before the reply leaves:
+        # once the caller has its answer, nothing of this call may still hold
+        # them (a shutdown that follows would report them as leaked).
+        del func, args, kwargs
+        if error is not None:
+            self._fail_job(job, error)
+            return
+        if is_async:
             if not isinstance(result, torch._C.Future):
                 self._fail_job(job, TypeError(
-                    f"{getattr(func, '__qualname__', func)} is decorated with "
-                    f"@rpc.functions.async_execution but returned {type(result).__name__}, not a "
-                    f"torch.futures.Future"))
+                    f"{name} is decorated with @rpc.functions.async_execution but returned "
+                    f"{type(result).__name__}, not a torch.futures.Future"))
                 return
             result.add_done_callback(lambda f: self._finish_async(job, f))
             return
@@ -509,6 +522,9 @@ class Agent:
 
     def _fail_job(self, job, exc: BaseException) -> None:
         payload = dumps_exception(wrap_exception(exc, self.worker_info_text()))
+        # The formatted traceback travels; the frames (and the arguments they
+        # hold) are let go before the reply is sent.
+        exc.__traceback__ = None
         with self._lock:
             effects = self.core.fail_job(job.job_id, payload)
             waiters = self._owner_waiters.pop(id(job.owner), []) if job.owner is not None else []
