@@ -511,8 +511,12 @@ class Agent:
             for future in waiters:
                 self._settle_owner_future(job.owner, future)
             return
+        self._reply_with(job, result)
+
+    def _reply_with(self, job, value) -> None:
+        """Pickle ``value`` (forking its RRefs) and send it as the job's reply."""
         try:
-            encoded = self.encode(result)
+            encoded = self.encode(value)
         except BaseException as exc:
             self._fail_job(job, exc)
             return
@@ -539,14 +543,7 @@ class Agent:
                 effects = self.core.fail_job(job.job_id, owner.error)
             self._run(effects)
             return
-        try:
-            encoded = self.encode(owner.value)
-        except BaseException as exc:
-            self._fail_job(job, exc)
-            return
-        with self._lock:
-            effects = self.core.finish_call(job.job_id, encoded.data, encoded.forks)
-        self._run(effects)
+        self._reply_with(job, owner.value)
 
     def worker_info_text(self) -> str:
         return f"WorkerInfo(id={self.rank}, name={self.name})"

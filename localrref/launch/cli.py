@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
           help="Redirect worker streams to log files: 0 none, 1 stdout, 2 stderr, 3 both, "
                "or per rank like 0:3,1:1.")
     value("tee", "-t", type=str, default="0",
-          help="Like --redirects, but also echo to the console with a [rankN]: prefix.")
+          help="Like --redirects, but also echo to the console with a [<role><local rank>]: prefix (torchrun's, e.g. [default0]:).")
     value("local-ranks-filter", type=str, default="",
           help="Only show console output of these ranks, e.g. 0,1.")
     value("master-addr", type=str, default="127.0.0.1", help="Exported as MASTER_ADDR.")

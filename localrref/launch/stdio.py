@@ -12,11 +12,11 @@ private to one run.
 
 ``-r/--redirects`` sends a worker's stream to its log file only; ``-t/--tee``
 sends it to the file *and* the console, each console line prefixed with the
-rank (``[rank0]:``, or ``TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE``). A tee'd
+rank (torchrun's ``[default0]:``, or ``TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE``). A tee'd
 stream is a pipe that :class:`TeePump` drains::
 
     worker r fd 1 ──pipe──▶ TeePump thread "lrr-tee" ──▶ <rank>/stdout.log (bytes as written)
-                                                     └─▶ launcher stdout, "[rank r]:" + line
+                                                     └─▶ launcher stdout, "[default r]:" + line
 
 The pump is the only reader of those pipes; the launcher's main thread only
 starts and closes it.
@@ -39,9 +39,9 @@ from typing import Any, TextIO
 __all__ = ["Std", "parse_std", "std_for_rank", "LogLayout", "TeeSource", "TeePump",
            "line_prefix", "DEFAULT_PREFIX_TEMPLATE"]
 
-# torchrun's own default is "[${role_name}${local_rank}]:" ("[default0]:"); we
-# name the rank, which is what localrref users look for.
-DEFAULT_PREFIX_TEMPLATE = "[rank${rank}]:"
+# torchrun's own default ("[default0]:"), so logs read the same under both;
+# TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE="[rank${rank}]:" names the global rank.
+DEFAULT_PREFIX_TEMPLATE = "[${role_name}${local_rank}]:"
 PREFIX_TEMPLATE_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
 
 

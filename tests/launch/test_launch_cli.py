@@ -35,7 +35,7 @@ def test_clean_run_exports_torchruns_environment_and_logs(tmp_path):
                        "report_env.py", str(tmp_path), "--flag")
     assert out.returncode == 0, out.stderr
     assert "Setting OMP_NUM_THREADS environment variable for each process to be 1" in out.stderr
-    assert out.stdout.splitlines() == ["[rank1]:hello from 1"]
+    assert out.stdout.splitlines() == ["[default1]:hello from 1"]
     assert "err from" not in out.stderr  # redirected, not tee'd
     reports = [_report(tmp_path, rank) for rank in range(2)]
     run_dir, attempts = _attempt_dirs(logs)

@@ -280,7 +280,7 @@ def test_std_parsing_and_prefix(monkeypatch):
     with pytest.raises(ValueError):
         parse_std("4")
     monkeypatch.delenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", raising=False)
-    assert line_prefix(2, "default") == "[rank2]:"
+    assert line_prefix(2, "default") == "[default2]:"
     monkeypatch.setenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[${role_name}${local_rank}]:")
     assert line_prefix(2, "default") == "[default2]:"
 
