@@ -493,3 +493,40 @@ def zero_copy_opt_in_is_copy_on_write_for_receivers():
     assert rpc.rpc_sync("worker1", mutate_and_sum, args=(shared,)) == 2.0 * (1 << 18)
     assert torch.all(shared == 2.0), "a receiver's write must never reach the sender"
     return True
+
+
+def _owner_counters():
+    info = rpc.get_debug_info()
+    return {"worker1.live_rrefs": float(info["num_owner_rrefs"]),
+            "worker1.fds": float(len(os.listdir("/proc/self/fd")))}
+
+
+def growth_of_live_rrefs_per_step(leak):
+    """The auditor's growth mode inside a world: one RRef kept per step is caught."""
+    import leak_audit
+    kept = []
+
+    def step():
+        rref = rpc.remote("worker1", torch.zeros, args=(4,))
+        rref.to_here()
+        if leak:
+            kept.append(rref)
+            return
+        del rref
+        state = rpc.rpc_sync("worker1", wait_tables_empty, args=(10.0,))
+        assert state is True, state
+
+    report = leak_audit.measure_growth(
+        step, warmup=5, times=8, batches=4, include_self=False,
+        probes=lambda: rpc.rpc_sync("worker1", _owner_counters))
+    kept.clear()
+    gc.collect()
+    return {name: verdict.status.value if hasattr(verdict.status, "value") else str(verdict.status)
+            for name, verdict in _verdicts(report).items()}
+
+
+def _verdicts(report):
+    out = {}
+    for verdict in report.verdicts:
+        out[str(verdict.kind.value if hasattr(verdict.kind, "value") else verdict.kind)] = verdict
+    return out

@@ -88,3 +88,11 @@ def test_rrefs_dropped_anywhere_are_deleted(world):
 
 def test_zero_copy_opt_in_is_copy_on_write_for_receivers(world):
     assert world.run(scenarios.zero_copy_opt_in_is_copy_on_write_for_receivers)
+
+
+def test_growth_mode_catches_one_leaked_rref_per_step_and_nothing_else(world):
+    leaky = world.run(scenarios.growth_of_live_rrefs_per_step, True, timeout=120)
+    clean = world.run(scenarios.growth_of_live_rrefs_per_step, False, timeout=120)
+    assert leaky["leaked RRef"].lower().startswith("leak"), leaky
+    assert clean["leaked RRef"].lower().startswith("clean"), clean
+    assert clean["fd growth"].lower().startswith("clean"), clean
