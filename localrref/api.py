@@ -11,7 +11,6 @@ import numbers
 import os
 import threading
 
-import torch
 from torch.distributed.rpc import WorkerInfo
 
 from . import constants

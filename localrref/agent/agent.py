@@ -461,13 +461,15 @@ class Agent:
             self._serve_fetch(job)
             return
         wrappers = [RRef._adopt(self, record) for record in job.rrefs]
+        load_error = None
         try:
             func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=self.mapper)[0]
         except BaseException as exc:
-            del wrappers
-            self._fail_job(job, exc)
-            return
+            load_error = exc
         del wrappers
+        if load_error is not None:
+            self._fail_job(job, load_error)
+            return
         is_async = getattr(func, "_wrapped_async_rpc_function", None) is not None
         name = getattr(func, "__qualname__", repr(func))
         error = None
