@@ -30,6 +30,7 @@ the core.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import os
@@ -151,6 +152,7 @@ class Agent:
         self._control: collections.deque = collections.deque()
         self._control_cv = threading.Condition()
         self._progress = threading.Condition()
+        self._progress_waiters = 0
         self._shutdown_machine: DelAllUsersAndUnforkedOwners | None = None
         self.default_timeout = options.rpc_timeout
         # id(record) -> "file:line in function", when the world records creation sites.
@@ -707,9 +709,23 @@ class Agent:
         self._run(effects)
         self._signal_progress()
 
-    def _signal_progress(self) -> None:
+    @contextlib.contextmanager
+    def _awaiting_progress(self):
+        """Hold the progress condition, counted as a waiter (see _signal_progress)."""
         with self._progress:
-            self._progress.notify_all()
+            self._progress_waiters += 1
+            try:
+                yield
+            finally:
+                self._progress_waiters -= 1
+
+    def _signal_progress(self) -> None:
+        # Called after every handled message: take the condition's lock only
+        # when someone waits (a waiter counts itself before checking its
+        # predicate, so no wake-up is lost).
+        if self._progress_waiters:
+            with self._progress:
+                self._progress.notify_all()
 
     # ------------------------------------------------------------------
     # Debug info and shutdown
@@ -732,7 +748,7 @@ class Agent:
     def wait_until_quiet(self, timeout: float) -> bool:
         """Wait (on progress events, not by polling) until this worker holds no RRef state."""
         deadline = time.monotonic() + timeout
-        with self._progress:
+        with self._awaiting_progress():
             while True:
                 with self._lock:
                     core = self.core
@@ -798,7 +814,7 @@ class Agent:
             effects = machine.poll(now)
         self._run(effects)
         deadline = time.monotonic() + max(timeout, 1.0) * 2
-        with self._progress:
+        with self._awaiting_progress():
             while True:
                 with self._lock:
                     effects = machine.poll(time.monotonic())

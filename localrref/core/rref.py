@@ -109,9 +109,6 @@ class OwnerRRef(RRefRecord):
             raise ValueError(f"OwnerRRef {self.rref_id} already has a value")
         self._error = error
 
-    def fork_id_for_self(self) -> GloballyUniqueId:
-        return self.rref_id
-
     def __repr__(self) -> str:
         return f"OwnerRRef(rref_id={self.rref_id}, owner={self.owner})"
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import enum
 
-from .effects import Log
 from .rref_context import RRefContext
 
 __all__ = ["DelAllUsersAndUnforkedOwners", "ShutdownPhase"]
@@ -61,8 +60,8 @@ class DelAllUsersAndUnforkedOwners:
                 return ctx.take_effects()
             if ctx.has_pending_users_or_children():
                 self.timed_out.append(self.phase)
-                ctx._emit(Log(level="error", text="Timed out waiting for pending UserRRefs to be "
-                                                  "confirmed by owner and parent."))
+                ctx._log("error", "Timed out waiting for pending UserRRefs to be confirmed by "
+                                  "owner and parent.")
             # No new forks are made during a graceful shutdown, so the
             # confirmed users are all the users this worker will ever delete.
             ctx.delete_all_confirmed_users()
@@ -74,7 +73,6 @@ class DelAllUsersAndUnforkedOwners:
                 return ctx.take_effects()
             if ctx.owners:
                 self.timed_out.append(self.phase)
-                ctx._emit(Log(level="error",
-                              text="Timed out waiting for pending OwnerRRefs to be deleted."))
+                ctx._log("error", "Timed out waiting for pending OwnerRRefs to be deleted.")
             self.phase = ShutdownPhase.DONE
         return ctx.take_effects()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -104,41 +105,39 @@ def test_max_restarts_restarts_the_whole_group(tmp_path):
     assert "1/1 attempts left; will restart worker group" in out.stderr
 
 
-@pytest.mark.timeout(90)
-def test_sigterm_to_the_launcher_stops_the_workers(tmp_path):
-    launcher = start_launcher("--nproc-per-node", "2", "--shutdown-timeout", "10", "ready_block.py",
+@contextlib.contextmanager
+def launched_ready_workers(*args, tmp_path):
+    """Start the launcher on ready_block.py; yield it and its workers once they are ready."""
+    # TMPDIR: a killed launcher cannot remove its scratch log directory.
+    launcher = start_launcher("--nproc-per-node", "2", *args, "ready_block.py",
                               TMPDIR=str(tmp_path))
     try:
-        workers = [psutil.Process(pid) for pid in
-                   ready_pids(read_lines_until(launcher.stdout, 2, "ready", timeout=60))]
+        yield launcher, [psutil.Process(pid) for pid in
+                         ready_pids(read_lines_until(launcher.stdout, 2, "ready", timeout=60))]
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+        launcher.stdout.close()
+        launcher.stderr.close()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_to_the_launcher_stops_the_workers(tmp_path):
+    with launched_ready_workers("--shutdown-timeout", "10", tmp_path=tmp_path) as (launcher, workers):
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=30) == 1
         assert "received SIGTERM; workers stopped" in launcher.stderr.read().decode()
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert alive == []
-    finally:
-        launcher.kill()
-        launcher.wait(timeout=10)
-        launcher.stdout.close()
-        launcher.stderr.close()
 
 
 @pytest.mark.timeout(90)
 def test_sigkill_of_the_launcher_leaves_no_worker_alive(tmp_path):
-    # TMPDIR: the killed launcher cannot remove its scratch log directory.
-    launcher = start_launcher("--nproc-per-node", "2", "ready_block.py", TMPDIR=str(tmp_path))
-    try:
-        workers = [psutil.Process(pid) for pid in
-                   ready_pids(read_lines_until(launcher.stdout, 2, "ready", timeout=60))]
+    with launched_ready_workers(tmp_path=tmp_path) as (launcher, workers):
         launcher.kill()
         launcher.wait(timeout=10)
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert alive == []
-    finally:
-        launcher.kill()
-        launcher.wait(timeout=10)
-        launcher.stdout.close()
-        launcher.stderr.close()
 
 
 @pytest.mark.timeout(90)
