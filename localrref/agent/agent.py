@@ -62,8 +62,11 @@ __all__ = ["Agent", "WorkerDesc", "wait"]
 log = logging.getLogger("localrref")
 
 HELLO = "__hello__"
-# IO threads kept waiting to read the inbox when idle; more retire.
-_IDLE_FOLLOWERS = 2
+# IO threads kept waiting to take over the inbox; more retire.
+_IDLE_FOLLOWERS = 1
+# How often the housekeeper checks, while the world is busy, whether the
+# inbox's reader has been inside user code too long (see _io_loop).
+_WATCH_PERIOD_S = 0.002
 
 
 def set_exception(future: torch.futures.Future, error: BaseException) -> None:
@@ -158,11 +161,16 @@ class Agent:
         # id(record) -> "file:line in function", when the world records creation sites.
         self._sites: dict[int, str] = {}
         self._record_sites = bool(getattr(spec, "record_creation_sites", False))
-        # Leader/followers over the inbox (see _io_loop).
-        self._leader = threading.Lock()
+        # Leader/followers over the inbox (see _io_loop). Guarded by _io_lock.
         self._io_lock = threading.Lock()
+        self._io_cv = threading.Condition(self._io_lock)
         self._io_threads: set[threading.Thread] = set()
-        self._followers = 0
+        self._followers = 0              # IO threads waiting for the inbox
+        self._leader: int | None = None  # thread ident of the inbox's reader
+        self._leader_busy = False        # the leader is out carrying out effects
+        self._busy_spells = 0            # how many times the leader went out
+        self._spells_seen = 0            # _busy_spells at the watcher's last tick
+        self._watching = False           # the housekeeper ticks every _WATCH_PERIOD_S
         self._housekeeper = threading.Thread(target=self._housekeeping_loop,
                                              name="localrref-housekeeping", daemon=True)
 
@@ -258,6 +266,8 @@ class Agent:
 
     def rpc_async(self, dst: int, func, args, kwargs, timeout) -> torch.futures.Future:
         self._check_open()
+        if self._leader == threading.get_ident():
+            self._step_down()
         future = torch.futures.Future()
         if dst in self._dead:
             set_exception(future, self._dead[dst])
@@ -275,6 +285,8 @@ class Agent:
     def remote(self, dst: int, func, args, kwargs, timeout):
         from ..rref import RRef
         self._check_open()
+        if self._leader == threading.get_ident():
+            self._step_down()
         if dst in self._dead:
             raise self._dead[dst]
         encoded = self.encode((func, args, kwargs))
@@ -294,6 +306,8 @@ class Agent:
     def fetch(self, record, timeout) -> torch.futures.Future:
         """The value of ``record`` (to_here): local owners wait for their job."""
         self._check_open()
+        if self._leader == threading.get_ident():
+            self._step_down()
         future = torch.futures.Future()
         if record.is_owner:
             self._owner_value(record, future)
@@ -338,10 +352,7 @@ class Agent:
         if self.closed:
             return
         self._releases.append(record)
-        try:
-            os.write(self._wake_w, b"r")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or closed
+        self._wake_housekeeper(b"r")
 
     # ------------------------------------------------------------------
     # Effects
@@ -373,10 +384,8 @@ class Agent:
                     log.log(logging.getLevelName(effect.level.upper()), "%s", effect.text)
         for job in jobs:
             # Leader/followers: this thread read the request, so it runs it
-            # now (no hand-off on the call's path); another thread already
-            # waits to read the inbox, so a job that blocks on a nested RPC
-            # never stops replies from being read.
-            self._ensure_follower()
+            # now, with no hand-off on the call's path (see _io_loop for who
+            # reads the inbox meanwhile).
             self._run_job(job)
 
     def _send(self, dst: int, message) -> None:
@@ -564,48 +573,113 @@ class Agent:
         thread = threading.Thread(target=self._io_loop, name="localrref-io", daemon=True)
         with self._io_lock:
             self._io_threads.add(thread)
-            self._followers += 1  # counted from birth, so _ensure_follower sees it at once
         thread.start()
 
-    def _ensure_follower(self) -> None:
-        with self._io_lock:
-            needed = self._followers == 0 and not self._closing
-        if needed:
-            self._start_io_thread()
-
     def _io_loop(self) -> None:
-        """Leader/followers: whichever IO thread holds ``_leader`` reads the inbox.
+        """Leader/followers over the inbox, with lazy hand-off.
 
-        The leader reads one frame, lets the core handle it, hands leadership
-        to a follower, then carries out the effects itself, running any user
-        function it was asked to; afterwards it becomes a follower again (or
-        retires, when enough followers already wait).
+        One IO thread at a time, the leader, reads the inbox. It lets the
+        core handle each frame and carries out the effects itself, running
+        any user function it was asked to, *still as leader*: handing the
+        inbox to a follower before every call would wake a second thread per
+        message, and on a busy machine that wake-up cost more than the whole
+        call. While the leader is out in user code nobody reads the inbox, so
+        the leader steps down (a follower takes the inbox) as soon as that
+        could matter:
+
+        * at once, when the code it runs makes an RPC, a ``remote()`` or a
+          ``to_here()`` (it is about to wait for a reply that only the inbox
+          can bring: see rpc_async, remote, fetch);
+        * otherwise when the housekeeper, which ticks every
+          ``_WATCH_PERIOD_S`` while the world is busy, sees the same busy
+          spell on two ticks in a row (code that sleeps, computes, or waits
+          on a lock or an event another call will set).
+
+        A leader that stepped down becomes a follower again when its effects
+        are done, or retires when enough followers already wait.
         """
+        me = threading.get_ident()
         try:
             while True:
-                self._leader.acquire()
-                with self._io_lock:
+                with self._io_cv:
+                    self._followers += 1
+                    while self._leader is not None and not self._closing:
+                        self._io_cv.wait()
                     self._followers -= 1
-                try:
-                    outcome = self._lead_once()
-                finally:
-                    self._leader.release()
-                if outcome is None:
-                    return
-                effects = outcome
-                if effects:
-                    try:
-                        self._run(effects, inline_jobs=True)
-                    except Exception:
-                        log.exception("localrref: error carrying out effects")
+                    if self._closing:
+                        return
+                    self._leader = me
+                while True:
+                    effects = self._lead_once()
+                    if effects is None:
+                        with self._io_cv:
+                            if self._leader == me:
+                                self._leader = None
+                                self._io_cv.notify()
+                        return
+                    if effects:
+                        self._busy_begin()
+                        try:
+                            self._run(effects, inline_jobs=True)
+                        except Exception:
+                            log.exception("localrref: error carrying out effects")
+                        if not self._busy_end(me):
+                            break  # deposed meanwhile: another thread reads the inbox
+                    self._signal_progress()
                 self._signal_progress()
                 with self._io_lock:
                     if self._closing or self._followers >= _IDLE_FOLLOWERS:
                         return
-                    self._followers += 1
         finally:
             with self._io_lock:
                 self._io_threads.discard(threading.current_thread())
+
+    def _busy_begin(self) -> None:
+        with self._io_lock:
+            self._leader_busy = True
+            self._busy_spells += 1
+            start_watching = not self._watching
+            self._watching = True
+        if start_watching:
+            self._wake_housekeeper(b"w")
+
+    def _busy_end(self, me: int) -> bool:
+        """Back from carrying out effects: True if this thread still leads."""
+        with self._io_lock:
+            if self._leader != me:
+                return False
+            self._leader_busy = False
+            return True
+
+    def _step_down(self) -> None:
+        """The leader, in user code, gives the inbox to a follower (see _io_loop)."""
+        with self._io_lock:
+            if self._leader == threading.get_ident():
+                self._depose_locked()
+
+    def _depose_locked(self) -> None:
+        self._leader = None
+        self._leader_busy = False
+        if self._followers:
+            self._io_cv.notify()
+        elif not self._closing:
+            thread = threading.Thread(target=self._io_loop, name="localrref-io", daemon=True)
+            self._io_threads.add(thread)
+            thread.start()
+
+    def _watch_tick(self) -> bool:
+        """The housekeeper's check on the leader; False once the world is quiet."""
+        with self._io_lock:
+            spells, seen = self._busy_spells, self._spells_seen
+            self._spells_seen = spells
+            if self._leader_busy and spells == seen and self._leader is not None:
+                # Out in user code since before the last tick.
+                self._depose_locked()
+                return True
+            if self._leader_busy or spells != seen:
+                return True
+            self._watching = False  # quiet for a whole period: sleep until the next spell
+            return False
 
     def _lead_once(self):
         """Read and handle one frame as leader; return its effects, or None to stop."""
@@ -669,27 +743,40 @@ class Agent:
         deadline = self.core.next_deadline()
         if deadline is not None and (self._timer_target is None or deadline < self._timer_target):
             self._timer_target = deadline
-            try:
-                os.write(self._wake_w, b"t")
-            except (BlockingIOError, OSError):
-                pass
+            self._wake_housekeeper(b"t")
 
     def _housekeeping_loop(self) -> None:
+        next_watch = None
         while not self._closing:
             with self._lock:
                 deadline = self.core.next_deadline()
                 self._timer_target = deadline
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            now = time.monotonic()
+            wake_at = deadline if next_watch is None else (
+                next_watch if deadline is None else min(deadline, next_watch))
+            timeout = None if wake_at is None else max(0.0, wake_at - now)
             try:
-                select.select([self._wake_r], [], [], timeout)
-                os.read(self._wake_r, 4096)
+                readable, _, _ = select.select([self._wake_r], [], [], timeout)
+                woken = os.read(self._wake_r, 4096) if readable else b""
             except BlockingIOError:
-                pass
+                woken = b""
             except (OSError, ValueError):
                 return
             if self._closing:
                 return
-            self._housekeeping_pass()
+            now = time.monotonic()
+            if next_watch is None and self._watching:
+                next_watch = now + _WATCH_PERIOD_S
+            elif next_watch is not None and now >= next_watch:
+                next_watch = now + _WATCH_PERIOD_S if self._watch_tick() else None
+            if woken.strip(b"w") or (deadline is not None and now >= deadline):
+                self._housekeeping_pass()
+
+    def _wake_housekeeper(self, why: bytes) -> None:
+        try:
+            os.write(self._wake_w, why)
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
 
     def _housekeeping_pass(self) -> None:
         releases = []
@@ -877,10 +964,9 @@ class Agent:
         if self.closed:
             return
         self._closing = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake_housekeeper(b"x")
+        with self._io_cv:
+            self._io_cv.notify_all()
         self.endpoint.wake()
         with self._io_lock:
             io_threads = list(self._io_threads)

@@ -310,6 +310,33 @@ def nested_calls_do_not_deadlock():
     return sorted(set(torch.futures.wait_all(futures)))
 
 
+def wait_on_torch_future_of_call(dst):
+    # torch's own Future.wait (C++): nothing of localrref sees this thread block.
+    return rpc.rpc_async(dst, whoami).wait()
+
+
+def blocked_functions_do_not_stall_the_inbox(blocked=6):
+    """Served functions that block where localrref cannot see (an Event, a torch
+    Future's C++ wait, a then-callback) must not stop the callee from reading:
+    each is released or answered by a message that arrives after it blocked."""
+    names = [f"stall{i}" for i in range(blocked)]
+    for name in names:
+        rpc.rpc_sync("worker1", reset, args=(name,))
+    waiting = [rpc.rpc_async("worker1", block_until, args=(name,)) for name in names]
+    # Each release travels after its blocked call, to the same inbox.
+    for name in names:
+        rpc.rpc_sync("worker1", release, args=(name,))
+    assert torch.futures.wait_all(waiting) == names
+    assert rpc.rpc_sync("worker1", wait_on_torch_future_of_call, args=("worker2",)) == "worker2"
+    # A then-callback that blocks runs on the thread that read the reply.
+    rpc.rpc_sync("worker0", reset, args=("cb",))
+    chained = rpc.rpc_async("worker1", whoami).then(lambda f: block_until("cb"))
+    assert rpc.rpc_sync("worker2", add, args=(1, 2)) == 3
+    release("cb")
+    assert chained.wait() == "cb"
+    return True
+
+
 def many_threads_at_once(threads=8, calls=50):
     results = []
     errors = []

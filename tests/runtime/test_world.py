@@ -57,6 +57,10 @@ def test_nested_calls_do_not_deadlock(world):
     assert world.run(scenarios.nested_calls_do_not_deadlock) == ["worker1", "worker2"]
 
 
+def test_blocked_functions_do_not_stall_the_inbox(world):
+    assert world.run(scenarios.blocked_functions_do_not_stall_the_inbox)
+
+
 def test_many_threads_at_once(world):
     assert world.run(scenarios.many_threads_at_once) == 400
 
