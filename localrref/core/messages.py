@@ -49,7 +49,7 @@ class MessageType(enum.Enum):
 
 
 def _check_request_id(value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if type(value) is not int or value < 0:  # exact type: bools are not ids
         raise ValueError(f"request_id must be an int >= 0, got {value!r}")
 
 
@@ -59,7 +59,7 @@ def _check_gid(name: str, value: object) -> None:
 
 
 def _check_rrefs(value: object) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(v, RRefForkData) for v in value):
+    if type(value) is not tuple or (value and not all(type(v) is RRefForkData for v in value)):
         raise TypeError(f"rrefs must be a tuple of RRefForkData, got {value!r}")
 
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from localrref.codec import frames
+from localrref.core.messages import RRefAck
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
 from localrref.transport.mpqueue import Endpoint, close_inboxes, make_inboxes
 from localrref.transport.shm import ShmPool, new_world_id, sweep_world_segments, world_segments
@@ -67,7 +68,7 @@ def test_supervisor_frames_are_what_the_agent_reads(inboxes):
 def test_worker_frames_are_what_the_supervisor_reads(inboxes):
     reader = InboxReader(inboxes[2])
     Endpoint(1, inboxes).send(2, frames.encode_control(("__shutdown_arrived__", 1)))
-    Endpoint(0, inboxes).send(2, frames.encode_message("not a control tuple"))
+    Endpoint(0, inboxes).send(2, frames.encode_message(RRefAck(request_id=7)))
     src_control = [decode_control(payload) for payload in reader.read_available()]
     assert src_control == [(1, ("__shutdown_arrived__", 1)), (0, None)]
 

@@ -1,0 +1,67 @@
+"""Frames: every protocol message survives the wire exactly; bad frames are named."""
+
+import pickle
+
+import pytest
+
+from localrref.codec import frames
+from localrref.core import messages as m
+from localrref.core.ids import GloballyUniqueId as G
+from localrref.core.rref import RRefForkData
+
+FORK = RRefForkData(owner=1, rref_id=G(1, 7), fork_id=G(2, 9), parent=2, type_name="Tensor")
+OTHER = RRefForkData(owner=0, rref_id=G(0, 1), fork_id=G(0, 1), parent=0)
+
+EVERY_MESSAGE = [
+    m.PythonCall(request_id=0, payload=b"call"),
+    m.PythonCall(request_id=3, payload=b"call", rrefs=(FORK, OTHER)),
+    m.PythonRet(request_id=4, payload=b"ret", rrefs=(FORK,)),
+    m.PythonRemoteCall(request_id=5, payload=b"r", rref_id=G(0, 2), fork_id=G(0, 3),
+                       type_name="Tensor", rrefs=(OTHER,)),
+    m.RemoteRet(request_id=6, rref_id=G(0, 2), fork_id=G(0, 3)),
+    m.RemoteRet(request_id=6, rref_id=G(0, 2), fork_id=G(0, 3), error=b"pickled error"),
+    m.PythonRRefFetchCall(request_id=7, rref_id=G(3, 4)),
+    m.PythonRRefFetchRet(request_id=8, payload=b"v", rrefs=(FORK,)),
+    m.RRefForkRequest(request_id=9, rref_id=G(1, 7), fork_id=G(2, 9)),
+    m.RRefChildAccept(request_id=10, fork_id=G(2, 9)),
+    m.RRefUserDelete(request_id=11, rref_id=G(1, 7), fork_id=G(2, 9)),
+    m.RRefAck(request_id=2 ** 40),
+    m.ExceptionMessage(request_id=12, payload=b"exc"),
+]
+
+
+def test_every_message_type_is_covered():
+    assert {type(msg) for msg in EVERY_MESSAGE} == set(frames._MESSAGE_CLASSES)
+    assert {cls.type for cls in frames._MESSAGE_CLASSES} == set(m.MessageType)
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda msg: msg.type.value)
+def test_messages_round_trip_equal(message):
+    kind, decoded = frames.decode(frames.encode_message(message))
+    assert kind == "message"
+    assert decoded == message and type(decoded) is type(message)
+
+
+def test_control_tuples_round_trip():
+    assert frames.decode(frames.encode_control(("__hello__", 1, "ps", 42, 3))) == \
+        ("control", ("__hello__", 1, "ps", 42, 3))
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ((99, 1), "not a message"),
+    (("PYTHON_CALL", 1), "not a message"),
+    ((0, 1, b"x"), "has 3 fields, this frame 2"),
+])
+def test_malformed_message_frames_are_named(body, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        frames.decode(frames.MESSAGE + pickle.dumps(body))
+
+
+def test_a_decoded_message_is_checked_like_a_constructed_one():
+    with pytest.raises(ValueError, match="request_id must be an int >= 0"):
+        frames.decode(frames.MESSAGE + pickle.dumps((0, -1, b"x", ())))
+
+
+def test_unknown_tags_are_named():
+    with pytest.raises(ValueError, match="unknown frame tag b'Z'"):
+        frames.decode(b"Z" + pickle.dumps(()))
