@@ -173,6 +173,8 @@ class Agent:
         self._watching = False           # the housekeeper ticks every _WATCH_PERIOD_S
         self._housekeeper = threading.Thread(target=self._housekeeping_loop,
                                              name="localrref-housekeeping", daemon=True)
+        from ..rref import RRef  # the public RRef imports this module
+        self._rref_type = RRef
 
     # ------------------------------------------------------------------
     # Start: meet every peer
@@ -249,9 +251,8 @@ class Agent:
         return float(timeout)
 
     def encode(self, obj):
-        from ..rref import RRef
         return dumps(obj, fork=self._fork, abandon=self._abandon, pool=self.shm_pool,
-                     rref_type=RRef)
+                     rref_type=self._rref_type)
 
     def _fork(self, rref) -> object:
         record = rref._record_for(self)
@@ -748,10 +749,17 @@ class Agent:
     def _housekeeping_loop(self) -> None:
         next_watch = None
         while not self._closing:
+            now = time.monotonic()
             with self._lock:
                 deadline = self.core.next_deadline()
+                if deadline is None and self._timer_target is not None \
+                        and self._timer_target > now:
+                    # No timer armed now, but keep waking at the old target:
+                    # a call made meanwhile then need not wake this thread
+                    # (its deadline is later), and that one spurious wake-up
+                    # is cheaper than a wake-up per call.
+                    deadline = self._timer_target
                 self._timer_target = deadline
-            now = time.monotonic()
             wake_at = deadline if next_watch is None else (
                 next_watch if deadline is None else min(deadline, next_watch))
             timeout = None if wake_at is None else max(0.0, wake_at - now)

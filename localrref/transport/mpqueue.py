@@ -9,8 +9,9 @@ Data flow (N workers, ranks 0..N-1; the supervisor is rank N)::
     --------------------                        ----------------------------
     frame = codec.encode(msg)  (caller's thread)
     Endpoint.send(d, frame):                    Endpoint.recv(timeout):
-      small (<= MAX_INLINE bytes):                poll([inbox d, wake pipe], timeout)
-        os.write(<len><s><frame>)  ────────────►  inboxes[d]._reader.recv_bytes()
+      small (<= MAX_INLINE bytes):                a whole frame already read? return it
+        os.write(<len><s><frame>)  ────────────►  else poll([inbox d, wake pipe]) and
+                                                  os.read(64 KiB): every frame waiting
       big:                                        src >= 0: -> (src, frame)
         h = blob_pool.export_bytes(frame)         src <  0: a blob from rank ~src:
         os.write(<len><~s><h.pack()>)  ────────►    frame = import_bytes(h)  (copy out,
@@ -109,6 +110,9 @@ _SRC = struct.Struct("<i")
 # The largest frame sent inline: header, rank and frame fill one PIPE_BUF.
 MAX_INLINE = PIPE_BUF - _LENGTH.size - _SRC.size
 
+# One read takes up to this many bytes: every whole frame waiting, typically.
+_READ_SIZE = 1 << 16
+
 # How long close() waits for a recv() in another thread to notice the wake-up
 # before it gives up on closing the wake pipe (it then leaks two fds rather
 # than hanging a shutdown).
@@ -186,6 +190,11 @@ class Endpoint:
         self.rank = rank
         self._inboxes = inboxes
         self._reader = inboxes[rank]._reader
+        self._read_fd = self._reader.fileno()
+        self._write_fds = [inbox._writer.fileno() for inbox in inboxes]
+        # Bytes read but not yet returned: one read takes every whole frame
+        # the pipe holds (and perhaps the start of the next).
+        self._buffer = bytearray()
         self._src = _SRC.pack(rank)
         self._blob_src = _SRC.pack(~rank)
         self._blob_pool = blob_pool
@@ -266,27 +275,46 @@ class Endpoint:
         with self._recv_lock:
             if self._closed:
                 raise WorkerClosedError(f"the endpoint of rank {self.rank} is closed")
-            ready = self._poller.poll(_poll_ms(timeout))
-            if not ready:
-                return None
-            if any(fd == self._wake_r for fd, _ in ready):
-                self._drain_wake()
-                return None
-            try:
-                # Frames arrive whole (one atomic write each), so this never
-                # waits for the rest of a frame.
-                data = self._reader.recv_bytes()
-            except (EOFError, OSError) as exc:
-                raise WorkerClosedError(f"the inbox of rank {self.rank} was closed "
-                                        f"under recv ({exc!r})") from exc
+            data = self._next_buffered()
+            while data is None:
+                ready = self._poller.poll(_poll_ms(timeout))
+                if not ready:
+                    return None
+                if any(fd == self._wake_r for fd, _ in ready):
+                    self._drain_wake()
+                    return None
+                try:
+                    chunk = os.read(self._read_fd, _READ_SIZE)
+                except BlockingIOError:
+                    continue  # someone made the pipe non-blocking, and another reader won
+                except OSError as exc:
+                    raise WorkerClosedError(f"the inbox of rank {self.rank} was closed "
+                                            f"under recv ({exc!r})") from exc
+                if not chunk:
+                    raise WorkerClosedError(f"the inbox of rank {self.rank} was closed "
+                                            f"under recv (end of file)")
+                self._buffer += chunk
+                data = self._next_buffered()
             (src,) = _SRC.unpack_from(data)
             if src >= 0:
                 return src, data[_SRC.size:]
             return self._import_blob(~src, data)
 
+    def _next_buffered(self) -> bytes | None:
+        buffer = self._buffer
+        if len(buffer) < _LENGTH.size:
+            return None
+        (size,) = _LENGTH.unpack_from(buffer)
+        end = _LENGTH.size + size
+        if len(buffer) < end:
+            return None  # the rest of this frame is still in the pipe
+        data = bytes(buffer[_LENGTH.size:end])
+        del buffer[:end]
+        return data
+
     def _write(self, dst: int, data: bytes) -> None:
         try:
-            fd = self._inboxes[dst]._writer.fileno()
+            fd = self._write_fds[dst]
             while True:
                 try:
                     written = os.write(fd, data)
