@@ -9,3 +9,6 @@ UNSET_RPC_TIMEOUT: float = -1.0
 # threshold (tensors at least this big travel as shared-memory handles).
 DEFAULT_INIT_TIMEOUT_SEC: float = 300.0
 DEFAULT_SHM_THRESHOLD: int = 64 * 1024
+# Not torch's: how long a reader polls its inbox without sleeping after a
+# frame (see transport.mpqueue.Endpoint._wait_readable); 0 never spins.
+DEFAULT_SPIN_US: float = 200.0

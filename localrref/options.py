@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from . import constants
@@ -21,6 +22,12 @@ class RpcBackendOptions:
         shm_threshold: tensors of at least this many bytes travel through
             shared memory; smaller ones ride inline in the message.
         init_timeout: how long ``init_rpc`` waits for every peer.
+        spin_us: after a frame arrives, how long the inbox's reader keeps
+            polling without sleeping (microseconds; only while frames keep
+            arriving that fast, so an idle world sleeps). Waking a sleeping
+            process costs more than a whole call on a virtual machine; 0
+            never spins. The ``LOCALRREF_SPIN_US`` environment variable sets
+            the default.
     """
 
     rpc_timeout: float = constants.DEFAULT_RPC_TIMEOUT_SEC
@@ -28,6 +35,7 @@ class RpcBackendOptions:
     num_worker_threads: int = constants.DEFAULT_NUM_WORKER_THREADS
     shm_threshold: int = constants.DEFAULT_SHM_THRESHOLD
     init_timeout: float = constants.DEFAULT_INIT_TIMEOUT_SEC
+    spin_us: float = field(default_factory=lambda: _spin_us_from_env())
     device_maps: dict = field(default_factory=dict)
     devices: list = field(default_factory=list)
 
@@ -35,11 +43,25 @@ class RpcBackendOptions:
         if self.rpc_timeout < 0:
             raise ValueError(f"rpc_timeout must be >= 0 seconds (0: no limit), got "
                              f"{self.rpc_timeout}")
+        if self.spin_us < 0:
+            raise ValueError(f"spin_us must be >= 0 microseconds (0: never spin), got "
+                             f"{self.spin_us}")
         if self.num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
         if self.device_maps or any(str(d) != "cpu" for d in self.devices):
             raise ValueError("localrref moves CPU tensors only: device_maps and non-CPU devices "
                              "are not supported")
+
+
+def _spin_us_from_env() -> float:
+    text = os.environ.get("LOCALRREF_SPIN_US", "").strip()
+    if not text:
+        return constants.DEFAULT_SPIN_US
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"LOCALRREF_SPIN_US must be a number of microseconds, got "
+                         f"{text!r}") from None
 
 
 def TensorPipeRpcBackendOptions(*, num_worker_threads=constants.DEFAULT_NUM_WORKER_THREADS,

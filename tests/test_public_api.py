@@ -46,6 +46,19 @@ def test_defaults_are_torchs():
     assert localrref.functions.async_execution is torch_rpc.functions.async_execution
 
 
+def test_spin_option_defaults_from_the_environment_and_is_checked(monkeypatch):
+    monkeypatch.delenv("LOCALRREF_SPIN_US", raising=False)
+    assert localrref.RpcBackendOptions().spin_us == 200.0
+    monkeypatch.setenv("LOCALRREF_SPIN_US", "0")
+    assert localrref.RpcBackendOptions().spin_us == 0.0
+    assert localrref.RpcBackendOptions(spin_us=50).spin_us == 50
+    monkeypatch.setenv("LOCALRREF_SPIN_US", "fast")
+    with pytest.raises(ValueError, match="LOCALRREF_SPIN_US must be a number of microseconds"):
+        localrref.RpcBackendOptions()
+    with pytest.raises(ValueError, match="spin_us must be >= 0"):
+        localrref.RpcBackendOptions(spin_us=-1)
+
+
 def test_spawn_signature_mirrors_torch():
     import torch.multiprocessing as tmp
     ours = inspect.signature(localrref.spawn)

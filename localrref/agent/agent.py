@@ -135,7 +135,7 @@ class Agent:
         self.mapper = ShmMapper()
         # Frames too big for one atomic pipe write travel through shared memory.
         self.endpoint = Endpoint(spec.rank, spec.inboxes, blob_pool=self.shm_pool,
-                                 blob_mapper=self.mapper)
+                                 blob_mapper=self.mapper, spin_s=options.spin_us * 1e-6)
         self.core = RRefContext(spec.rank, retry=RetryPolicy(
             ack_timeout=options.rpc_timeout if options.rpc_timeout > 0 else 60.0))
         self.executor = ElasticPool(options.num_worker_threads)

@@ -87,6 +87,7 @@ import os
 import select
 import struct
 import threading
+import time
 
 from localrref.errors import RRefInternalError, WorkerClosedError, WorkerGoneError
 from localrref.transport.segment import BlobHandle, SegmentMaps
@@ -178,12 +179,16 @@ class Endpoint:
             :class:`~localrref.transport.segment.SegmentMaps`; pass the
             process's ``ShmMapper`` to share its cached mappings). Without
             one, the endpoint keeps its own.
+        spin_s: how long ``recv`` polls without sleeping before it blocks,
+            while frames have been arriving within that time (see
+            :meth:`_wait_readable`); 0 never spins.
 
     Raises:
         ValueError: ``rank`` is not an index of ``inboxes``.
     """
 
-    def __init__(self, rank: int, inboxes: list, *, blob_pool=None, blob_mapper=None) -> None:
+    def __init__(self, rank: int, inboxes: list, *, blob_pool=None, blob_mapper=None,
+                 spin_s: float = 0.0) -> None:
         if not 0 <= rank < len(inboxes):
             raise ValueError(f"rank {rank} has no inbox: there are {len(inboxes)} "
                              f"(ranks 0..{len(inboxes) - 1})")
@@ -195,6 +200,10 @@ class Endpoint:
         # Bytes read but not yet returned: one read takes every whole frame
         # the pipe holds (and perhaps the start of the next).
         self._buffer = bytearray()
+        if spin_s < 0:
+            raise ValueError(f"spin_s must be >= 0, got {spin_s}")
+        self._spin_s = spin_s
+        self._spin_pays = True  # the last wait ended within spin_s
         self._src = _SRC.pack(rank)
         self._blob_src = _SRC.pack(~rank)
         self._blob_pool = blob_pool
@@ -277,7 +286,7 @@ class Endpoint:
                 raise WorkerClosedError(f"the endpoint of rank {self.rank} is closed")
             data = self._next_buffered()
             while data is None:
-                ready = self._poller.poll(_poll_ms(timeout))
+                ready = self._wait_readable(timeout)
                 if not ready:
                     return None
                 if any(fd == self._wake_r for fd, _ in ready):
@@ -299,6 +308,42 @@ class Endpoint:
             if src >= 0:
                 return src, data[_SRC.size:]
             return self._import_blob(~src, data)
+
+    def _wait_readable(self, timeout: float | None) -> list:
+        """poll(2) the inbox and the wake pipe, spinning first while that pays.
+
+        On a virtual machine, waking a process that sleeps in poll costs
+        20-30 us of CPU on each side and about as much latency (an idle
+        vCPU must be woken by an interrupt): a bare pipe round trip between
+        two processes measured 61 us blocking and 2 us spinning. So after a
+        frame, the reader polls without sleeping for up to ``spin_s``, as
+        long as the previous wait ended within that time (a reply to a call
+        just sent, the next call of a busy client). A wait that outlasts the
+        spin turns spinning off until a wait ends quickly again, so an idle
+        worker spins once, for ``spin_s``, and then sleeps.
+        """
+        poll = self._poller.poll
+        ready = poll(0)
+        if ready:
+            self._spin_pays = True
+            return ready
+        spun = False
+        if self._spin_s and self._spin_pays:
+            spun = True
+            start = time.perf_counter()
+            end = start + (self._spin_s if timeout is None else min(self._spin_s, timeout))
+            while True:
+                ready = poll(0)
+                if ready:
+                    return ready
+                if time.perf_counter() >= end:
+                    break
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.perf_counter() - start))
+        start = time.perf_counter()
+        ready = poll(_poll_ms(timeout))
+        self._spin_pays = not spun and time.perf_counter() - start < self._spin_s
+        return ready
 
     def _next_buffered(self) -> bytes | None:
         buffer = self._buffer

@@ -208,6 +208,41 @@ def test_close_unblocks_recv_then_refuses_use(inboxes):
     ep.wake()   # harmless after close
 
 
+def test_spinning_turns_off_after_a_slow_wait_and_on_after_a_quick_one(inboxes):
+    ep = Endpoint(0, inboxes, spin_s=0.001)
+    try:
+        ep.send(0, b"waiting already")
+        assert ep.recv(timeout=1) == (0, b"waiting already")
+        assert ep._spin_pays
+        # Nothing comes: the reader spins once, then sleeps; spinning is off.
+        assert ep.recv(timeout=0.05) is None
+        assert not ep._spin_pays
+        assert ep.recv(timeout=0.05) is None
+        assert not ep._spin_pays
+        # A frame that is there at once turns it back on.
+        ep.send(0, b"again")
+        assert ep.recv(timeout=1) == (0, b"again")
+        assert ep._spin_pays
+    finally:
+        ep.close()
+
+
+def test_a_frame_arriving_while_the_reader_spins_is_received(inboxes):
+    ep = Endpoint(0, inboxes, spin_s=10.0)  # spins for the whole wait
+    sender = threading.Timer(0.05, ep.send, args=(0, b"late"))
+    sender.start()
+    try:
+        assert ep.recv(timeout=5) == (0, b"late")
+    finally:
+        sender.join()
+        ep.close()
+
+
+def test_negative_spin_is_refused(inboxes):
+    with pytest.raises(ValueError, match="spin_s must be >= 0"):
+        Endpoint(0, inboxes, spin_s=-1)
+
+
 def test_bad_ranks_are_refused(inboxes):
     with pytest.raises(ValueError, match="rank 2 has no inbox"):
         Endpoint(2, inboxes)
