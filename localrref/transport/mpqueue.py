@@ -204,6 +204,8 @@ class Endpoint:
             raise ValueError(f"spin_s must be >= 0, got {spin_s}")
         self._spin_s = spin_s
         self._spin_pays = True  # the last wait ended within spin_s
+        self._spinning = False
+        self._nudged = False
         self._src = _SRC.pack(rank)
         self._blob_src = _SRC.pack(~rank)
         self._blob_pool = blob_pool
@@ -332,12 +334,21 @@ class Endpoint:
             spun = True
             start = time.perf_counter()
             end = start + (self._spin_s if timeout is None else min(self._spin_s, timeout))
+            self._spinning = True
             while True:
                 ready = poll(0)
-                if ready:
-                    return ready
+                if ready or self._nudged:
+                    break
                 if time.perf_counter() >= end:
                     break
+                # Another process may wait for this CPU (more workers than
+                # cores): let it run at once rather than at the next tick.
+                os.sched_yield()
+            # Ordered against nudge(): one of the two sees the other's write.
+            self._spinning = False
+            if ready or self._nudged:
+                self._nudged = False
+                return ready
             if timeout is not None:
                 timeout = max(0.0, timeout - (time.perf_counter() - start))
         start = time.perf_counter()
@@ -386,6 +397,20 @@ class Endpoint:
             log.warning("localrref: rank %d dropped a frame from rank %d that it could not "
                         "read from shared memory: %s", self.rank, src, exc)
             return None
+
+    def nudge(self) -> bool:
+        """Make a *spinning* :meth:`recv` return ``None`` at once; no system call.
+
+        Returns False when no ``recv`` spins now (it sleeps in poll(2), or
+        none runs): then nothing was done, and the caller must use
+        :meth:`wake` or another way to be heard. Safe from any thread,
+        including from ``__del__`` (it takes no lock).
+        """
+        self._nudged = True
+        if self._spinning:
+            return True
+        self._nudged = False
+        return False
 
     def wake(self) -> None:
         """Make a blocked (or the next) :meth:`recv` return ``None`` promptly.

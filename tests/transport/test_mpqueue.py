@@ -238,6 +238,24 @@ def test_a_frame_arriving_while_the_reader_spins_is_received(inboxes):
         ep.close()
 
 
+def test_nudge_ends_a_spinning_recv_and_says_when_nobody_spins(inboxes):
+    ep = Endpoint(0, inboxes, spin_s=30.0)  # spins for the whole wait
+    try:
+        assert ep.nudge() is False  # nobody in recv: the caller must wake some other way
+        results = []
+        reader = threading.Thread(target=lambda: results.append(ep.recv(timeout=20)))
+        reader.start()
+        while not ep.nudge():  # true only once the reader spins
+            time.sleep(0.001)
+        reader.join(10)
+        assert results == [None] and not reader.is_alive()
+        # The nudge is spent: the next recv gets the next frame.
+        ep.send(0, b"after")
+        assert ep.recv(timeout=1) == (0, b"after")
+    finally:
+        ep.close()
+
+
 def test_negative_spin_is_refused(inboxes):
     with pytest.raises(ValueError, match="spin_s must be >= 0"):
         Endpoint(0, inboxes, spin_s=-1)
