@@ -15,7 +15,7 @@ from torch.distributed.rpc import WorkerInfo
 
 from . import constants
 from .agent import current
-from .agent.agent import Agent, wait
+from .agent.agent import Agent
 from .errors import RPCNotInitializedError
 from .options import RpcBackendOptions
 
@@ -157,7 +157,11 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):
     """As :func:`rpc_async`, waiting for the result (remote exceptions re-raised)."""
-    return wait(rpc_async(to, func, args, kwargs, timeout))
+    agent = current.require()
+    _check_callable(func)
+    future = agent.rpc_async(_to_rank(agent, to), func, tuple(args or ()), dict(kwargs or {}),
+                             timeout, will_wait=True)
+    return agent.wait_reply(future)
 
 
 def remote(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):

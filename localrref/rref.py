@@ -108,7 +108,8 @@ class RRef:
                 once, even if this call was already waiting), the owner died,
                 or the timeout passed.
         """
-        return wait(self._live_agent().fetch(self._record, timeout))
+        agent = self._live_agent()
+        return agent.wait_reply(agent.fetch(self._record, timeout, will_wait=True))
 
     def _get_future(self) -> torch.futures.Future:
         """A future that completes when the ``remote()`` creating this RRef finishes."""

@@ -8,11 +8,14 @@ Data flow (one worker; every arrow that leaves the box crosses a process)::
       v
     effects --Send--> Endpoint.send(dst, frame) ---------------------------> peer inbox
                                                                                  |
-    reader thread: Endpoint.recv() <------------------------------------ our inbox
+    the reader (one thread at a time; see _io_loop and wait_reply):
+      an IO thread, or the application thread waiting in rpc_sync/to_here
+      Endpoint.recv() <-------------------------------------------------- our inbox
       | decode frame; under the lock: core.handle(src, msg, now)
       v
-    effects: Execute  -> ElasticPool thread: unpickle, run the user function,
-                         pickle the result, under the lock: core.finish_*; Send
+    effects: Execute  -> an IO reader runs the user function itself (unpickle,
+                         call, pickle the result, core.finish_*; Send); an
+                         application reader hands it to the ElasticPool
              Complete -> unpickle the reply, Future.set_result
              Fail     -> Future.set_exception
     housekeeping thread: timers (core.on_tick at core.next_deadline()) and the
@@ -67,6 +70,9 @@ _IDLE_FOLLOWERS = 1
 # How often the housekeeper checks, while the world is busy, whether the
 # inbox's reader has been inside user code too long (see _io_loop).
 _WATCH_PERIOD_S = 0.002
+# How long a waiting caller waits for the IO thread to hand it the inbox
+# before it waits on its future instead (see wait_reply).
+_HANDOFF_WAIT_S = 0.0002
 
 
 def set_exception(future: torch.futures.Future, error: BaseException) -> None:
@@ -171,6 +177,13 @@ class Agent:
         self._busy_spells = 0            # how many times the leader went out
         self._spells_seen = 0            # _busy_spells at the watcher's last tick
         self._watching = False           # the housekeeper ticks every _WATCH_PERIOD_S
+        # An application thread may read the inbox while it waits for its own
+        # reply (see wait_reply), and keep the role between two such waits.
+        self._parked = False             # the leader is such a thread, between waits
+        self._parks = 0                  # how many times a leader parked
+        self._parks_seen = 0             # _parks at the watcher's last tick
+        self._handoff_to: int | None = None  # a thread waiting for the leader's role
+        self._fallback_waiters = 0       # threads waiting on futures only others can complete
         self._housekeeper = threading.Thread(target=self._housekeeping_loop,
                                              name="localrref-housekeeping", daemon=True)
         from ..rref import RRef  # the public RRef imports this module
@@ -265,9 +278,11 @@ class Agent:
             effects = self.core.take_effects()
         self._run(effects)
 
-    def rpc_async(self, dst: int, func, args, kwargs, timeout) -> torch.futures.Future:
+    def rpc_async(self, dst: int, func, args, kwargs, timeout, *,
+                  will_wait: bool = False) -> torch.futures.Future:
+        """Send a call; ``will_wait``: the caller passes the future to :meth:`wait_reply`."""
         self._check_open()
-        if self._leader == threading.get_ident():
+        if self._leader == threading.get_ident() and not (will_wait and self._parked):
             self._step_down()
         future = torch.futures.Future()
         if dst in self._dead:
@@ -286,8 +301,8 @@ class Agent:
     def remote(self, dst: int, func, args, kwargs, timeout):
         from ..rref import RRef
         self._check_open()
-        if self._leader == threading.get_ident():
-            self._step_down()
+        if self._leader == threading.get_ident() and not self._parked:
+            self._step_down()  # user code run by the reader; remote() to parked is fine
         if dst in self._dead:
             raise self._dead[dst]
         encoded = self.encode((func, args, kwargs))
@@ -304,10 +319,10 @@ class Agent:
         self._run(effects)
         return rref
 
-    def fetch(self, record, timeout) -> torch.futures.Future:
+    def fetch(self, record, timeout, *, will_wait: bool = False) -> torch.futures.Future:
         """The value of ``record`` (to_here): local owners wait for their job."""
         self._check_open()
-        if self._leader == threading.get_ident():
+        if self._leader == threading.get_ident() and not (will_wait and self._parked):
             self._step_down()
         future = torch.futures.Future()
         if record.is_owner:
@@ -633,6 +648,8 @@ class Agent:
                         if not self._busy_end(me):
                             break  # deposed meanwhile: another thread reads the inbox
                     self._signal_progress()
+                    if self._handoff_to is not None and self._hand_off(me):
+                        break
                 self._signal_progress()
                 with self._io_lock:
                     if self._closing or self._followers >= _IDLE_FOLLOWERS:
@@ -664,9 +681,132 @@ class Agent:
             if self._leader == threading.get_ident():
                 self._depose_locked()
 
+    def release_inbox(self) -> None:
+        """This thread stops holding the inbox between waits (see wait_reply)."""
+        if self._leader == threading.get_ident():
+            self._step_down()
+
+    def _hand_off(self, me: int) -> bool:
+        """The IO leader gives the inbox to the thread that asked for it."""
+        with self._io_lock:
+            wanted_by = self._handoff_to
+            if wanted_by is None or self._leader != me:
+                return False
+            self._handoff_to = None
+            self._leader = wanted_by
+            self._leader_busy = False
+            return True
+
+    # ------------------------------------------------------------------
+    # The caller reads its own reply
+    # ------------------------------------------------------------------
+
+    def wait_reply(self, future: torch.futures.Future):
+        """``wait(future)``, reading the inbox in this thread while it can.
+
+        A blocking call (rpc_sync, to_here) that waits on a torch future
+        needs a second thread to read the reply and wake it: two wake-ups
+        per call in this process, and two threads fighting over the GIL.
+        Instead the waiting thread takes the inbox from the IO thread (the
+        hand-off costs at most a wake-up of the IO thread, in parallel with
+        the call), reads until its reply is in, and then *keeps* the inbox,
+        parked, so that its next call needs no hand-off at all. Jobs it
+        reads go to the pool. Anything else gets the inbox back for the IO
+        threads: an rpc_async or a shutdown by the parked thread, another
+        thread waiting on a future, or the housekeeper's watch when the
+        parked thread stays away for a whole period (``_WATCH_PERIOD_S``).
+        """
+        me = threading.get_ident()
+        if not future.done() and self._claim_inbox(me):
+            try:
+                self._read_until(future, me)
+            finally:
+                self._park(me)
+        if future.done():
+            return wait(future)
+        with self._io_lock:
+            self._fallback_waiters += 1
+        try:
+            if self._parked:
+                self._unpark_for_others()
+            return wait(future)
+        finally:
+            with self._io_lock:
+                self._fallback_waiters -= 1
+
+    def _claim_inbox(self, me: int) -> bool:
+        with self._io_lock:
+            if self._closing:
+                return False
+            leader = self._leader
+            if leader is None or self._parked:
+                self._leader, self._parked, self._leader_busy = me, False, False
+                return True
+            if leader == me or self._leader_busy or self._handoff_to is not None:
+                # This thread is the reader inside user code, the reader is out
+                # in user code, or another thread already asked: let them read.
+                return False
+            self._handoff_to = me
+        if not self.endpoint.nudge():
+            self.endpoint.wake()
+        deadline = time.perf_counter() + _HANDOFF_WAIT_S
+        while True:
+            with self._io_lock:
+                if self._leader == me:
+                    return True
+                if self._closing or time.perf_counter() > deadline:
+                    if self._handoff_to == me:
+                        self._handoff_to = None
+                    return False
+            os.sched_yield()
+
+    def _read_until(self, future, me: int) -> None:
+        def reply_arrived(_future, me=me):
+            # Completed by another thread (a timeout, a peer's death): this
+            # thread may be in recv, so make it look.
+            if threading.get_ident() != me and not self.endpoint.nudge():
+                self.endpoint.wake()
+
+        future.add_done_callback(reply_arrived)
+        while not future.done() and self._leader == me:
+            effects = self._lead_once()
+            if self._releases:
+                self._take_releases()
+            if effects is None:
+                return
+            if effects:
+                self._busy_begin()
+                try:
+                    self._run(effects)
+                except Exception:
+                    log.exception("localrref: error carrying out effects")
+                if not self._busy_end(me):
+                    return
+            self._signal_progress()
+
+    def _park(self, me: int) -> None:
+        with self._io_lock:
+            if self._leader != me:
+                return
+            if self._fallback_waiters or self._closing or self._handoff_to is not None:
+                self._depose_locked()
+                return
+            self._parked = True
+            self._parks += 1
+            start_watching = not self._watching
+            self._watching = True
+        if start_watching:
+            self._wake_housekeeper(b"w")
+
+    def _unpark_for_others(self) -> None:
+        with self._io_lock:
+            if self._parked:
+                self._depose_locked()
+
     def _depose_locked(self) -> None:
         self._leader = None
         self._leader_busy = False
+        self._parked = False
         if self._followers:
             self._io_cv.notify()
         elif not self._closing:
@@ -679,11 +819,17 @@ class Agent:
         with self._io_lock:
             spells, seen = self._busy_spells, self._spells_seen
             self._spells_seen = spells
+            parks, parks_seen = self._parks, self._parks_seen
+            self._parks_seen = parks
             if self._leader_busy and spells == seen and self._leader is not None:
                 # Out in user code since before the last tick.
                 self._depose_locked()
                 return True
-            if self._leader_busy or spells != seen:
+            if self._parked and parks == parks_seen:
+                # Parked since before the last tick: the IO threads read again.
+                self._depose_locked()
+                return True
+            if self._leader_busy or self._parked or spells != seen or parks != parks_seen:
                 return True
             self._watching = False  # quiet for a whole period: sleep until the next spell
             return False
@@ -857,6 +1003,7 @@ class Agent:
 
     def wait_until_quiet(self, timeout: float) -> bool:
         """Wait (on progress events, not by polling) until this worker holds no RRef state."""
+        self.release_inbox()
         deadline = time.monotonic() + timeout
         with self._awaiting_progress():
             while True:
@@ -873,6 +1020,7 @@ class Agent:
                 self._progress.wait(left)
 
     def wait_control(self, tags: set[str], timeout: float | None, what: str) -> tuple:
+        self.release_inbox()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._control_cv:
             while True:
@@ -893,6 +1041,7 @@ class Agent:
 
     def graceful_shutdown(self, timeout: float) -> list[dict]:
         """The worker's half of the supervisor-driven shutdown; returns leak records."""
+        self.release_inbox()
         supervisor = self.world_size
         # The supervisor bounds each phase and names who is missing; this
         # worker's own bound is only a backstop should the supervisor vanish.

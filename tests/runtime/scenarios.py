@@ -337,6 +337,26 @@ def blocked_functions_do_not_stall_the_inbox(blocked=6):
     return True
 
 
+def call_back_when_released(dst, go, name):
+    block_until(go)
+    return rpc.rpc_sync(dst, release, args=(name,))
+
+
+def a_caller_that_blocks_elsewhere_still_serves():
+    """rank 0's thread keeps the inbox between its rpc_syncs (wait_reply parks it);
+    when it then blocks outside localrref, calls into rank 0 must still be served."""
+    for name in ("go", "served"):
+        reset(name)
+        rpc.rpc_sync("worker1", reset, args=(name,))
+    callback = rpc.rpc_async("worker1", call_back_when_released, args=("worker0", "go", "served"))
+    for _ in range(3):
+        rpc.rpc_sync("worker1", add, args=(1, 1))   # the last one leaves the inbox parked here
+    rpc.rpc_sync("worker1", release, args=("go",))  # worker1 now calls release("served") here
+    assert _event("served").wait(30), "a call into a parked worker was never served"
+    callback.wait()
+    return True
+
+
 def many_threads_at_once(threads=8, calls=50):
     results = []
     errors = []

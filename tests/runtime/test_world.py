@@ -61,6 +61,10 @@ def test_blocked_functions_do_not_stall_the_inbox(world):
     assert world.run(scenarios.blocked_functions_do_not_stall_the_inbox)
 
 
+def test_a_caller_that_blocks_elsewhere_still_serves(world):
+    assert world.run(scenarios.a_caller_that_blocks_elsewhere_still_serves)
+
+
 def test_many_threads_at_once(world):
     assert world.run(scenarios.many_threads_at_once) == 400
 
