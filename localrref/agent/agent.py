@@ -775,14 +775,34 @@ class Agent:
             if effects is None:
                 return
             if effects:
+                mine, others = self._split_for(future, effects)
+                if others:
+                    # Other futures' callbacks are user code that must not
+                    # run on this thread (one could wait for this very
+                    # caller), and jobs go to the pool.
+                    self.executor.submit(self._run, others)
                 self._busy_begin()
                 try:
-                    self._run(effects)
+                    self._run(mine)
                 except Exception:
                     log.exception("localrref: error carrying out effects")
                 if not self._busy_end(me):
                     return
             self._signal_progress()
+
+    def _split_for(self, future, effects) -> tuple[list, list]:
+        """The effects this waiting thread carries out itself, and the rest."""
+        mine, others = [], []
+        for effect in effects:
+            if isinstance(effect, (fx.Complete, fx.Fail)):
+                pending = self._pending.get(effect.request_id)
+                ours = pending is not None and pending.future is future
+                (mine if ours else others).append(effect)
+            elif isinstance(effect, (fx.Execute, fx.CreationSettled)):
+                others.append(effect)
+            else:
+                mine.append(effect)
+        return mine, others
 
     def _park(self, me: int) -> None:
         with self._io_lock:

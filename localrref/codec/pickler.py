@@ -24,16 +24,22 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import traceback
 from dataclasses import dataclass
 
 import torch
+
+from ..transport.shm import DTYPE_CODES, DTYPES, TensorHandle
 
 __all__ = ["Encoded", "dumps", "loads", "RemoteException", "wrap_exception",
            "rebuild_exception", "describe_unpicklable"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# Tensor persistent ids are single bytes objects: a tag, then a packed header.
+_HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG = b"t", b"p", b"i"
+_INLINE = struct.Struct("<cB??B")  # tag, dtype code, requires_grad, is_param, ndim
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +76,19 @@ class _Pickler(pickle.Pickler):
             return None  # torch's own reducer handles the exotic layouts
         is_param = isinstance(tensor, torch.nn.Parameter)
         requires_grad = tensor.requires_grad
-        if self._pool is not None and self._pool.wants(tensor):
+        known_dtype = tensor.dtype in DTYPE_CODES
+        if known_dtype and self._pool is not None and self._pool.wants(tensor):
             handle = self._pool.export(tensor)
             self.handles.append(handle)
-            return ("t", handle, is_param)
+            # One bytes object: the pickler asks persistent_id about nothing inside it.
+            return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
         flat = tensor.detach().contiguous()
         data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        if known_dtype:
+            ndim = flat.dim()
+            return b"".join((_INLINE.pack(_INLINE_TAG, DTYPE_CODES[flat.dtype], requires_grad,
+                                          is_param, ndim),
+                             struct.pack(f"<{ndim}q", *flat.shape), data))
         return ("i", flat.dtype, tuple(flat.shape), data, requires_grad, is_param)
 
 
@@ -87,6 +100,8 @@ class _Unpickler(pickle.Unpickler):
         self.used = set()
 
     def persistent_load(self, pid):
+        if type(pid) is bytes:
+            return self._load_tensor(pid)
         kind = pid[0]
         if kind == "r":
             index = pid[1]
@@ -107,6 +122,28 @@ class _Unpickler(pickle.Unpickler):
                 return torch.nn.Parameter(tensor, requires_grad)
             return tensor.requires_grad_(requires_grad) if requires_grad else tensor
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+    def _load_tensor(self, pid: bytes):
+        tag = pid[:1]
+        if tag == _HANDLE_TAG or tag == _PARAM_HANDLE:
+            tensor = self._mapper.import_(TensorHandle.unpack(memoryview(pid)[1:]))
+            if tag == _PARAM_HANDLE:
+                return torch.nn.Parameter(tensor, tensor.requires_grad)
+            return tensor
+        if tag == _INLINE_TAG:
+            _, code, requires_grad, is_param, ndim = _INLINE.unpack_from(pid)
+            shape = struct.unpack_from(f"<{ndim}q", pid, _INLINE.size)
+            start = _INLINE.size + 8 * ndim
+            dtype = DTYPES[code]
+            if len(pid) > start:
+                tensor = torch.frombuffer(bytearray(memoryview(pid)[start:]),
+                                          dtype=torch.uint8).view(dtype).reshape(shape)
+            else:
+                tensor = torch.empty(shape, dtype=dtype)
+            if is_param:
+                return torch.nn.Parameter(tensor, requires_grad)
+            return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+        raise pickle.UnpicklingError(f"unknown persistent id {pid[:16]!r}")
 
 
 def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded:

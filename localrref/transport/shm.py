@@ -101,12 +101,14 @@ import multiprocessing.util
 import os
 import re
 import secrets
+import struct
 import threading
 import weakref
 from dataclasses import dataclass
 
 import torch
 
+from localrref.transport.copier import ParallelCopier
 from localrref.errors import WorkerClosedError
 from localrref.transport.segment import BUSY as _BUSY
 from localrref.transport.segment import DATA_OFFSET as _DATA_OFFSET
@@ -137,6 +139,25 @@ __all__ = [
 
 DEFAULT_THRESHOLD = 64 * 1024
 
+# The dtypes a packed handle names by index. Append only: the index is the wire code.
+DTYPES = tuple(dtype for dtype in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
+    torch.complex32, getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+    getattr(torch, "uint64", None), getattr(torch, "float8_e4m3fn", None),
+    getattr(torch, "float8_e5m2", None)) if dtype is not None)
+DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
+# offset, nbytes, storage_offset, slot, private, dtype code, requires_grad, ndim
+_HANDLE = struct.Struct("<QQQI?B?B")
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The wire code of ``dtype``; ValueError if it has none."""
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no wire code in localrref.transport.shm.DTYPES")
+
 # A new pooled segment holds as many blocks as the class already has (the
 # pool doubles), but no less than _MIN_SEGMENT and no more than _MAX_SEGMENT
 # bytes of data unless a single block is bigger.
@@ -166,6 +187,38 @@ class TensorHandle:
     stride: tuple[int, ...]
     storage_offset: int
     requires_grad: bool
+
+    def pack(self) -> bytes:
+        """A compact encoding, a tenth of the cost of pickling the record.
+
+        Raises:
+            ValueError: the dtype has no code (see ``DTYPES``).
+        """
+        ndim = len(self.shape)
+        return b"".join((
+            _HANDLE.pack(self.offset, self.nbytes, self.storage_offset, self.slot,
+                         self.private, dtype_code(self.dtype), self.requires_grad, ndim),
+            struct.pack(f"<{2 * ndim}q", *self.shape, *self.stride),
+            self.segment.encode("ascii")))
+
+    @classmethod
+    def unpack(cls, data) -> TensorHandle:
+        """Inverse of :meth:`pack`.
+
+        Raises:
+            ValueError: ``data`` is not a packed handle.
+        """
+        try:
+            (offset, nbytes, storage_offset, slot, private, code, requires_grad,
+             ndim) = _HANDLE.unpack_from(data)
+            dims = struct.unpack_from(f"<{2 * ndim}q", data, _HANDLE.size)
+            name = bytes(data[_HANDLE.size + 16 * ndim:]).decode("ascii")
+            dtype = DTYPES[code]
+        except (struct.error, UnicodeDecodeError, IndexError) as exc:
+            raise ValueError(f"not a packed TensorHandle ({exc})") from None
+        return cls(segment=name, offset=offset, nbytes=nbytes, slot=slot, private=private,
+                   dtype=dtype, shape=dims[:ndim], stride=dims[ndim:],
+                   storage_offset=storage_offset, requires_grad=requires_grad)
 
     def __post_init__(self) -> None:
         if self.offset < _DATA_OFFSET or self.nbytes <= 0 or not 0 <= self.slot < _MAX_SLOTS:
@@ -264,7 +317,8 @@ def _check_exportable(tensor) -> None:
         raise ValueError("an empty tensor has no bytes to share; pickle it inline instead")
 
 
-def _copy_into(storage, start: int, src: torch.Tensor, stride, dense: bool) -> None:
+def _copy_into(storage, start: int, src: torch.Tensor, stride, dense: bool,
+               copier: ParallelCopier | None = None) -> None:
     """Copy ``src``'s values to byte ``start`` of ``storage``, laid out with ``stride``."""
     nbytes = src.numel() * src.element_size()
     if dense and not (src.is_conj() or src.is_neg()):
@@ -273,7 +327,10 @@ def _copy_into(storage, start: int, src: torch.Tensor, stride, dense: bool) -> N
         # the GIL for it. Single-threaded on purpose: torch's copy_ wakes its
         # intra-op pool, which on a loaded 2-core machine cost milliseconds
         # per 64 KiB copy (waiting for a descheduled OpenMP thread).
-        ctypes.memmove(storage.data_ptr() + start, src.data_ptr(), nbytes)
+        if copier is None:
+            ctypes.memmove(storage.data_ptr() + start, src.data_ptr(), nbytes)
+        else:
+            copier.memmove(storage.data_ptr() + start, src.data_ptr(), nbytes)
         return
     itemsize = src.element_size()
     dst = torch.empty((0,), dtype=src.dtype).set_(storage, start // itemsize, src.shape, stride)
@@ -341,6 +398,7 @@ class ShmPool:
         # (tests do) or a rank number is ever reused.
         self._prefix = f"{segment_prefix(world_id)}{rank}_{secrets.token_hex(3)}_"
         self._counter = itertools.count()
+        self._copier = ParallelCopier()
         self._lock = threading.Lock()
         self._closed = False
         self._classes: dict[int, list[_Segment]] = {}
@@ -406,7 +464,7 @@ class ShmPool:
         dense = _is_dense(src.shape, src.stride())
         stride = src.stride() if dense else _contiguous_stride(src.shape)
         out = self._new_shared(src.dtype, src.shape, stride, src.numel() * src.element_size())
-        _copy_into(out.untyped_storage(), 0, src, stride, dense)
+        _copy_into(out.untyped_storage(), 0, src, stride, dense, self._copier)
         if tensor.requires_grad:
             out.requires_grad_()
         return out
@@ -497,6 +555,7 @@ class ShmPool:
             self._by_name.clear()
             self._shared.clear()
             self._dead.clear()
+        self._copier.close()
         self._finalizer()
 
     def __repr__(self) -> str:
@@ -516,7 +575,7 @@ class ShmPool:
             storage = seg.storage
         start = block * seg.block_size
         try:
-            _copy_into(storage, start, src, stride, dense)
+            _copy_into(storage, start, src, stride, dense, self._copier)
         except BaseException:
             seg.set_slot(block, _FREE)
             raise

@@ -328,9 +328,14 @@ def blocked_functions_do_not_stall_the_inbox(blocked=6):
         rpc.rpc_sync("worker1", release, args=(name,))
     assert torch.futures.wait_all(waiting) == names
     assert rpc.rpc_sync("worker1", wait_on_torch_future_of_call, args=("worker2",)) == "worker2"
-    # A then-callback that blocks runs on the thread that read the reply.
-    rpc.rpc_sync("worker0", reset, args=("cb",))
-    chained = rpc.rpc_async("worker1", whoami).then(lambda f: block_until("cb"))
+    # A then-callback that blocks, attached before the reply comes (a future
+    # already done runs it at once, in this thread, as torch does).
+    for name in ("cb", "cb_go"):
+        reset(name)
+        rpc.rpc_sync("worker1", reset, args=(name,))
+    chained = rpc.rpc_async("worker1", block_until, args=("cb_go",)).then(
+        lambda f: block_until("cb"))
+    rpc.rpc_sync("worker1", release, args=("cb_go",))
     assert rpc.rpc_sync("worker2", add, args=(1, 2)) == 3
     release("cb")
     assert chained.wait() == "cb"
