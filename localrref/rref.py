@@ -117,6 +117,9 @@ class RRef:
             done = torch.futures.Future()
             done.set_result(True)
             return done
+        # The application may hang callbacks on it: they must not run on a
+        # thread that reads the inbox while it waits (see Agent._split_for).
+        self._agent.expose_creation(self._record)
         return self._creation
 
     def _get_type(self, timeout: float = constants.UNSET_RPC_TIMEOUT, blocking: bool = True):

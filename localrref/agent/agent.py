@@ -148,6 +148,7 @@ class Agent:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._creation: dict[int, torch.futures.Future] = {}
+        self._exposed_creations: set[int] = set()  # id(record): see expose_creation
         self._owner_waiters: dict[int, list[torch.futures.Future]] = {}
         self._releases: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -371,8 +372,13 @@ class Agent:
         # The inbox's reader, if it spins, takes the release on its next
         # turn; otherwise the housekeeper is woken for it (a wake-up costs
         # tens of microseconds here, see Endpoint._wait_readable).
-        if not self.endpoint.nudge():
-            self._wake_housekeeper(b"r")
+        if self.endpoint.nudge():
+            return
+        if self._parked:
+            # The thread holding the inbox takes it before its next wait;
+            # if it stays away, the housekeeper's watch does (_watch_tick).
+            return
+        self._wake_housekeeper(b"r")
 
     # ------------------------------------------------------------------
     # Effects
@@ -469,9 +475,14 @@ class Agent:
                 else RuntimeError(str(error.payload))
         set_exception(pending.future, error)
 
+    def expose_creation(self, record) -> None:
+        """The creation future of ``record`` was handed to the application."""
+        self._exposed_creations.add(id(record))
+
     def _creation_settled(self, effect: fx.CreationSettled) -> None:
         with self._lock:
             future = self._creation.pop(id(effect.rref), None)
+            self._exposed_creations.discard(id(effect.rref))
         if future is None:
             return
         error = effect.error
@@ -769,9 +780,9 @@ class Agent:
 
         future.add_done_callback(reply_arrived)
         while not future.done() and self._leader == me:
-            effects = self._lead_once()
             if self._releases:
                 self._take_releases()
+            effects = self._lead_once()
             if effects is None:
                 return
             if effects:
@@ -798,7 +809,9 @@ class Agent:
                 pending = self._pending.get(effect.request_id)
                 ours = pending is not None and pending.future is future
                 (mine if ours else others).append(effect)
-            elif isinstance(effect, (fx.Execute, fx.CreationSettled)):
+            elif isinstance(effect, fx.Execute) or (
+                    isinstance(effect, fx.CreationSettled)
+                    and id(effect.rref) in self._exposed_creations):
                 others.append(effect)
             else:
                 mine.append(effect)
@@ -827,6 +840,8 @@ class Agent:
         self._leader = None
         self._leader_busy = False
         self._parked = False
+        if self._releases:
+            self._wake_housekeeper(b"r")  # dropped while the inbox was parked
         if self._followers:
             self._io_cv.notify()
         elif not self._closing:
@@ -846,7 +861,8 @@ class Agent:
                 self._depose_locked()
                 return True
             if self._parked and parks == parks_seen:
-                # Parked since before the last tick: the IO threads read again.
+                # Parked since before the last tick: the IO threads read again
+                # (and the housekeeper sends what was dropped meanwhile).
                 self._depose_locked()
                 return True
             if self._leader_busy or self._parked or spells != seen or parks != parks_seen:
