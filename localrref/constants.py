@@ -11,4 +11,4 @@ DEFAULT_INIT_TIMEOUT_SEC: float = 300.0
 DEFAULT_SHM_THRESHOLD: int = 64 * 1024
 # Not torch's: how long a reader polls its inbox without sleeping after a
 # frame (see transport.mpqueue.Endpoint._wait_readable); 0 never spins.
-DEFAULT_SPIN_US: float = 200.0
+DEFAULT_SPIN_US: float = 300.0

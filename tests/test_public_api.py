@@ -48,7 +48,7 @@ def test_defaults_are_torchs():
 
 def test_spin_option_defaults_from_the_environment_and_is_checked(monkeypatch):
     monkeypatch.delenv("LOCALRREF_SPIN_US", raising=False)
-    assert localrref.RpcBackendOptions().spin_us == 200.0
+    assert localrref.RpcBackendOptions().spin_us == 300.0
     monkeypatch.setenv("LOCALRREF_SPIN_US", "0")
     assert localrref.RpcBackendOptions().spin_us == 0.0
     assert localrref.RpcBackendOptions(spin_us=50).spin_us == 50

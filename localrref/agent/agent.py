@@ -300,7 +300,6 @@ class Agent:
         return future
 
     def remote(self, dst: int, func, args, kwargs, timeout):
-        from ..rref import RRef
         self._check_open()
         if self._leader == threading.get_ident() and not self._parked:
             self._step_down()  # user code run by the reader; remote() to parked is fine
@@ -316,7 +315,7 @@ class Agent:
             self._poke_timer_locked()
         if self._record_sites:
             self._sites[id(record)] = _caller_site()
-        rref = RRef._adopt(self, record, creation)
+        rref = self._rref_type._adopt(self, record, creation)
         self._run(effects)
         return rref
 
@@ -448,10 +447,9 @@ class Agent:
                 log.exception("localrref: could not tell rank %d its reply failed", dst)
 
     def _complete(self, effect: fx.Complete) -> None:
-        from ..rref import RRef
         with self._lock:
             pending = self._pending.pop(effect.request_id, None)
-        wrappers = [RRef._adopt(self, record) for record in effect.rrefs]
+        wrappers = [self._rref_type._adopt(self, record) for record in effect.rrefs]
         if pending is None:
             return
         try:
@@ -498,11 +496,10 @@ class Agent:
     # ------------------------------------------------------------------
 
     def _run_job(self, job: fx.Execute) -> None:
-        from ..rref import RRef
         if job.kind is fx.JobKind.FETCH:
             self._serve_fetch(job)
             return
-        wrappers = [RRef._adopt(self, record) for record in job.rrefs]
+        wrappers = [self._rref_type._adopt(self, record) for record in job.rrefs]
         load_error = None
         try:
             func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=self.mapper)[0]
