@@ -21,8 +21,11 @@ Data flow::
                       build_rows() -> text table on stdout (+ --markdown, --json)
 
 torch worlds start with ``torch.multiprocessing.spawn`` (MASTER_ADDR/PORT set, a
-fresh free port per world); localrref worlds with ``localrref.spawn``. A backend
-whose import fails is skipped with the reason. Progress goes to stderr.
+fresh free port per world); localrref worlds with ``localrref.spawn``. The
+``world_forkserver`` rows start both backends' workers from one forkserver that
+preloaded torch (an opt-in for either library; the server starts with the run's
+first such world, and the median of K worlds leaves that one out when K >= 3).
+A backend whose import fails is skipped with the reason. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ for _path in (os.path.dirname(_TOOLS), _TOOLS):
 
 import bench_workloads as wl  # noqa: E402
 
-GROUPS = wl.IN_WORLD_GROUPS + ("world",)
+GROUPS = wl.IN_WORLD_GROUPS + ("world", "world_forkserver")
+# What a forkserver imports once, before it forks any worker (opt-in fast start).
+FORKSERVER_PRELOAD = ["torch", "torch.distributed.rpc", "localrref.api", "bench_workloads"]
 GROUP_ALIASES = {"tensor": ("tensor_return", "tensor_arg"), "threads": ("idle",),
                  "cpu": ("idle",), "all": GROUPS}
 DEFAULT_SIZES = (4 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20)
@@ -215,18 +220,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(backend: str, entry: Callable, plan: wl.WorldPlan) -> None:
-    """Start ``plan.world_size`` workers running ``entry(rank, plan)`` and wait for all."""
+def launch(backend: str, entry: Callable, plan: wl.WorldPlan,
+           start_method: str = "spawn") -> None:
+    """Start ``plan.world_size`` workers running ``entry(rank, plan)`` and wait for all.
+
+    ``start_method="forkserver"``: both backends fork their workers from one
+    server that imported :data:`FORKSERVER_PRELOAD` once (it starts with the
+    first such world of the run and serves every later one).
+    """
+    if start_method == "forkserver":
+        import multiprocessing
+        multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
     if backend == "torch":
         import torch.multiprocessing as mp
 
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(plan.port)
-        mp.spawn(entry, args=(plan,), nprocs=plan.world_size, join=True)
+        mp.start_processes(entry, args=(plan,), nprocs=plan.world_size, join=True,
+                           start_method=start_method)
     else:
         import localrref
 
-        localrref.spawn(entry, args=(plan,), nprocs=plan.world_size)
+        localrref.spawn(entry, args=(plan,), nprocs=plan.world_size, start_method=start_method)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,7 +254,7 @@ class WorldRun:
 
 
 def run_world(cfg: Config, backend: str, entry: Callable, *, world_size: int,
-              groups: tuple[str, ...]) -> WorldRun:
+              groups: tuple[str, ...], start_method: str = "spawn") -> WorldRun:
     outdir = tempfile.mkdtemp(prefix=f"bench-{backend}-")
     try:
         plan = wl.WorldPlan(backend=backend, world_size=world_size, outdir=outdir,
@@ -250,7 +265,7 @@ def run_world(cfg: Config, backend: str, entry: Callable, *, world_size: int,
         error = None
         t_spawn = time.monotonic()
         try:
-            launch(backend, entry, plan)
+            launch(backend, entry, plan, start_method)
         except Exception as exc:  # noqa: BLE001 -- a failed world is reported, not fatal
             error = f"world died: {_last_line(exc)}"
             _progress(f"[{backend}] world of {world_size} failed:\n{exc}")
@@ -274,14 +289,16 @@ def run_main_world(cfg: Config, backend: str) -> dict:
     return out
 
 
-def run_start_worlds(cfg: Config, backend: str) -> dict:
+def run_start_worlds(cfg: Config, backend: str, start_method: str = "spawn") -> dict:
     """K worlds per size: spawn -> every init_rpc returned, and last shutdown call -> all done."""
     by_size: dict[str, dict] = {}
     for size in cfg.world_sizes:
         starts, stops, errors = [], [], []
         for k in range(cfg.worlds):
-            _progress(f"[{backend}] start/shutdown world {k + 1}/{cfg.worlds}, {size} workers")
-            run = run_world(cfg, backend, wl.start_world_entry, world_size=size, groups=())
+            _progress(f"[{backend}] start/shutdown world {k + 1}/{cfg.worlds}, {size} workers "
+                      f"({start_method})")
+            run = run_world(cfg, backend, wl.start_world_entry, world_size=size, groups=(),
+                            start_method=start_method)
             if run.error or len(run.ranks) != size:
                 errors.append(run.error or f"only {len(run.ranks)} of {size} ranks reported")
                 continue
@@ -299,6 +316,8 @@ def run_backend(cfg: Config, backend: str) -> dict:
         results.update(run_main_world(cfg, backend))
     if "world" in cfg.groups:
         results["world"] = run_start_worlds(cfg, backend)
+    if "world_forkserver" in cfg.groups:
+        results["world_forkserver"] = run_start_worlds(cfg, backend, "forkserver")
     return results
 
 
@@ -343,9 +362,9 @@ def _aggregate(group: str, field_name: str, how: Callable) -> Callable[[dict], o
     return pick
 
 
-def _world_median(size: int, field_name: str) -> Callable[[dict], object]:
+def _world_median(size: int, field_name: str, group: str = "world") -> Callable[[dict], object]:
     def pick(res: dict) -> object:
-        values = _get("world", str(size), field_name)(res)
+        values = _get(group, str(size), field_name)(res)
         return statistics.median(values) if values else None
     return pick
 
@@ -393,6 +412,11 @@ def build_rows(cfg: Config) -> list[Row]:
                 pick=_world_median(n, "shutdown_ms")),
         ]
     rows += [
+        Row(key=f"world_fs_start_{n}", group="world_forkserver",
+            label=f"world start, {n} workers, opt-in forkserver, torch preloaded",
+            unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_forkserver"))
+        for n in cfg.world_sizes]
+    rows += [
         Row(key="threads", group="idle",
             label=f"threads per worker (mean of {wl.MAIN_WORLD_SIZE})", unit="threads",
             better="lower", pick=_aggregate("idle", "threads", statistics.mean)),
@@ -411,9 +435,9 @@ def cell(row: Row, res: dict | None) -> object:
         group_result = res.get(row.group)
         error = group_result.get("error") if isinstance(group_result, dict) else None
         error = error or res.get("errors", {}).get(row.group)
-        if row.group == "world":
+        if row.group in ("world", "world_forkserver"):
             size = row.key.rsplit("_", 1)[-1]
-            error = error or next(iter(_get("world", size, "errors")(res) or []), None)
+            error = error or next(iter(_get(row.group, size, "errors")(res) or []), None)
         if error:
             return f"error: {error}"
     return value

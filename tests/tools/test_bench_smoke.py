@@ -143,3 +143,21 @@ def test_tiny_run_fills_every_row_and_leaves_nothing_behind(backend, tmp_path):
     # A worker still exiting after the launcher returned gets a short grace, then fails the test.
     _, alive = psutil.wait_procs(leftovers, timeout=5)
     assert not alive, f"bench left processes behind: {alive}"
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(90)
+def test_forkserver_start_rows_fill_and_the_server_goes_with_the_run(tmp_path):
+    token = uuid.uuid4().hex
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--backends", "localrref", "--rows", "world_forkserver",
+         "--world-sizes", "2", "--worlds", "1", "--watchdog", "60", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "BENCH_SMOKE_TOKEN": token},
+        capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    values = {row["key"]: row["values"]["localrref"] for row in report["rows"]}
+    assert isinstance(values["world_fs_start_2"], float) and values["world_fs_start_2"] > 0
+    _, alive = psutil.wait_procs(_processes_with_token(token), timeout=5)
+    assert not alive, f"bench left processes behind (the forkserver?): {alive}"
