@@ -172,6 +172,7 @@ class Agent:
         self._io_lock = threading.Lock()
         self._io_cv = threading.Condition(self._io_lock)
         self._io_threads: set[threading.Thread] = set()
+        self._io_idents: set[int] = set()  # idents of the live IO threads
         self._followers = 0              # IO threads waiting for the inbox
         self._leader: int | None = None  # thread ident of the inbox's reader
         self._leader_busy = False        # the leader is out carrying out effects
@@ -627,6 +628,7 @@ class Agent:
         are done, or retires when enough followers already wait.
         """
         me = threading.get_ident()
+        self._io_idents.add(me)
         try:
             while True:
                 with self._io_cv:
@@ -665,6 +667,7 @@ class Agent:
         finally:
             with self._io_lock:
                 self._io_threads.discard(threading.current_thread())
+                self._io_idents.discard(me)
 
     def _busy_begin(self) -> None:
         with self._io_lock:
@@ -750,9 +753,12 @@ class Agent:
             if leader is None or self._parked:
                 self._leader, self._parked, self._leader_busy = me, False, False
                 return True
-            if leader == me or self._leader_busy or self._handoff_to is not None:
+            if (leader == me or self._leader_busy or self._handoff_to is not None
+                    or leader not in self._io_idents):
                 # This thread is the reader inside user code, the reader is out
-                # in user code, or another thread already asked: let them read.
+                # in user code, another thread already asked, or another
+                # waiting caller reads (it only hands over when done): let
+                # them read.
                 return False
             self._handoff_to = me
         if not self.endpoint.nudge():
