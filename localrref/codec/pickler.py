@@ -40,6 +40,8 @@ _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Tensor persistent ids are single bytes objects: a tag, then a packed header.
 _HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG = b"t", b"p", b"i"
 _INLINE = struct.Struct("<cB??B")  # tag, dtype code, requires_grad, is_param, ndim
+# A payload that is one tensor's persistent id (a pickle starts with b"\x80").
+_BARE_TENSOR = b"\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,37 +61,61 @@ class _Pickler(pickle.Pickler):
         self._rref_type = rref_type
         self.forks: list = []
         self.handles: list = []
+        # Pickle memoizes objects but not persistent ids: an RRef or tensor
+        # met again in the same payload becomes ("a", k), "the k-th one
+        # again", so the receiver gets one object back, as torch's pickler
+        # (whose reducers are memoized) gives.
+        self._seen: dict[int, int] = {}
+        self._kept: list = []  # keeps the ids in _seen from being reused
 
     def persistent_id(self, obj):
         if self._rref_type is not None and isinstance(obj, self._rref_type):
-            self.forks.append(self._fork(obj))
-            return ("r", len(self.forks) - 1)
-        if type(obj) in _TENSOR_TYPES:
-            return self._tensor_id(obj)
-        return None
+            make = self._rref_id
+        elif type(obj) in _TENSOR_TYPES:
+            make = self._tensor_id
+        else:
+            return None
+        index = self._seen.get(id(obj))
+        if index is not None:
+            return ("a", index)
+        pid = make(obj)
+        if pid is not None:
+            self._seen[id(obj)] = len(self._kept)
+            self._kept.append(obj)
+        return pid
+
+    def _rref_id(self, rref):
+        self.forks.append(self._fork(rref))
+        return ("r", len(self.forks) - 1)
 
     def _tensor_id(self, tensor: torch.Tensor):
-        if tensor.device.type != "cpu":
-            raise TypeError(f"localrref moves CPU tensors only; got a tensor on {tensor.device}. "
-                            f"Move it with .cpu() before sending")
-        if tensor.is_sparse or tensor.is_quantized or tensor.layout != torch.strided:
-            return None  # torch's own reducer handles the exotic layouts
-        is_param = isinstance(tensor, torch.nn.Parameter)
-        requires_grad = tensor.requires_grad
-        known_dtype = tensor.dtype in DTYPE_CODES
-        if known_dtype and self._pool is not None and self._pool.wants(tensor):
-            handle = self._pool.export(tensor)
-            self.handles.append(handle)
-            # One bytes object: the pickler asks persistent_id about nothing inside it.
-            return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
-        flat = tensor.detach().contiguous()
-        data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        if known_dtype:
-            ndim = flat.dim()
-            return b"".join((_INLINE.pack(_INLINE_TAG, DTYPE_CODES[flat.dtype], requires_grad,
-                                          is_param, ndim),
-                             struct.pack(f"<{ndim}q", *flat.shape), data))
-        return ("i", flat.dtype, tuple(flat.shape), data, requires_grad, is_param)
+        return _tensor_pid(tensor, self._pool, self.handles)
+
+
+def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
+    """A tensor's persistent id (exported tensors' handles go to ``handles``), or
+    None for layouts torch's own reducer handles."""
+    if tensor.device.type != "cpu":
+        raise TypeError(f"localrref moves CPU tensors only; got a tensor on {tensor.device}. "
+                        f"Move it with .cpu() before sending")
+    if tensor.is_sparse or tensor.is_quantized or tensor.layout != torch.strided:
+        return None  # torch's own reducer handles the exotic layouts
+    is_param = isinstance(tensor, torch.nn.Parameter)
+    requires_grad = tensor.requires_grad
+    known_dtype = tensor.dtype in DTYPE_CODES
+    if known_dtype and pool is not None and pool.wants(tensor):
+        handle = pool.export(tensor)
+        handles.append(handle)
+        # One bytes object: the pickler asks persistent_id about nothing inside it.
+        return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
+    flat = tensor.detach().contiguous()
+    data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    if known_dtype:
+        ndim = flat.dim()
+        return b"".join((_INLINE.pack(_INLINE_TAG, DTYPE_CODES[flat.dtype], requires_grad,
+                                      is_param, ndim),
+                         struct.pack(f"<{ndim}q", *flat.shape), data))
+    return ("i", flat.dtype, tuple(flat.shape), data, requires_grad, is_param)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -98,19 +124,23 @@ class _Unpickler(pickle.Unpickler):
         self._rrefs = rrefs
         self._mapper = mapper
         self.used = set()
+        self._loaded: list = []  # persistent objects in stream order, for ("a", k)
 
     def persistent_load(self, pid):
+        if type(pid) is tuple and pid[0] == "a":
+            return self._loaded[pid[1]]
+        obj = self._load(pid)
+        self._loaded.append(obj)
+        return obj
+
+    def _load(self, pid):
         if type(pid) is bytes:
-            return self._load_tensor(pid)
+            return _load_tensor(pid, self._mapper)
         kind = pid[0]
         if kind == "r":
             index = pid[1]
             self.used.add(index)
             return self._rrefs[index]
-        if kind == "t":
-            _, handle, is_param = pid
-            tensor = self._mapper.import_(handle)
-            return torch.nn.Parameter(tensor, handle.requires_grad) if is_param else tensor
         if kind == "i":
             _, dtype, shape, data, requires_grad, is_param = pid
             if data:
@@ -123,27 +153,30 @@ class _Unpickler(pickle.Unpickler):
             return tensor.requires_grad_(requires_grad) if requires_grad else tensor
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
-    def _load_tensor(self, pid: bytes):
-        tag = pid[:1]
-        if tag == _HANDLE_TAG or tag == _PARAM_HANDLE:
-            tensor = self._mapper.import_(TensorHandle.unpack(memoryview(pid)[1:]))
-            if tag == _PARAM_HANDLE:
-                return torch.nn.Parameter(tensor, tensor.requires_grad)
-            return tensor
-        if tag == _INLINE_TAG:
-            _, code, requires_grad, is_param, ndim = _INLINE.unpack_from(pid)
-            shape = struct.unpack_from(f"<{ndim}q", pid, _INLINE.size)
-            start = _INLINE.size + 8 * ndim
-            dtype = DTYPES[code]
-            if len(pid) > start:
-                tensor = torch.frombuffer(bytearray(memoryview(pid)[start:]),
-                                          dtype=torch.uint8).view(dtype).reshape(shape)
-            else:
-                tensor = torch.empty(shape, dtype=dtype)
-            if is_param:
-                return torch.nn.Parameter(tensor, requires_grad)
-            return tensor.requires_grad_(requires_grad) if requires_grad else tensor
-        raise pickle.UnpicklingError(f"unknown persistent id {pid[:16]!r}")
+
+
+def _load_tensor(pid: bytes, mapper):
+    """The tensor a bytes persistent id describes (see _tensor_pid)."""
+    tag = pid[:1]
+    if tag == _HANDLE_TAG or tag == _PARAM_HANDLE:
+        tensor = mapper.import_(TensorHandle.unpack(memoryview(pid)[1:]))
+        if tag == _PARAM_HANDLE:
+            return torch.nn.Parameter(tensor, tensor.requires_grad)
+        return tensor
+    if tag == _INLINE_TAG:
+        _, code, requires_grad, is_param, ndim = _INLINE.unpack_from(pid)
+        shape = struct.unpack_from(f"<{ndim}q", pid, _INLINE.size)
+        start = _INLINE.size + 8 * ndim
+        dtype = DTYPES[code]
+        if len(pid) > start:
+            tensor = torch.frombuffer(bytearray(memoryview(pid)[start:]),
+                                      dtype=torch.uint8).view(dtype).reshape(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
+        if is_param:
+            return torch.nn.Parameter(tensor, requires_grad)
+        return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+    raise pickle.UnpicklingError(f"unknown persistent id {pid[:16]!r}")
 
 
 def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded:
@@ -153,6 +186,13 @@ def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded
     exported tensor is released, then the error is re-raised as a
     ``TypeError`` naming the object that could not be pickled.
     """
+    if type(obj) is torch.Tensor:
+        # A bare tensor (a common return value): its persistent id is the
+        # whole payload, no pickle stream around it.
+        handles: list = []
+        pid = _tensor_pid(obj, pool, handles)
+        if type(pid) is bytes:
+            return Encoded(_BARE_TENSOR + pid, (), tuple(handles))
     buffer = io.BytesIO()
     pickler = _Pickler(buffer, fork=fork, pool=pool, rref_type=rref_type)
     try:
@@ -176,6 +216,8 @@ def loads(data: bytes, *, rrefs=(), mapper=None):
     Returns ``(obj, unused)``: the indices of ``rrefs`` the stream never
     referred to (their holders must release them).
     """
+    if data[:1] == _BARE_TENSOR:
+        return _load_tensor(data[1:], mapper), list(range(len(rrefs)))
     unpickler = _Unpickler(io.BytesIO(data), rrefs=rrefs, mapper=mapper)
     obj = unpickler.load()
     unused = [i for i in range(len(rrefs)) if i not in unpickler.used]

@@ -1,0 +1,124 @@
+"""Payload pickling: tensors (inline, shared memory, bare), RRef side tables, failures."""
+
+import pytest
+import torch
+
+from localrref.codec.pickler import dumps, loads
+from localrref.transport.shm import DTYPES, ShmMapper, ShmPool, new_world_id, \
+    sweep_world_segments, world_segments
+
+
+@pytest.fixture
+def lane():
+    world = new_world_id()
+    pool, mapper = ShmPool(world, 0, threshold=1024), ShmMapper()
+    yield pool, mapper
+    pool.close()
+    mapper.close()
+    sweep_world_segments(world)
+
+
+def round_trip(obj, lane, **kw):
+    pool, mapper = lane
+    encoded = dumps(obj, pool=pool, **kw)
+    return encoded, loads(encoded.data, mapper=mapper, rrefs=kw.pop("rrefs", ()))[0]
+
+
+def sample(dtype, n):
+    if dtype == torch.bool:
+        return torch.arange(n) % 3 == 0
+    if dtype.is_complex:
+        return torch.complex(torch.arange(n, dtype=torch.float32),
+                             -torch.arange(n, dtype=torch.float32)).to(dtype)
+    if dtype.is_floating_point:
+        return (torch.arange(n, dtype=torch.float32) / 7).to(dtype)
+    return (torch.arange(n) % 100).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d not in (
+    torch.complex32, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))],
+    ids=str)
+@pytest.mark.parametrize("n", [0, 3, 4096], ids=["empty", "inline", "shared"])
+@pytest.mark.parametrize("bare", [True, False], ids=["bare", "in-tuple"])
+def test_tensors_round_trip_exactly(dtype, n, bare, lane):
+    tensor = sample(dtype, n)
+    _, back = round_trip(tensor if bare else (1, [tensor], {"k": tensor}), lane)
+    got = back if bare else back[1][0]
+    assert got.dtype == dtype and got.shape == tensor.shape and torch.equal(got, tensor)
+    if not bare:
+        assert back[2]["k"] is got  # one tensor, pickled once, comes back once
+
+
+def test_a_bare_tensor_is_not_a_pickle_and_a_parameter_keeps_its_type(lane):
+    encoded, back = round_trip(torch.ones(8), lane)
+    assert encoded.data[:1] == b"\x00" and torch.equal(back, torch.ones(8))
+    param = torch.nn.Parameter(torch.ones(2048))
+    encoded, back = round_trip(param, lane)
+    assert encoded.data[:1] == b"\x80"  # Parameters go through the pickler
+    assert type(back) is torch.nn.Parameter and back.requires_grad and torch.equal(back, param)
+
+
+def test_views_arrive_with_their_values_and_grad_flags(lane):
+    base = torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64)
+    for view in (base.t(), base[::2, 1::3], base[5]):
+        for requires_grad in (False, True):
+            sent = view.detach().clone().requires_grad_(requires_grad) if requires_grad \
+                else view
+            _, back = round_trip(sent, lane)
+            assert torch.equal(back.detach(), view) and back.requires_grad == requires_grad
+
+
+def test_a_received_shared_tensor_is_a_copy_and_frees_its_block(lane):
+    pool, _ = lane
+    sent = torch.ones(4096)
+    encoded, back = round_trip(sent, lane)
+    assert len(encoded.tensor_handles) == 1
+    back.fill_(5)
+    assert bool((sent == 1).all())
+    assert pool.stats().blocks_in_use == 1
+    del back
+    assert pool.stats().blocks_in_use == 0
+
+
+def test_rrefs_become_side_table_indices():
+    class FakeRRef:
+        pass
+
+    forked = []
+    a, b = FakeRRef(), FakeRRef()
+    encoded = dumps([a, b, a], fork=lambda r: forked.append(r) or f"fork{len(forked)}",
+                    rref_type=FakeRRef)
+    # The same RRef twice is forked once and comes back as one object.
+    assert forked == [a, b] and encoded.forks == ("fork1", "fork2")
+    value, unused = loads(encoded.data, rrefs=[["x"], ["y"], ["spare"]])
+    assert value == [["x"], ["y"], ["x"]] and value[0] is value[2] and unused == [2]
+
+
+def test_one_tensor_twice_in_a_payload_is_exported_once_and_arrives_once(lane):
+    pool, _ = lane
+    big, small = torch.ones(4096), torch.zeros(3)
+    encoded, back = round_trip([big, small, big, small, torch.zeros(3)], lane)
+    assert len(encoded.tensor_handles) == 1
+    assert back[0] is back[2] and back[1] is back[3] and back[4] is not back[1]
+    assert torch.equal(back[4], small)
+
+
+def test_an_unpicklable_object_is_named_and_forks_are_abandoned():
+    class FakeRRef:
+        pass
+
+    abandoned = []
+    with pytest.raises(TypeError, match="not picklable.*lambda"):
+        dumps([FakeRRef(), lambda: 1], fork=lambda r: "f", abandon=abandoned.append,
+              rref_type=FakeRRef)
+    assert abandoned == ["f"]
+
+
+def test_nothing_is_left_in_dev_shm_after_close():
+    world = new_world_id()
+    pool, mapper = ShmPool(world, 0, threshold=1), ShmMapper()
+    back = loads(dumps(torch.ones(10), pool=pool).data, mapper=mapper)[0]
+    del back
+    pool.close()
+    mapper.close()
+    assert world_segments(world) == []
