@@ -111,6 +111,11 @@ _SRC = struct.Struct("<i")
 # The largest frame sent inline: header, rank and frame fill one PIPE_BUF.
 MAX_INLINE = PIPE_BUF - _LENGTH.size - _SRC.size
 
+# Spin while at most this many tasks beyond the CPUs want to run. 0 was too
+# strict where workers outnumber cores but mostly wait on one another (fork
+# churn, 3 workers on 2 cores: 1,960 against 2,260 ops/s with 1).
+_SPIN_SLACK = 1
+
 # One read takes up to this many bytes: every whole frame waiting, typically.
 _READ_SIZE = 1 << 16
 
@@ -206,6 +211,8 @@ class Endpoint:
         self._spin_pays = True  # the last wait ended within spin_s
         self._spinning = False
         self._nudged = False
+        self._cpus = _usable_cpus()
+        self._loadavg = _open_loadavg() if spin_s else None
         self._src = _SRC.pack(rank)
         self._blob_src = _SRC.pack(~rank)
         self._blob_pool = blob_pool
@@ -330,7 +337,7 @@ class Endpoint:
             self._spin_pays = True
             return ready
         spun = False
-        if self._spin_s and self._spin_pays:
+        if self._spin_s and self._spin_pays and self._cpu_is_free():
             spun = True
             start = time.perf_counter()
             end = start + (self._spin_s if timeout is None else min(self._spin_s, timeout))
@@ -355,6 +362,18 @@ class Endpoint:
         ready = poll(_poll_ms(timeout))
         self._spin_pays = not spun and time.perf_counter() - start < self._spin_s
         return ready
+
+    def _cpu_is_free(self) -> bool:
+        """False when clearly more tasks want to run than there are CPUs: a
+        spin would then take a CPU from real work (workers computing), so
+        sleep. Read from /proc/loadavg's running count, 0.5 us a look."""
+        if self._loadavg is None:
+            return True
+        try:
+            running = int(os.pread(self._loadavg, 64, 0).split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            return True
+        return running <= self._cpus + _SPIN_SLACK
 
     def _next_buffered(self) -> bytes | None:
         buffer = self._buffer
@@ -444,6 +463,9 @@ class Endpoint:
                     self._wake_open = False
                     os.close(self._wake_r)
                     os.close(self._wake_w)
+                if self._loadavg is not None:  # no recv uses it now
+                    os.close(self._loadavg)
+                    self._loadavg = None
             finally:
                 self._recv_lock.release()
         if self._own_mapper:
@@ -459,6 +481,20 @@ class Endpoint:
                 pass
         except BlockingIOError:
             pass
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _open_loadavg() -> int | None:
+    try:
+        return os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # not Linux: spin whenever spinning pays
 
 
 def _poll_ms(timeout: float | None) -> int:

@@ -10,6 +10,7 @@ import fcntl
 import gc
 import logging
 import multiprocessing as mp
+import os
 import signal
 import struct
 import termios
@@ -229,6 +230,7 @@ def test_spinning_turns_off_after_a_slow_wait_and_on_after_a_quick_one(inboxes):
 
 def test_a_frame_arriving_while_the_reader_spins_is_received(inboxes):
     ep = Endpoint(0, inboxes, spin_s=10.0)  # spins for the whole wait
+    ep._cpu_is_free = lambda: True
     sender = threading.Timer(0.05, ep.send, args=(0, b"late"))
     sender.start()
     try:
@@ -238,8 +240,37 @@ def test_a_frame_arriving_while_the_reader_spins_is_received(inboxes):
         ep.close()
 
 
+def fake_loadavg(tmp_path, running: int) -> int:
+    path = tmp_path / f"loadavg{running}"
+    path.write_bytes(f"1.00 0.90 0.80 {running}/321 4567\n".encode())
+    return os.open(path, os.O_RDONLY)
+
+
+def test_spinning_waits_for_a_free_cpu(inboxes, tmp_path):
+    ep = Endpoint(0, inboxes, spin_s=1.0)
+    real = ep._loadavg
+    try:
+        ep._cpus = 2
+        for running, free in ((1, True), (3, True), (4, False), (40, False)):
+            ep._loadavg = fake_loadavg(tmp_path, running)
+            assert ep._cpu_is_free() is free, running
+            os.close(ep._loadavg)
+        # Busy CPUs: the wait sleeps at once. Not having spun, a 50 ms wait
+        # (under spin_s) leaves spinning "paying"; a spin that timed out would not.
+        ep._loadavg = fake_loadavg(tmp_path, 40)
+        assert ep.recv(timeout=0.05) is None and ep._spin_pays
+        os.close(ep._loadavg)
+        ep._loadavg = fake_loadavg(tmp_path, 1)
+        assert ep.recv(timeout=0.05) is None and not ep._spin_pays
+    finally:
+        os.close(ep._loadavg)
+        ep._loadavg = real
+        ep.close()
+
+
 def test_nudge_ends_a_spinning_recv_and_says_when_nobody_spins(inboxes):
     ep = Endpoint(0, inboxes, spin_s=30.0)  # spins for the whole wait
+    ep._cpu_is_free = lambda: True          # however busy this machine is
     try:
         assert ep.nudge() is False  # nobody in recv: the caller must wake some other way
         results = []
