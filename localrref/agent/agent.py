@@ -377,11 +377,12 @@ class Agent:
         # The inbox's reader, if it spins, takes the release on its next
         # turn; otherwise the housekeeper is woken for it (a wake-up costs
         # tens of microseconds here, see Endpoint._wait_readable).
-        if self.endpoint.nudge():
+        if self._leader == threading.get_ident() or self._parked:
+            # The thread holding the inbox (this one, running a job or a
+            # callback, or one parked between calls) takes it before its
+            # next read; if a parked one stays away, the watch does.
             return
-        if self._parked:
-            # The thread holding the inbox takes it before its next wait;
-            # if it stays away, the housekeeper's watch does (_watch_tick).
+        if self.endpoint.nudge():
             return
         self._wake_housekeeper(b"r")
 
@@ -660,7 +661,10 @@ class Agent:
                             self._run(effects, inline_jobs=True)
                         except Exception:
                             log.exception("localrref: error carrying out effects")
-                        if not self._busy_end(me):
+                        still_leader = self._busy_end(me)
+                        if self._releases:  # RRefs the job dropped (see defer_release)
+                            self._take_releases()
+                        if not still_leader:
                             break  # deposed meanwhile: another thread reads the inbox
                     self._signal_progress()
                     if self._handoff_to is not None and self._hand_off(me):
@@ -812,7 +816,10 @@ class Agent:
                     self._run(mine)
                 except Exception:
                     log.exception("localrref: error carrying out effects")
-                if not self._busy_end(me):
+                still_leader = self._busy_end(me)
+                if self._releases:
+                    self._take_releases()
+                if not still_leader:
                     return
             self._signal_progress()
 
