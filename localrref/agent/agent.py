@@ -682,10 +682,15 @@ class Agent:
         with self._io_lock:
             self._leader_busy = True
             self._busy_spells += 1
-            start_watching = not self._watching
-            self._watching = True
+            start_watching = self._start_watching_locked()
         if start_watching:
             self._wake_housekeeper(b"w")
+
+    def _start_watching_locked(self) -> bool:
+        """Turn the watch on; True if the housekeeper must be woken for it."""
+        start = not self._watching
+        self._watching = True
+        return start
 
     def _busy_end(self, me: int) -> bool:
         """Back from carrying out effects: True if this thread still leads."""
@@ -848,8 +853,7 @@ class Agent:
                 return
             self._parked = True
             self._parks += 1
-            start_watching = not self._watching
-            self._watching = True
+            start_watching = self._start_watching_locked()
         if start_watching:
             self._wake_housekeeper(b"w")
 

@@ -143,14 +143,7 @@ class _Unpickler(pickle.Unpickler):
             return self._rrefs[index]
         if kind == "i":
             _, dtype, shape, data, requires_grad, is_param = pid
-            if data:
-                tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
-                tensor = tensor.reshape(shape)
-            else:
-                tensor = torch.empty(shape, dtype=dtype)
-            if is_param:
-                return torch.nn.Parameter(tensor, requires_grad)
-            return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+            return _inline_tensor(data, dtype, shape, requires_grad, is_param)
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
@@ -166,17 +159,20 @@ def _load_tensor(pid: bytes, mapper):
     if tag == _INLINE_TAG:
         _, code, requires_grad, is_param, ndim = _INLINE.unpack_from(pid)
         shape = struct.unpack_from(f"<{ndim}q", pid, _INLINE.size)
-        start = _INLINE.size + 8 * ndim
-        dtype = DTYPES[code]
-        if len(pid) > start:
-            tensor = torch.frombuffer(bytearray(memoryview(pid)[start:]),
-                                      dtype=torch.uint8).view(dtype).reshape(shape)
-        else:
-            tensor = torch.empty(shape, dtype=dtype)
-        if is_param:
-            return torch.nn.Parameter(tensor, requires_grad)
-        return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+        data = memoryview(pid)[_INLINE.size + 8 * ndim:]
+        return _inline_tensor(data, DTYPES[code], shape, requires_grad, is_param)
     raise pickle.UnpicklingError(f"unknown persistent id {pid[:16]!r}")
+
+
+def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> torch.Tensor:
+    """A tensor of its own (writable) memory holding the bytes ``data``."""
+    if len(data):
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    else:
+        tensor = torch.empty(shape, dtype=dtype)
+    if is_param:
+        return torch.nn.Parameter(tensor, requires_grad)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
 def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded:
