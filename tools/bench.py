@@ -75,6 +75,7 @@ class Config:
     tp_transports: tuple[str, ...]
     tp_channels: tuple[str, ...]
     watchdog_s: float
+    repeat: int = 1
 
 
 def parse_size(text: str) -> int:
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fewer iterations and tensors up to 16 MB (~1 min for both backends)")
     p.add_argument("--sizes", type=lambda s: tuple(parse_size(x) for x in s.split(",") if x),
                    default=None, help="tensor sizes, e.g. 4K,1M,16M (default 4K..256M)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every backend R times, alternating (torch, localrref, then "
+                        "localrref, torch, ...); each number is the median of the R runs. "
+                        "On a noisy machine this steadies the ratios (default 1)")
     p.add_argument("--worlds", type=int, default=None,
                    help="K worlds per start/shutdown row; the median is reported "
                         "(default 3, 1 with --quick)")
@@ -189,12 +194,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     worlds = args.worlds if args.worlds is not None else (1 if args.quick else 3)
     if worlds < 1:
         raise SystemExit("--worlds must be at least 1")
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     return Config(backends=args.backends, groups=args.rows,
                   iters=make_iterations(quick=args.quick, scale=args.scale, sizes=sizes),
                   world_sizes=args.world_sizes, worlds=worlds,
                   tp_transports=split(args.tp_transports), tp_channels=split(args.tp_channels),
-                  watchdog_s=args.watchdog)
+                  watchdog_s=args.watchdog, repeat=args.repeat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,8 +511,10 @@ def render_markdown(rows: list[Row], results: dict[str, dict | None], meta: dict
         f"{meta['tp_transports']}, channels: {meta['tp_channels']}; "
         f"1-min load average at start {meta.get('loadavg_1min_at_start', '?')}.",
         f"In-world rows use one {wl.MAIN_WORLD_SIZE}-worker world; start/shutdown rows are the "
-        f"median of {meta['worlds']} world(s). Ratio = localrref / torch; the \"better\" column "
-        "says which direction wins.",
+        f"median of {meta['worlds']} world(s)"
+        + (f"; every number is the median of {meta['repeat']} runs per backend, the backends "
+           f"alternating" if meta.get("repeat", 1) > 1 else "")
+        + ". Ratio = localrref / torch; the \"better\" column says which direction wins.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|---|---|---:|---:|---:|",
@@ -535,7 +544,7 @@ def machine_meta(cfg: Config, argv: list[str], loadavg: float) -> dict:
         "python": platform.python_version(), "torch": torch.__version__,
         "tp_transports": ",".join(cfg.tp_transports) or "torch default",
         "tp_channels": ",".join(cfg.tp_channels) or "torch default",
-        "worlds": cfg.worlds, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "worlds": cfg.worlds, "repeat": cfg.repeat, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         # Other work on a small machine moves every number; the load says how busy it was.
         "loadavg_1min_at_start": round(loadavg, 2),
     }
@@ -558,17 +567,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     loadavg = os.getloadavg()[0]
-    results: dict[str, dict | None] = {}
+    runs: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
     for backend in cfg.backends:
         problem = backend_problem(backend)
         if problem:
             skipped[backend] = problem
             _progress(f"[{backend}] skipped: {problem}")
-            continue
-        t0 = time.monotonic()
-        results[backend] = run_backend(cfg, backend)
-        _progress(f"[{backend}] done in {time.monotonic() - t0:.1f} s")
+        else:
+            runs[backend] = []
+    for round_ in range(cfg.repeat):
+        # Alternate the order, so neither backend always runs first.
+        order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+        for backend in order:
+            t0 = time.monotonic()
+            runs[backend].append(run_backend(cfg, backend))
+            _progress(f"[{backend}] run {round_ + 1}/{cfg.repeat} done in "
+                      f"{time.monotonic() - t0:.1f} s")
+    results: dict[str, dict | None] = {b: merge_runs(r) for b, r in runs.items()}
     rows = build_rows(cfg)
     meta = machine_meta(cfg, argv, loadavg) | {"skipped": skipped}
     print(render_text(rows, results))
@@ -582,6 +598,28 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(to_json(rows, results, meta, cfg), fh, indent=2)
     ran = [b for b in cfg.backends if b in results]
     return 0 if ran else 2
+
+
+def merge_runs(runs: list):
+    """One backend's repeated results as one: numbers -> median, lists -> joined
+    (their rows take a median themselves), yes/no -> all, anything else -> the first."""
+    if len(runs) == 1:
+        return runs[0]
+    present = [r for r in runs if r is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for r in present if isinstance(r, dict) for k in r))
+        return {k: merge_runs([r.get(k) for r in present if isinstance(r, dict) and k in r])
+                for k in keys}
+    if isinstance(first, bool):
+        return all(bool(r) for r in present)
+    if isinstance(first, (int, float)) and all(isinstance(r, (int, float)) for r in present):
+        return statistics.median(present)
+    if isinstance(first, list):
+        return [item for r in present if isinstance(r, list) for item in r]
+    return first
 
 
 def _read_json(path: str) -> dict | None:

@@ -92,6 +92,24 @@ def test_report_gives_ratio_localrref_over_torch_and_flags_failures():
     assert sync_line == "| rpc_sync no-op latency p50 (us) | lower | 100 | 50.0 | 0.50× |"
 
 
+def test_repeated_runs_merge_to_medians_joined_lists_and_all():
+    runs = [
+        {"sync": {"p50_us": 100.0}, "fork": {"drained": True, "tables": {"n": 0}},
+         "world": {"4": {"start_ms": [1.0, 2.0], "errors": []}}, "note": "first"},
+        {"sync": {"p50_us": 300.0}, "fork": {"drained": False, "tables": {"n": 2}},
+         "world": {"4": {"start_ms": [3.0], "errors": ["boom"]}}, "note": "second"},
+        {"sync": {"p50_us": 200.0}, "fork": {"drained": True, "tables": {"n": 1}}},
+    ]
+    merged = bench.merge_runs(runs)
+    assert merged["sync"]["p50_us"] == 200.0
+    assert merged["fork"] == {"drained": False, "tables": {"n": 1}}
+    assert merged["world"]["4"] == {"start_ms": [1.0, 2.0, 3.0], "errors": ["boom"]}
+    assert merged["note"] == "first"
+    assert bench.merge_runs([runs[0]]) is runs[0]
+    with pytest.raises(SystemExit):
+        bench.config_from_args(bench.build_parser().parse_args(["--repeat", "0"]))
+
+
 # --- a real run through the CLI ----------------------------------------------------------------
 
 def _backend_param(name: str):
