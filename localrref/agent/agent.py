@@ -950,7 +950,15 @@ class Agent:
             effects = self.core.on_peer_gone(rank, error, now=time.monotonic())
         with self._peers_ready:
             self._peers_ready.notify_all()
-        self._run(effects)
+        if threading.get_ident() in self._io_idents:
+            self._run(effects)
+        else:
+            # Read by a caller waiting for its reply (wait_reply): the failed
+            # futures' callbacks are user code, and must not run on it.
+            try:
+                self.executor.submit(self._run, effects)
+            except Exception:
+                self._run(effects)
         with self._control_cv:
             self._control_cv.notify_all()
         self._signal_progress()
