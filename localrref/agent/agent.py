@@ -223,9 +223,10 @@ class Agent:
         names = collections.Counter(p.name for p in self._peers.values())
         duplicates = sorted(n for n, c in names.items() if c > 1)
         if duplicates:
-            raise RuntimeError(f"worker name {duplicates[0]!r} is not unique: ranks "
-                               f"{sorted(p.rank for p in self._peers.values() if p.name == duplicates[0])}"
-                               f" all use it; give every worker its own name")
+            name = duplicates[0]
+            ranks = sorted(p.rank for p in self._peers.values() if p.name == name)
+            raise RuntimeError(f"worker name {name!r} is not unique: ranks {ranks} all use it; "
+                               f"give every worker its own name")
 
     def _on_hello(self, src: int, rank: int, name: str, pid: int, world_size: int) -> None:
         if world_size != self.world_size:
@@ -732,14 +733,15 @@ class Agent:
         A blocking call (rpc_sync, to_here) that waits on a torch future
         needs a second thread to read the reply and wake it: two wake-ups
         per call in this process, and two threads fighting over the GIL.
-        Instead the waiting thread takes the inbox from the IO thread (the
-        hand-off costs at most a wake-up of the IO thread, in parallel with
-        the call), reads until its reply is in, and then *keeps* the inbox,
-        parked, so that its next call needs no hand-off at all. Jobs it
-        reads go to the pool. Anything else gets the inbox back for the IO
-        threads: an rpc_async or a shutdown by the parked thread, another
-        thread waiting on a future, or the housekeeper's watch when the
-        parked thread stays away for a whole period (2 to 16 ms, ``_WATCH_PERIOD_S``).
+        Instead the waiting thread takes the inbox from the IO thread (only
+        from one that spins, which hands over within a few microseconds; a
+        sleeping one is left to wake for the reply itself), reads until its
+        reply is in, and then *keeps* the inbox, parked, so that its next
+        call needs no hand-off at all. Jobs and other futures' completions it
+        reads go to the pool. The IO threads get the inbox back on an
+        rpc_async or a shutdown by the parked thread, when another thread
+        waits on a future, or when the housekeeper's watch finds the parked
+        thread away for a whole period (2 to 16 ms, ``_WATCH_PERIOD_S``).
         """
         me = threading.get_ident()
         if not future.done() and self._claim_inbox(me):
@@ -815,7 +817,10 @@ class Agent:
                     # Other futures' callbacks are user code that must not
                     # run on this thread (one could wait for this very
                     # caller), and jobs go to the pool.
-                    self.executor.submit(self._run, others)
+                    try:
+                        self.executor.submit(self._run, others)
+                    except Exception:  # the pool is at its limit or closing:
+                        self._run(others)  # better here than never
                 self._busy_begin()
                 try:
                     self._run(mine)
