@@ -149,32 +149,28 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
         ValueError: unknown worker.
         TypeError: an argument cannot be pickled (the message names it).
     """
-    agent = current.require()
-    _check_callable(func)
-    return agent.rpc_async(_to_rank(agent, to), func, tuple(args or ()), dict(kwargs or {}),
-                           timeout)
+    agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
+    return agent.rpc_async(rank, func, args, kwargs, timeout)
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):
     """As :func:`rpc_async`, waiting for the result (remote exceptions re-raised)."""
-    agent = current.require()
-    _check_callable(func)
-    future = agent.rpc_async(_to_rank(agent, to), func, tuple(args or ()), dict(kwargs or {}),
-                             timeout, will_wait=True)
-    return agent.wait_reply(future)
+    agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
+    return agent.wait_reply(agent.rpc_async(rank, func, args, kwargs, timeout, will_wait=True))
 
 
 def remote(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):
     """Run ``func`` on ``to`` and keep the result there; return an ``RRef`` to it at once."""
+    agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
+    return agent.remote(rank, func, args, kwargs, timeout)
+
+
+def _call_args(to, func, args, kwargs) -> tuple[Agent, int, tuple, dict]:
+    """The agent, the destination rank and the normalised arguments of a call."""
     agent = current.require()
-    _check_callable(func)
-    return agent.remote(_to_rank(agent, to), func, tuple(args or ()), dict(kwargs or {}),
-                        timeout)
-
-
-def _check_callable(func) -> None:
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
+    return agent, _to_rank(agent, to), tuple(args or ()), dict(kwargs or {})
 
 
 def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):

@@ -21,14 +21,24 @@ from transport_workers import open_fds
 from localrref.transport.shm import new_world_id, sweep_world_segments, world_segments
 
 
-@pytest.fixture
-def world_id():
+def _checked_world(who: str):
+    """A fresh world id; afterwards, nothing of it may be left in /dev/shm."""
     world = new_world_id()
     yield world
     gc.collect()
     left = world_segments(world)
     sweep_world_segments(world)
-    assert left == [], f"segments left in /dev/shm after the test: {left}"
+    assert left == [], f"segments left in /dev/shm {who}: {left}"
+
+
+@pytest.fixture
+def world_id():
+    yield from _checked_world("after the test")
+
+
+@pytest.fixture(scope="module")
+def peers_world():
+    yield from _checked_world("by the peers")
 
 
 @pytest.fixture(autouse=True)

@@ -44,16 +44,6 @@ def blob_pool(world_id):
 
 
 @pytest.fixture(scope="module")
-def peers_world():
-    world = new_world_id()
-    yield world
-    gc.collect()
-    left = world_segments(world)
-    sweep_world_segments(world)
-    assert left == [], f"segments left in /dev/shm by the peers: {left}"
-
-
-@pytest.fixture(scope="module")
 def echo_peers(peers_world):
     peers = Peers(echo_peer, 2, peers_world, blob_world=peers_world)
     yield peers
