@@ -6,6 +6,7 @@ Signatures, defaults and error texts follow torch's ``rpc/api.py``;
 
 from __future__ import annotations
 
+import atexit
 import logging
 import numbers
 import os
@@ -24,6 +25,23 @@ __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worke
 
 log = logging.getLogger("localrref")
 _init_lock = threading.Lock()
+
+
+@atexit.register
+def _close_at_exit():
+    """A process that exits without ``shutdown()`` still stops its agent first.
+
+    The agent's threads are daemons; left running into interpreter
+    finalization, one that is inside torch (completing a future, say) aborts
+    the whole process ("terminate called without an active exception",
+    pytorch/pytorch#38228) and turns an orderly exit code into SIGABRT.
+    atexit hooks run before finalization begins, so closing here joins them
+    in time. It is not a graceful shutdown: peers see this worker go.
+    """
+    agent = current.get()
+    if agent is not None:
+        current.set(None)
+        agent.close()
 
 
 def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=None):

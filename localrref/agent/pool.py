@@ -10,7 +10,8 @@ fails with :class:`PoolExhaustedError`, which names the limit, instead of
 waiting forever.
 
 Threads: the submitting thread (any), and the pool's own threads, which take
-jobs from one ``SimpleQueue``. ``_lock`` guards only the counters.
+jobs from one ``SimpleQueue``. ``_lock`` guards the counters and the thread set,
+and orders every accepted job before shutdown's stop sentinels.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ class ElasticPool:
                 self._threads += 1
             else:
                 self._idle -= 1
-        self._jobs.put((fn, args))
-        if start:
-            thread = threading.Thread(target=self._work, name=f"{self.name}-{self._threads}",
-                                      daemon=True)
-            with self._lock:
+            # All under the lock that shutdown takes: a job accepted here is
+            # queued ahead of shutdown's stop sentinels, and a thread started
+            # here is one shutdown joins. (Started outside it, a thread could
+            # slip past shutdown and still be running torch code when the
+            # interpreter finalizes, which aborts the process.)
+            self._jobs.put((fn, args))
+            if start:
+                thread = threading.Thread(target=self._work,
+                                          name=f"{self.name}-{self._threads}", daemon=True)
                 self._all.add(thread)
-            thread.start()
+                thread.start()
 
     def _work(self) -> None:
         self._local.pool = self

@@ -11,7 +11,15 @@ pytestmark = [pytest.mark.processes, pytest.mark.timeout(120)]
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 
 
-def launch(*args, env=None):
+@pytest.fixture
+def launch(tmp_path):
+    """Run the launcher; the logs a failed run keeps land in pytest's tmp_path, not /tmp."""
+    def run(*args, env=None):
+        return _launch("--log-dir", str(tmp_path), *args, env=env)
+    return run
+
+
+def _launch(*args, env=None):
     return subprocess.run([sys.executable, "-m", "localrref.launch", *args],
                           capture_output=True, text=True, timeout=100,
                           env={**os.environ, **(env or {})})
@@ -22,7 +30,7 @@ def _clean(leak_free):
     yield
 
 
-def test_the_main_job_trains_and_leaks_nothing():
+def test_the_main_job_trains_and_leaks_nothing(launch):
     run = launch("--nproc-per-node", "3", "--tee", "3", "-m",
                  "localrref.examples.parameter_server", "--steps", "60")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -31,7 +39,7 @@ def test_the_main_job_trains_and_leaks_nothing():
     assert "RRef leak check: no leaked RRefs" in run.stderr
 
 
-def test_a_leak_is_reported_with_its_holder_and_strict_mode_fails():
+def test_a_leak_is_reported_with_its_holder_and_strict_mode_fails(launch):
     script = os.path.join(SCRIPTS, "holds_rrefs.py")
     loose = launch("--nproc-per-node", "2", script,
                    env={"LOCALRREF_RECORD_CREATION_SITES": "1"})
@@ -45,7 +53,7 @@ def test_a_leak_is_reported_with_its_holder_and_strict_mode_fails():
     assert "strict leak checking is on" in strict.stderr
 
 
-def test_a_worker_killed_mid_call_fails_the_caller_at_once_and_is_the_root_cause():
+def test_a_worker_killed_mid_call_fails_the_caller_at_once_and_is_the_root_cause(launch):
     run = launch("--nproc-per-node", "2", "--tee", "3",
                  os.path.join(SCRIPTS, "kill_mid_call.py"))
     assert run.returncode != 0
@@ -53,9 +61,19 @@ def test_a_worker_killed_mid_call_fails_the_caller_at_once_and_is_the_root_cause
     assert "caller saw: WorkerGoneError: worker rank 1 ('worker1')" in run.stdout
     assert "was killed by signal SIGKILL" in run.stdout
     assert "rank      : 1" in run.stderr and "Signal 9 (SIGKILL)" in run.stderr
+    assert "exitcode  : 3" in run.stderr  # rank 0 left with its own code, not SIGABRT
 
 
-def test_a_worker_that_never_reaches_shutdown_is_named():
+def test_a_worker_that_exits_without_shutdown_stops_its_threads_first(launch):
+    run = launch("--nproc-per-node", "2", "--tee", "3",
+                 os.path.join(SCRIPTS, "exits_without_shutdown.py"))
+    assert "rank 0 agent threads before exit: ['localrref-" in run.stdout
+    assert "rank 0 agent threads at exit: []" in run.stdout
+    # Its own exit code, not SIGABRT from a daemon thread caught inside torch.
+    assert "exitcode  : 3" in run.stderr, run.stderr[-3000:]
+
+
+def test_a_worker_that_never_reaches_shutdown_is_named(launch):
     run = launch("--nproc-per-node", "2", "--shutdown-timeout", "2",
                  os.path.join(SCRIPTS, "never_shuts_down.py"))
     assert run.returncode != 0
