@@ -8,7 +8,7 @@ Data flow (one worker; every arrow that leaves the box crosses a process)::
       v
     effects --Send--> Endpoint.send(dst, frame) ---------------------------> peer inbox
                                                                                  |
-    the reader (one thread at a time; see _io_loop and wait_reply):
+    the reader (one thread at a time; see leadership.py and wait_reply):
       an IO thread, or the application thread waiting in rpc_sync/to_here
       Endpoint.recv() <-------------------------------------------------- our inbox
       | decode frame; under the lock: core.handle(src, msg, now)
@@ -58,6 +58,7 @@ from ..world import (
     SHUTDOWN_PROCEED,
     describe_exitcode,
 )
+from .leadership import DEPOSED, LEAD, REQUESTED, Leadership
 from .pool import ElasticPool
 
 __all__ = ["Agent", "WorkerDesc", "wait"]
@@ -65,11 +66,9 @@ __all__ = ["Agent", "WorkerDesc", "wait"]
 log = logging.getLogger("localrref")
 
 HELLO = "__hello__"
-# IO threads kept waiting to take over the inbox; more retire.
-_IDLE_FOLLOWERS = 1
 # How often the housekeeper checks, while the world is busy, whether the
 # inbox's reader has been inside user code (or parked) too long (see
-# _io_loop): every 2 ms at first, twice as long after each check that found
+# leadership.py): every 2 ms at first, twice as long after each check that found
 # nothing wrong, up to 16 ms. Each check wakes a thread (tens of us of CPU on
 # a VM, and a GIL hand-off): at a fixed 2 ms, four busy workers lost 7 % of
 # the main job's throughput to them.
@@ -173,24 +172,11 @@ class Agent:
         # id(record) -> "file:line in function", when the world records creation sites.
         self._sites: dict[int, str] = {}
         self._record_sites = bool(getattr(spec, "record_creation_sites", False))
-        # Leader/followers over the inbox (see _io_loop). Guarded by _io_lock.
-        self._io_lock = threading.Lock()
-        self._io_cv = threading.Condition(self._io_lock)
+        # Who reads the inbox (see leadership.py); _io_threads is guarded by its lock.
+        self._lead = Leadership(start_reader=self._start_io_thread_locked,
+                                wake_watch=lambda: self._wake_housekeeper(b"w"),
+                                on_depose=self._inbox_deposed)
         self._io_threads: set[threading.Thread] = set()
-        self._io_idents: set[int] = set()  # idents of the live IO threads
-        self._followers = 0              # IO threads waiting for the inbox
-        self._leader: int | None = None  # thread ident of the inbox's reader
-        self._leader_busy = False        # the leader is out carrying out effects
-        self._busy_spells = 0            # how many times the leader went out
-        self._spells_seen = 0            # _busy_spells at the watcher's last tick
-        self._watching = False           # the housekeeper ticks (see _WATCH_PERIOD_S)
-        # An application thread may read the inbox while it waits for its own
-        # reply (see wait_reply), and keep the role between two such waits.
-        self._parked = False             # the leader is such a thread, between waits
-        self._parks = 0                  # how many times a leader parked
-        self._parks_seen = 0             # _parks at the watcher's last tick
-        self._handoff_to: int | None = None  # a thread waiting for the leader's role
-        self._fallback_waiters = 0       # threads waiting on futures only others can complete
         self._housekeeper = threading.Thread(target=self._housekeeping_loop,
                                              name="localrref-housekeeping", daemon=True)
         from ..rref import RRef  # the public RRef imports this module
@@ -201,7 +187,8 @@ class Agent:
     # ------------------------------------------------------------------
 
     def start(self, init_timeout: float) -> None:
-        self._start_io_thread()
+        with self._lead.lock:
+            self._start_io_thread_locked()
         self._housekeeper.start()
         hello = frames.encode_control((HELLO, self.rank, self.name, os.getpid(),
                                        self.world_size))
@@ -290,8 +277,8 @@ class Agent:
                   will_wait: bool = False) -> torch.futures.Future:
         """Send a call; ``will_wait``: the caller passes the future to :meth:`wait_reply`."""
         self._check_open()
-        if self._leader == threading.get_ident() and not (will_wait and self._parked):
-            self._step_down()
+        if self._lead.leader == threading.get_ident() and not (will_wait and self._lead.parked):
+            self._lead.step_down(threading.get_ident())
         future = torch.futures.Future()
         if dst in self._dead:
             set_exception(future, self._dead[dst])
@@ -308,8 +295,9 @@ class Agent:
 
     def remote(self, dst: int, func, args, kwargs, timeout):
         self._check_open()
-        if self._leader == threading.get_ident() and not self._parked:
-            self._step_down()  # user code run by the reader; remote() to parked is fine
+        if self._lead.leader == threading.get_ident() and not self._lead.parked:
+            # User code run by the reader; remote() from a parked caller is fine.
+            self._lead.step_down(threading.get_ident())
         if dst in self._dead:
             raise self._dead[dst]
         encoded = self.encode((func, args, kwargs))
@@ -329,8 +317,8 @@ class Agent:
     def fetch(self, record, timeout, *, will_wait: bool = False) -> torch.futures.Future:
         """The value of ``record`` (to_here): local owners wait for their job."""
         self._check_open()
-        if self._leader == threading.get_ident() and not (will_wait and self._parked):
-            self._step_down()
+        if self._lead.leader == threading.get_ident() and not (will_wait and self._lead.parked):
+            self._lead.step_down(threading.get_ident())
         future = torch.futures.Future()
         if record.is_owner:
             self._owner_value(record, future)
@@ -378,7 +366,7 @@ class Agent:
         # The inbox's reader, if it spins, takes the release on its next
         # turn; otherwise the housekeeper is woken for it (a wake-up costs
         # tens of microseconds here, see Endpoint._wait_readable).
-        if self._leader == threading.get_ident() or self._parked:
+        if self._lead.leader == threading.get_ident() or self._lead.parked:
             # The thread holding the inbox (this one, running a job or a
             # callback, or one parked between calls) takes it before its
             # next read; if a parked one stays away, the watch does.
@@ -417,7 +405,7 @@ class Agent:
                     log.log(logging.getLevelName(effect.level.upper()), "%s", effect.text)
         for job in jobs:
             # Leader/followers: this thread read the request, so it runs it
-            # now, with no hand-off on the call's path (see _io_loop for who
+            # now, with no hand-off on the call's path (see leadership.py for who
             # reads the inbox meanwhile).
             self._run_job(job)
 
@@ -605,123 +593,61 @@ class Agent:
     # Threads
     # ------------------------------------------------------------------
 
-    def _start_io_thread(self) -> None:
+    def _start_io_thread_locked(self) -> None:
+        """Start an IO thread (called with the leadership's lock held)."""
         thread = threading.Thread(target=self._io_loop, name="localrref-io", daemon=True)
-        with self._io_lock:
-            self._io_threads.add(thread)
+        self._io_threads.add(thread)
         thread.start()
 
+    def _inbox_deposed(self) -> None:
+        if self._releases:
+            self._wake_housekeeper(b"r")  # dropped while the inbox was parked
+
     def _io_loop(self) -> None:
-        """Leader/followers over the inbox, with lazy hand-off.
+        """An IO thread: follow, lead (read, carry out effects), step down or retire.
 
-        One IO thread at a time, the leader, reads the inbox. It lets the
-        core handle each frame and carries out the effects itself, running
-        any user function it was asked to, *still as leader*: handing the
-        inbox to a follower before every call would wake a second thread per
-        message, and on a busy machine that wake-up cost more than the whole
-        call. While the leader is out in user code nobody reads the inbox, so
-        the leader steps down (a follower takes the inbox) as soon as that
-        could matter:
-
-        * at once, when the code it runs makes an RPC, a ``remote()`` or a
-          ``to_here()`` (it is about to wait for a reply that only the inbox
-          can bring: see rpc_async, remote, fetch);
-        * otherwise when the housekeeper, which ticks every 2 to 16 ms
-          (``_WATCH_PERIOD_S``) while the world is busy, sees the same busy
-          spell on two ticks in a row (code that sleeps, computes, or waits
-          on a lock or an event another call will set).
-
-        A leader that stepped down becomes a follower again when its effects
-        are done, or retires when enough followers already wait.
+        See leadership.py for when a leader gives up the inbox and why it
+        runs user functions itself.
         """
+        lead = self._lead
         me = threading.get_ident()
-        self._io_idents.add(me)
+        lead.io_thread_started(me)
         try:
-            while True:
-                with self._io_cv:
-                    self._followers += 1
-                    while self._leader is not None and not self._closing:
-                        self._io_cv.wait()
-                    self._followers -= 1
-                    if self._closing:
-                        return
-                    self._leader = me
+            while lead.wait_to_lead(me):
                 while True:
                     effects = self._lead_once()
                     if self._releases:
                         self._take_releases()
                     if effects is None:
-                        with self._io_cv:
-                            if self._leader == me:
-                                self._leader = None
-                                self._io_cv.notify()
+                        lead.stop_reading(me)
                         return
                     if effects:
-                        self._busy_begin()
+                        lead.busy_begin()
                         try:
                             self._run(effects, inline_jobs=True)
                         except Exception:
                             log.exception("localrref: error carrying out effects")
-                        still_leader = self._busy_end(me)
+                        still_leader = lead.busy_end(me)
                         if self._releases:  # RRefs the job dropped (see defer_release)
                             self._take_releases()
                         if not still_leader:
                             break  # deposed meanwhile: another thread reads the inbox
                     self._signal_progress()
-                    if self._handoff_to is not None and self._hand_off(me):
+                    if lead.handoff_to is not None and lead.hand_off(me):
                         break
                 self._signal_progress()
-                with self._io_lock:
-                    if self._closing or self._followers >= _IDLE_FOLLOWERS:
-                        return
+                if lead.should_retire():
+                    return
         finally:
-            with self._io_lock:
+            lead.io_thread_exited(me)
+            with lead.lock:
                 self._io_threads.discard(threading.current_thread())
-                self._io_idents.discard(me)
-
-    def _busy_begin(self) -> None:
-        with self._io_lock:
-            self._leader_busy = True
-            self._busy_spells += 1
-            start_watching = self._start_watching_locked()
-        if start_watching:
-            self._wake_housekeeper(b"w")
-
-    def _start_watching_locked(self) -> bool:
-        """Turn the watch on; True if the housekeeper must be woken for it."""
-        start = not self._watching
-        self._watching = True
-        return start
-
-    def _busy_end(self, me: int) -> bool:
-        """Back from carrying out effects: True if this thread still leads."""
-        with self._io_lock:
-            if self._leader != me:
-                return False
-            self._leader_busy = False
-            return True
-
-    def _step_down(self) -> None:
-        """The leader, in user code, gives the inbox to a follower (see _io_loop)."""
-        with self._io_lock:
-            if self._leader == threading.get_ident():
-                self._depose_locked()
 
     def release_inbox(self) -> None:
         """This thread stops holding the inbox between waits (see wait_reply)."""
-        if self._leader == threading.get_ident():
-            self._step_down()
-
-    def _hand_off(self, me: int) -> bool:
-        """The IO leader gives the inbox to the thread that asked for it."""
-        with self._io_lock:
-            wanted_by = self._handoff_to
-            if wanted_by is None or self._leader != me:
-                return False
-            self._handoff_to = None
-            self._leader = wanted_by
-            self._leader_busy = False
-            return True
+        me = threading.get_ident()
+        if self._lead.leader == me:
+            self._lead.step_down(me)
 
     # ------------------------------------------------------------------
     # The caller reads its own reply
@@ -748,54 +674,28 @@ class Agent:
             try:
                 self._read_until(future, me)
             finally:
-                self._park(me)
+                self._lead.park(me)
         if future.done():
             return wait(future)
-        with self._io_lock:
-            self._fallback_waiters += 1
+        self._lead.fallback_wait_begins()
         try:
-            if self._parked:
-                self._unpark_for_others()
             return wait(future)
         finally:
-            with self._io_lock:
-                self._fallback_waiters -= 1
+            self._lead.fallback_wait_ends()
 
     def _claim_inbox(self, me: int) -> bool:
-        with self._io_lock:
-            if self._closing:
-                return False
-            leader = self._leader
-            if leader is None or self._parked:
-                self._leader, self._parked, self._leader_busy = me, False, False
-                return True
-            if (leader == me or self._leader_busy or self._handoff_to is not None
-                    or leader not in self._io_idents):
-                # This thread is the reader inside user code, the reader is out
-                # in user code, another thread already asked, or another
-                # waiting caller reads (it only hands over when done): let
-                # them read.
-                return False
-            self._handoff_to = me
+        """Become the inbox's reader for this wait; False: another thread brings the reply."""
+        outcome = self._lead.claim(me)
+        if outcome != REQUESTED:
+            return outcome == LEAD
         if not self.endpoint.nudge():
             # The IO thread sleeps in poll: waking it to hand over would cost
             # more than letting it wake for the reply itself.
-            with self._io_lock:
-                if self._handoff_to == me:
-                    self._handoff_to = None
-                if self._leader != me:
-                    return False
-            return True
+            return self._lead.withdraw(me)
         deadline = time.perf_counter() + _HANDOFF_WAIT_S
-        while True:
-            with self._io_lock:
-                if self._leader == me:
-                    return True
-                if self._closing or time.perf_counter() > deadline:
-                    if self._handoff_to == me:
-                        self._handoff_to = None
-                    return False
+        while (handed := self._lead.poll_handoff(me, time.perf_counter() > deadline)) is None:
             os.sched_yield()
+        return handed
 
     def _read_until(self, future, me: int) -> None:
         def reply_arrived(_future, me=me):
@@ -805,7 +705,7 @@ class Agent:
                 self.endpoint.wake()
 
         future.add_done_callback(reply_arrived)
-        while not future.done() and self._leader == me:
+        while not future.done() and self._lead.leader == me:
             if self._releases:
                 self._take_releases()
             effects = self._lead_once()
@@ -821,12 +721,12 @@ class Agent:
                         self.executor.submit(self._run, others)
                     except Exception:  # the pool is at its limit or closing:
                         self._run(others)  # better here than never
-                self._busy_begin()
+                self._lead.busy_begin()
                 try:
                     self._run(mine)
                 except Exception:
                     log.exception("localrref: error carrying out effects")
-                still_leader = self._busy_end(me)
+                still_leader = self._lead.busy_end(me)
                 if self._releases:
                     self._take_releases()
                 if not still_leader:
@@ -848,59 +748,6 @@ class Agent:
             else:
                 mine.append(effect)
         return mine, others
-
-    def _park(self, me: int) -> None:
-        with self._io_lock:
-            if self._leader != me:
-                return
-            if self._fallback_waiters or self._closing or self._handoff_to is not None:
-                self._depose_locked()
-                return
-            self._parked = True
-            self._parks += 1
-            start_watching = self._start_watching_locked()
-        if start_watching:
-            self._wake_housekeeper(b"w")
-
-    def _unpark_for_others(self) -> None:
-        with self._io_lock:
-            if self._parked:
-                self._depose_locked()
-
-    def _depose_locked(self) -> None:
-        self._leader = None
-        self._leader_busy = False
-        self._parked = False
-        if self._releases:
-            self._wake_housekeeper(b"r")  # dropped while the inbox was parked
-        if self._followers:
-            self._io_cv.notify()
-        elif not self._closing:
-            thread = threading.Thread(target=self._io_loop, name="localrref-io", daemon=True)
-            self._io_threads.add(thread)
-            thread.start()
-
-    def _watch_tick(self) -> str | None:
-        """The housekeeper's check on the leader: "deposed", "ok", or None once
-        the world is quiet."""
-        with self._io_lock:
-            spells, seen = self._busy_spells, self._spells_seen
-            self._spells_seen = spells
-            parks, parks_seen = self._parks, self._parks_seen
-            self._parks_seen = parks
-            if self._leader_busy and spells == seen and self._leader is not None:
-                # Out in user code since before the last tick.
-                self._depose_locked()
-                return "deposed"
-            if self._parked and parks == parks_seen:
-                # Parked since before the last tick: the IO threads read again
-                # (and the housekeeper sends what was dropped meanwhile).
-                self._depose_locked()
-                return "deposed"
-            if self._leader_busy or self._parked or spells != seen or parks != parks_seen:
-                return "ok"
-            self._watching = False  # quiet for a whole period: sleep until the next spell
-            return None
 
     def _lead_once(self):
         """Read and handle one frame as leader; return its effects, or None to stop."""
@@ -955,7 +802,7 @@ class Agent:
             effects = self.core.on_peer_gone(rank, error, now=time.monotonic())
         with self._peers_ready:
             self._peers_ready.notify_all()
-        if threading.get_ident() in self._io_idents:
+        if threading.get_ident() in self._lead.io_idents:
             self._run(effects)
         else:
             # Read by a caller waiting for its reply (wait_reply): the failed
@@ -1002,15 +849,15 @@ class Agent:
             if self._closing:
                 return
             now = time.monotonic()
-            if next_watch is None and self._watching:
+            if next_watch is None and self._lead.watching:
                 period = _WATCH_PERIOD_S
                 next_watch = now + period
             elif next_watch is not None and now >= next_watch:
-                outcome = self._watch_tick()
+                outcome = self._lead.watch_tick()
                 if outcome is None:
                     next_watch = None
                 else:
-                    period = _WATCH_PERIOD_S if outcome == "deposed" else min(
+                    period = _WATCH_PERIOD_S if outcome == DEPOSED else min(
                         2 * period, _WATCH_PERIOD_MAX_S)
                     next_watch = now + period
             if woken.strip(b"w") or (deadline is not None and now >= deadline):
@@ -1221,10 +1068,9 @@ class Agent:
             return
         self._closing = True
         self._wake_housekeeper(b"x")
-        with self._io_cv:
-            self._io_cv.notify_all()
+        self._lead.close()
         self.endpoint.wake()
-        with self._io_lock:
+        with self._lead.lock:
             io_threads = list(self._io_threads)
         for thread in io_threads:
             if thread is not threading.current_thread():

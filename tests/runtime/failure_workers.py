@@ -9,6 +9,7 @@ import threading
 import torch
 
 import localrref as rpc
+from localrref import world
 from localrref.errors import WorkerGoneError
 
 _FOREVER = threading.Event()
@@ -33,6 +34,7 @@ def kill_peer_during_call(rank, results):
         # The supervisor stops the survivors as soon as rank 1 dies (torch's
         # spawn does too); this rank must live long enough to report.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        results.put(("world", world.current().world_id))
         pid = rpc.rpc_sync("worker1", getpid)
         kept = [rpc.rpc_sync("worker1", big_tensor, args=(1 << 20,)) for _ in range(3)]
         pending = rpc.rpc_async("worker1", block)        # no timeout: only death can end it
