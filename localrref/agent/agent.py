@@ -594,7 +594,17 @@ class Agent:
     # ------------------------------------------------------------------
 
     def _start_io_thread_locked(self) -> None:
-        """Start an IO thread (called with the leadership's lock held)."""
+        """Start an IO thread (called with the leadership's lock held).
+
+        A thread leaves ``_io_threads`` only once it is dead, not when
+        ``_io_loop`` returns: after that it still frees its frame (the last
+        effects, tensors among them, whose dealloc drops the GIL inside
+        torch). Were close() not to join it, that could run into interpreter
+        finalization, and a thread that takes the GIL back then is killed
+        inside torch's C++, which aborts the whole process ("terminate called
+        without an active exception", pytorch/pytorch#38228).
+        """
+        self._io_threads = {t for t in self._io_threads if t.is_alive()}
         thread = threading.Thread(target=self._io_loop, name="localrref-io", daemon=True)
         self._io_threads.add(thread)
         thread.start()
@@ -640,8 +650,6 @@ class Agent:
                     return
         finally:
             lead.io_thread_exited(me)
-            with lead.lock:
-                self._io_threads.discard(threading.current_thread())
 
     def release_inbox(self) -> None:
         """This thread stops holding the inbox between waits (see wait_reply)."""

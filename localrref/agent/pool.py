@@ -74,6 +74,11 @@ class ElasticPool:
             # interpreter finalizes, which aborts the process.)
             self._jobs.put((fn, args))
             if start:
+                # Dead threads leave the set here, never from their own
+                # finally: a thread that has returned from _work still frees
+                # its frame, and shutdown must join it (see
+                # Agent._start_io_thread_locked for what else could happen).
+                self._all = {t for t in self._all if t.is_alive()}
                 thread = threading.Thread(target=self._work,
                                           name=f"{self.name}-{self._threads}", daemon=True)
                 self._all.add(thread)
@@ -81,35 +86,31 @@ class ElasticPool:
 
     def _work(self) -> None:
         self._local.pool = self
-        try:
-            while True:
-                try:
-                    item = self._jobs.get(timeout=self.idle_timeout)
-                except queue.Empty:
-                    with self._lock:
-                        # Past the core size an idle thread retires; a job
-                        # that raced in is picked up by the get below.
-                        if self._threads > self.core_threads and self._idle > 0:
-                            self._idle -= 1
-                            self._threads -= 1
-                            return
-                    continue
-                if item is None:
-                    return
-                fn, args = item
-                try:
-                    fn(*args)
-                except BaseException:  # jobs report their own errors
-                    pass
-                finally:
-                    del fn, args, item
+        while True:
+            try:
+                item = self._jobs.get(timeout=self.idle_timeout)
+            except queue.Empty:
                 with self._lock:
-                    if self._closed:
+                    # Past the core size an idle thread retires; a job
+                    # that raced in is picked up by the get below.
+                    if self._threads > self.core_threads and self._idle > 0:
+                        self._idle -= 1
+                        self._threads -= 1
                         return
-                    self._idle += 1
-        finally:
+                continue
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException:  # jobs report their own errors
+                pass
+            finally:
+                del fn, args, item
             with self._lock:
-                self._all.discard(threading.current_thread())
+                if self._closed:
+                    return
+                self._idle += 1
 
     def shutdown(self, timeout: float = 5.0) -> list[str]:
         """Stop every thread; return the names of those that did not stop in time."""
