@@ -1070,6 +1070,14 @@ class Agent:
                                 "creation_site": self._sites.get(id(owner))})
             return records
 
+    def _fail_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        closed = WorkerClosedError("RPC was shut down while this call was pending")
+        for item in pending.values():
+            if not item.future.done():
+                set_exception(item.future, closed)
+
     def close(self) -> None:
         """Stop every thread and release every OS resource (idempotent)."""
         if self.closed:
@@ -1078,6 +1086,10 @@ class Agent:
         self._wake_housekeeper(b"x")
         self._lead.close()
         self.endpoint.wake()
+        # A thread blocked on a reply (a served function inside rpc_sync, a
+        # parked caller) waits on a future only this agent can complete:
+        # fail those first, or each join below would sit out its timeout.
+        self._fail_pending()
         with self._lead.lock:
             io_threads = list(self._io_threads)
         for thread in io_threads:
@@ -1087,11 +1099,7 @@ class Agent:
         self.executor.shutdown(5.0)
         with self._lock:
             self.core.destroy_instance(ignore_rref_leak=True)
-            pending, self._pending = self._pending, {}
-        closed = WorkerClosedError("RPC was shut down while this call was pending")
-        for item in pending.values():
-            if not item.future.done():
-                set_exception(item.future, closed)
+        self._fail_pending()
         self.closed = True
         self.endpoint.close()
         self.shm_pool.close()

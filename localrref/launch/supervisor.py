@@ -397,7 +397,11 @@ class WorkerGroup:
                 self._record_exit(rank, signals_sent)
             for rank in exited:
                 exit_ = self._exits[rank]
-                if exit_.exitcode != 0 and not signals_sent:
+                if exit_.exitcode != 0:
+                    # Also while stopping: a survivor blocked where no signal
+                    # reaches Python (inside torch's Future.wait, say) gets
+                    # out only when its calls to the dead fail; without the
+                    # notice it would sit out the ladder's whole timeout.
                     self._notify_peers(exit_, alive.values())
                 self.dispatcher.on_worker_exit(rank, exit_.exitcode)
             if ladder is None:

@@ -1,6 +1,7 @@
 """Real runs through `python -m localrref.launch` with real RPC traffic."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -71,6 +72,33 @@ def test_a_worker_that_exits_without_shutdown_stops_its_threads_first(launch):
     assert "rank 0 agent threads at exit: []" in run.stdout
     # Its own exit code, not SIGABRT from a daemon thread caught inside torch.
     assert "exitcode  : 3" in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("served", ["calling", "blocked"])
+def test_ctrl_c_stops_a_world_whose_rank_0_waits_inside_torch(tmp_path, served):
+    # Rank 0 can only leave torch's wait when its call fails. "calling": rank 1's
+    # close() must fail its own pending call at once so the served function
+    # ends and replies. "blocked": the function never returns, so the
+    # supervisor must tell rank 0 that rank 1 died even while it is stopping
+    # the world. Either way, else the stop ladder sits out 30 s and SIGKILLs.
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "localrref.launch", "--log-dir", str(tmp_path),
+         "--nproc-per-node", "2", "--tee", "1", os.path.join(SCRIPTS, "ctrl_c_in_wait_all.py"),
+         served],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in launcher.stdout:
+            if "waiting" in line:
+                break
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=100)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode != 0
+    assert "received SIGINT; workers stopped" in err, err[-3000:]
+    assert "did not exit within" not in err, err[-3000:]
 
 
 def test_a_worker_that_never_reaches_shutdown_is_named(launch):
