@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
+import threading
 import traceback
 
 import localrref
@@ -35,6 +36,12 @@ def _worker_main(rank, commands, results, world_size, options):
             except BaseException as exc:  # reported to the test, which fails
                 results.put(("error", type(exc).__name__, traceback.format_exc()))
     rpc.shutdown()
+    # shutdown() returns only once every agent thread has finished, frame
+    # teardown included: one still running into interpreter finalization,
+    # inside torch, aborts the process (pytorch/pytorch#38228).
+    left = [t.name for t in threading.enumerate() if t.name.startswith("localrref")]
+    if left:
+        raise RuntimeError(f"rank {rank}: agent threads alive after shutdown(): {left}")
 
 
 class World:
