@@ -122,3 +122,37 @@ def test_nothing_is_left_in_dev_shm_after_close():
     pool.close()
     mapper.close()
     assert world_segments(world) == []
+
+
+def module_level_function(x):
+    return x
+
+
+@pytest.mark.parametrize("obj", [
+    (module_level_function, (), {}),
+    (len, (1, 2.5, "three", b"four", None, True, 3j), {"k": [1, 2, {"n": 3}]}),
+    {(1, 2): "tuple keys", "nested": [[[]]]},
+], ids=["no-args", "scalars", "tuple-keys"])
+def test_plain_payloads_skip_the_tensor_hooks_and_round_trip(obj, lane):
+    encoded, back = round_trip(obj, lane)
+    assert encoded.data[:1] == b"\x01" and encoded.forks == () and encoded.tensor_handles == ()
+    assert back == obj
+
+
+@pytest.mark.parametrize("obj", [
+    (module_level_function, (torch.ones(3),), {}),                 # a tensor
+    [[[[[[1]]]]]],                                                  # deeper than the scan looks
+    tuple(range(17)),                                               # longer than it looks
+    (module_level_function, (), {"x": torch.nn.Parameter(torch.ones(2))}),
+])
+def test_anything_the_scan_cannot_vouch_for_takes_the_full_path(obj, lane):
+    encoded, back = round_trip(obj, lane)
+    assert encoded.data[:1] != b"\x01"
+    assert repr(back) == repr(obj)
+
+
+def test_a_plain_looking_payload_that_will_not_pickle_is_still_named():
+    def local_function():
+        return 1
+    with pytest.raises(TypeError, match="not picklable.*local_function"):
+        dumps((local_function, (), {}))
