@@ -106,24 +106,35 @@ class _Pickler(pickle.Pickler):
 def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
     """A tensor's persistent id (exported tensors' handles go to ``handles``), or
     None for layouts torch's own reducer handles."""
-    if tensor.device.type != "cpu":
+    # Every attribute read below costs a call into torch (0.2-1 us each), and
+    # small tensors are sent often: each property is read once.
+    if not tensor.is_cpu:
         raise TypeError(f"localrref moves CPU tensors only; got a tensor on {tensor.device}. "
                         f"Move it with .cpu() before sending")
-    if tensor.is_sparse or tensor.is_quantized or tensor.layout != torch.strided:
-        return None  # torch's own reducer handles the exotic layouts
+    if tensor.layout is not torch.strided or tensor.is_quantized:
+        return None  # torch's own reducer handles the exotic layouts (sparse among them)
     is_param = isinstance(tensor, torch.nn.Parameter)
     requires_grad = tensor.requires_grad
-    known_dtype = tensor.dtype in DTYPE_CODES
-    if known_dtype and pool is not None and pool.wants(tensor):
+    dtype = tensor.dtype
+    known_dtype = dtype in DTYPE_CODES
+    nbytes = tensor.nbytes
+    if known_dtype and pool is not None and nbytes and nbytes >= pool.threshold:
         handle = pool.export(tensor)
         handles.append(handle)
         # One bytes object: the pickler asks persistent_id about nothing inside it.
         return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
-    flat = tensor.detach().contiguous()
-    data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    # A conjugate or negative view is lazy in torch: its bytes are not its values.
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous()
+    if not nbytes:
+        data = b""
+    else:
+        try:
+            data = flat.numpy().tobytes()  # C order: the bytes of the contiguous tensor
+        except TypeError:  # a dtype numpy lacks (bfloat16, float8, ...): as raw bytes
+            data = flat.reshape(-1).view(torch.uint8).numpy().tobytes()
     if known_dtype:
         ndim = flat.dim()
-        return b"".join((_INLINE.pack(_INLINE_TAG, DTYPE_CODES[flat.dtype], requires_grad,
+        return b"".join((_INLINE.pack(_INLINE_TAG, DTYPE_CODES[dtype], requires_grad,
                                       is_param, ndim),
                          struct.pack(f"<{ndim}q", *flat.shape), data))
     return ("i", flat.dtype, tuple(flat.shape), data, requires_grad, is_param)
@@ -178,7 +189,7 @@ def _load_tensor(pid: bytes, mapper):
 def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> torch.Tensor:
     """A tensor of its own (writable) memory holding the bytes ``data``."""
     if len(data):
-        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+        tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
     else:
         tensor = torch.empty(shape, dtype=dtype)
     if is_param:

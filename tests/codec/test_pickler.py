@@ -156,3 +156,13 @@ def test_a_plain_looking_payload_that_will_not_pickle_is_still_named():
         return 1
     with pytest.raises(TypeError, match="not picklable.*local_function"):
         dumps((local_function, (), {}))
+
+
+@pytest.mark.parametrize("n", [4, 4096], ids=["inline", "shared"])
+def test_conjugate_and_negative_views_arrive_with_their_values(n, lane):
+    # torch keeps these lazy: the memory holds the unconjugated, unnegated values.
+    conj = torch.complex(torch.arange(float(n)), torch.ones(n)).conj()
+    neg = torch._neg_view(torch.arange(float(n)))
+    for view in (conj, neg):
+        _, back = round_trip(view, lane)
+        assert torch.equal(back, view)
