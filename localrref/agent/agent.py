@@ -141,7 +141,8 @@ class Agent:
         self.world_size = spec.world_size
         self.name = name
         self.options = options
-        self.shm_pool = ShmPool(spec.world_id, spec.rank, threshold=options.shm_threshold)
+        self.shm_pool = ShmPool(spec.world_id, spec.rank, threshold=options.shm_threshold,
+                                tracked=True)
         self.mapper = ShmMapper()
         # Frames too big for one atomic pipe write travel through shared memory.
         self.endpoint = Endpoint(spec.rank, spec.inboxes, blob_pool=self.shm_pool,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import glob
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing import resource_tracker
 import os
 import secrets
 import shutil
@@ -133,6 +134,19 @@ class WorkerExit:
 def new_world_id() -> str:
     """A fresh 8-character world id (lowercase hex)."""
     return secrets.token_hex(4)
+
+
+def _untrack_swept(names: list[str]) -> None:
+    """Tell this process's resource tracker that ``names`` were unlinked here.
+
+    The workers' pools registered them (see localrref/transport/shm.py), so
+    that the tracker unlinks them should this supervisor be killed. A no-op
+    where no tracker runs: asking would start one.
+    """
+    if getattr(resource_tracker._resource_tracker, "_fd", None) is None:
+        return
+    for name in names:
+        resource_tracker.unregister("/" + name, "shared_memory")
 
 
 def sweep_shm(world_id: str, shm_dir: str = SHM_DIR) -> list[str]:
@@ -340,7 +354,9 @@ class WorkerGroup:
             if process.exitcode is not None:
                 process.close()
         self._close_inboxes()
-        return sweep_shm(self.world_id)
+        swept = sweep_shm(self.world_id)
+        _untrack_swept(swept)
+        return swept
 
     def _close_inboxes(self) -> None:
         for queue in self._inboxes:

@@ -74,6 +74,11 @@ Lifetime and unlinking:
   memory is a high-water mark for the run (there is no trimming yet).
 * A SIGKILLed sender cannot unlink: the supervisor calls
   :func:`sweep_world_segments` after the run (names carry the world id).
+* A killed *supervisor* cannot sweep. So an agent's pool (``tracked=True``)
+  also registers each segment with multiprocessing's resource tracker, the
+  process every worker shares with its supervisor, and unregisters it when
+  it unlinks it. The tracker unlinks whatever is still registered once every
+  one of those processes has exited, and warns about the "leak".
 
 Threads: this module starts none. Pool and mapper calls may come from any
 thread (one lock each, never held during a copy or an import's tensor
@@ -99,6 +104,7 @@ import errno
 import itertools
 import multiprocessing.util
 import os
+from multiprocessing import resource_tracker
 import re
 import secrets
 import struct
@@ -385,9 +391,13 @@ class ShmPool:
         rank: this process's rank, used in segment names.
         threshold: tensors of at least this many bytes should travel as
             handles (:meth:`wants`); smaller ones are pickled inline.
+        tracked: register every segment with the resource tracker this
+            process shares with its supervisor (see the module docstring);
+            off for pools outside a world, which would start a tracker.
     """
 
-    def __init__(self, world_id: str, rank: int, *, threshold: int = DEFAULT_THRESHOLD) -> None:
+    def __init__(self, world_id: str, rank: int, *, threshold: int = DEFAULT_THRESHOLD,
+                 tracked: bool = False) -> None:
         _check_world_id(world_id)
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
@@ -413,7 +423,9 @@ class ShmPool:
         # multiprocessing's Finalize, not weakref.finalize, because spawned
         # children leave through os._exit and run those hooks, not atexit's.
         self._names: set[str] = set()
-        self._finalizer = multiprocessing.util.Finalize(self, _unlink_names, args=(self._names,),
+        self._tracked = tracked
+        self._finalizer = multiprocessing.util.Finalize(self, _unlink_names,
+                                                        args=(self._names, tracked),
                                                         exitpriority=10)
 
     # -- the sender's API ---------------------------------------------------
@@ -659,6 +671,8 @@ class ShmPool:
             raise
         finally:
             os.close(fd)
+        if self._tracked:
+            resource_tracker.register(_tracker_name(name), "shared_memory")
         seg = _Segment(name, mapping, kind, n_slots, block_size)
         self._by_name[name] = seg
         self._names.add(name)
@@ -688,7 +702,7 @@ class ShmPool:
             self._shared.pop(seg.data_ptr, None)
             self._by_name.pop(seg.name, None)
             self._names.discard(seg.name)
-            _unlink_names([seg.name])
+            _unlink_names([seg.name], self._tracked)
             reaped += 1
         self._dead.extend(pending)
         return reaped
@@ -701,14 +715,21 @@ def _shared_tensor_died(mapping: Mapping, pool_ref, seg: _Segment) -> None:
         pool._reap_soon()
 
 
-def _unlink_names(names) -> None:
+def _unlink_names(names, tracked: bool = False) -> None:
     for name in list(names):
         try:
             os.unlink(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
-            pass  # swept by the supervisor, or never fully created
+            continue  # swept by the supervisor (which unregistered it), or never made
+        if tracked:
+            resource_tracker.unregister(_tracker_name(name), "shared_memory")
     if isinstance(names, set):
         names.clear()
+
+
+def _tracker_name(name: str) -> str:
+    # The tracker unlinks with shm_unlink(3), whose names live in /dev/shm.
+    return "/" + name
 
 
 def _free_block(mapping: Mapping, slot: int) -> None:

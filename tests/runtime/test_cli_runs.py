@@ -5,7 +5,10 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
+
+from localrref.transport.shm import world_segments
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(120)]
 
@@ -99,6 +102,28 @@ def test_ctrl_c_stops_a_world_whose_rank_0_waits_inside_torch(tmp_path, served):
     assert launcher.returncode != 0
     assert "received SIGINT; workers stopped" in err, err[-3000:]
     assert "did not exit within" not in err, err[-3000:]
+
+
+def test_a_killed_supervisors_segments_are_unlinked_by_the_resource_tracker():
+    # Nobody is left to sweep: the workers die with their supervisor, and the
+    # tracker they shared unlinks what they had registered once all are gone.
+    supervisor = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "supervisor_to_be_killed.py")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = supervisor.stdout.readline()
+        assert line.endswith("ready\n"), line + supervisor.stderr.read()
+        world_id = line.split()[1]
+        assert world_segments(world_id), "the world should hold a segment by now"
+        trackers = [child for child in psutil.Process(supervisor.pid).children()
+                    if "resource_tracker" in " ".join(child.cmdline())]
+        assert len(trackers) == 1
+    finally:
+        supervisor.kill()
+        _, err = supervisor.communicate()
+    trackers[0].wait(60)
+    assert world_segments(world_id) == []
+    assert "leaked shared_memory objects" in err
 
 
 def test_a_worker_that_never_reaches_shutdown_is_named(launch):
