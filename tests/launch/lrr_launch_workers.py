@@ -101,13 +101,17 @@ def graceful_shutdown(rank: int, leaks_per_rank: int, out_dir: str | None = None
         _write(out_dir, f"barrier{rank}.json", [list(first), list(second)])
 
 
-def skip_shutdown_in_rank(rank: int, skipping_rank: int, out_dir: str) -> None:
-    """``skipping_rank`` exits cleanly without the barrier; the others record what they get."""
+def skip_shutdown_in_rank(rank: int, skipping_rank: int, out_dir: str, recorded) -> None:
+    """``skipping_rank`` exits cleanly without the barrier; the others record what they get.
+
+    ``recorded`` is a barrier of the recording ranks: the first exit(4) makes
+    the supervisor stop the rest, so none exits before all have written."""
     if rank == skipping_rank:
         return
     endpoint = _endpoint()
     _to_supervisor(endpoint, world.shutdown_arrived_message(rank))
     _write(out_dir, f"barrier{rank}.json", list(_next_control(endpoint)))
+    recorded.wait(30)
     sys.exit(4)
 
 

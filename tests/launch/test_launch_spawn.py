@@ -140,7 +140,8 @@ def test_shutdown_barrier_releases_every_rank_twice(tmp_path):
 @pytest.mark.timeout(60)
 def test_shutdown_barrier_fails_when_a_rank_exits_instead(tmp_path):
     with pytest.raises(ProcessExitedException, match="exit code 4"):
-        spawn(workers.skip_shutdown_in_rank, args=(1, str(tmp_path)), nprocs=3)
+        recorded = multiprocessing.get_context("spawn").Barrier(2)
+        spawn(workers.skip_shutdown_in_rank, args=(1, str(tmp_path), recorded), nprocs=3)
     for rank in (0, 2):
         assert _read(tmp_path / f"barrier{rank}.json") == [
             "__shutdown_failed__",
