@@ -726,10 +726,7 @@ class Agent:
                     # Other futures' callbacks are user code that must not
                     # run on this thread (one could wait for this very
                     # caller), and jobs go to the pool.
-                    try:
-                        self.executor.submit(self._run, others)
-                    except Exception:  # the pool is at its limit or closing:
-                        self._run(others)  # better here than never
+                    self._run_on_pool(others)
                 self._lead.busy_begin()
                 try:
                     self._run(mine)
@@ -741,6 +738,12 @@ class Agent:
                 if not still_leader:
                     return
             self._signal_progress()
+
+    def _run_on_pool(self, effects) -> None:
+        try:
+            self.executor.submit(self._run, effects)
+        except Exception:  # the pool is at its limit or closing:
+            self._run(effects)  # better on this thread than never
 
     def _split_for(self, future, effects) -> tuple[list, list]:
         """The effects this waiting thread carries out itself, and the rest."""
@@ -816,10 +819,7 @@ class Agent:
         else:
             # Read by a caller waiting for its reply (wait_reply): the failed
             # futures' callbacks are user code, and must not run on it.
-            try:
-                self.executor.submit(self._run, effects)
-            except Exception:
-                self._run(effects)
+            self._run_on_pool(effects)
         with self._control_cv:
             self._control_cv.notify_all()
         self._signal_progress()

@@ -118,7 +118,7 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
     dtype = tensor.dtype
     known_dtype = dtype in DTYPE_CODES
     nbytes = tensor.nbytes
-    if known_dtype and pool is not None and nbytes and nbytes >= pool.threshold:
+    if known_dtype and pool is not None and pool.takes(nbytes):
         handle = pool.export(tensor)
         handles.append(handle)
         # One bytes object: the pickler asks persistent_id about nothing inside it.
@@ -167,7 +167,6 @@ class _Unpickler(pickle.Unpickler):
             _, dtype, shape, data, requires_grad, is_param = pid
             return _inline_tensor(data, dtype, shape, requires_grad, is_param)
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-
 
 
 def _load_tensor(pid: bytes, mapper):

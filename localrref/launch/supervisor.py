@@ -41,7 +41,6 @@ from __future__ import annotations
 import glob
 import multiprocessing
 import multiprocessing.connection
-from multiprocessing import resource_tracker
 import os
 import secrets
 import shutil
@@ -61,6 +60,7 @@ from localrref.launch.bootstrap import CallFunction, ChildPlan, RunScript, worke
 from localrref.launch.control import ControlDispatcher, format_leak_line, write_leak_report
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
 from localrref.transport.mpqueue import make_inboxes
+from localrref.transport.segment import tracker_running, untrack_segment
 
 __all__ = [
     "RunOptions",
@@ -134,19 +134,6 @@ class WorkerExit:
 def new_world_id() -> str:
     """A fresh 8-character world id (lowercase hex)."""
     return secrets.token_hex(4)
-
-
-def _untrack_swept(names: list[str]) -> None:
-    """Tell this process's resource tracker that ``names`` were unlinked here.
-
-    The workers' pools registered them (see localrref/transport/shm.py), so
-    that the tracker unlinks them should this supervisor be killed. A no-op
-    where no tracker runs: asking would start one.
-    """
-    if getattr(resource_tracker._resource_tracker, "_fd", None) is None:
-        return
-    for name in names:
-        resource_tracker.unregister("/" + name, "shared_memory")
 
 
 def sweep_shm(world_id: str, shm_dir: str = SHM_DIR) -> list[str]:
@@ -355,7 +342,9 @@ class WorkerGroup:
                 process.close()
         self._close_inboxes()
         swept = sweep_shm(self.world_id)
-        _untrack_swept(swept)
+        if tracker_running():  # the workers' pools registered them (transport/shm.py)
+            for name in swept:
+                untrack_segment(name)
         return swept
 
     def _close_inboxes(self) -> None:

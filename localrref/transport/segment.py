@@ -37,12 +37,34 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 
 from localrref.errors import WorkerClosedError, WorkerGoneError
 
-__all__ = ["SHM_DIR", "BlobHandle", "SegmentMaps", "Mapping", "open_segment"]
+__all__ = ["SHM_DIR", "BlobHandle", "SegmentMaps", "Mapping", "open_segment",
+           "track_segment", "untrack_segment", "tracker_running"]
 
 SHM_DIR = "/dev/shm"
+
+
+def track_segment(name: str) -> None:
+    """Have this process's resource tracker unlink ``name`` should everyone die first.
+
+    The tracker is the process a supervisor and its workers share: it unlinks
+    what is still registered once all of them have exited, so not even a
+    killed supervisor leaves segments behind. Its names are shm_unlink(3)'s.
+    """
+    resource_tracker.register("/" + name, "shared_memory")
+
+
+def untrack_segment(name: str) -> None:
+    """``name`` was unlinked: the tracker must not unlink it (nor warn) later."""
+    resource_tracker.unregister("/" + name, "shared_memory")
+
+
+def tracker_running() -> bool:
+    """True if this process talks to a resource tracker (asking would start one)."""
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
 
 PAGE = mmap.PAGESIZE
 MAGIC = b"LRRSHM01"

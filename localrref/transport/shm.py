@@ -99,12 +99,10 @@ Linux, and keep the accounting here.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import itertools
 import multiprocessing.util
 import os
-from multiprocessing import resource_tracker
 import re
 import secrets
 import struct
@@ -128,6 +126,7 @@ from localrref.transport.segment import OPEN_FLAGS as _OPEN_FLAGS
 from localrref.transport.segment import PAGE as _PAGE
 from localrref.transport.segment import SLOT_BASE as _SLOT_BASE
 from localrref.transport.segment import SHM_DIR, BlobHandle, Mapping, SegmentMaps, open_segment
+from localrref.transport.segment import track_segment, untrack_segment
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -324,19 +323,17 @@ def _check_exportable(tensor) -> None:
 
 
 def _copy_into(storage, start: int, src: torch.Tensor, stride, dense: bool,
-               copier: ParallelCopier | None = None) -> None:
+               copier: ParallelCopier) -> None:
     """Copy ``src``'s values to byte ``start`` of ``storage``, laid out with ``stride``."""
     nbytes = src.numel() * src.element_size()
     if dense and not (src.is_conj() or src.is_neg()):
         # A dense tensor's elements fill [data_ptr, data_ptr + nbytes) in any
-        # dim order, and the copy keeps its strides: one memcpy. ctypes drops
-        # the GIL for it. Single-threaded on purpose: torch's copy_ wakes its
-        # intra-op pool, which on a loaded 2-core machine cost milliseconds
-        # per 64 KiB copy (waiting for a descheduled OpenMP thread).
-        if copier is None:
-            ctypes.memmove(storage.data_ptr() + start, src.data_ptr(), nbytes)
-        else:
-            copier.memmove(storage.data_ptr() + start, src.data_ptr(), nbytes)
+        # dim order, and the copy keeps its strides: one memmove, which drops
+        # the GIL (split across our own helper threads when big). Not torch's
+        # copy_: it wakes its intra-op pool, which on a loaded 2-core machine
+        # cost milliseconds per 64 KiB copy (waiting for a descheduled OpenMP
+        # thread).
+        copier.memmove(storage.data_ptr() + start, src.data_ptr(), nbytes)
         return
     itemsize = src.element_size()
     dst = torch.empty((0,), dtype=src.dtype).set_(storage, start // itemsize, src.shape, stride)
@@ -434,7 +431,12 @@ class ShmPool:
         """True if ``tensor`` should travel as a handle rather than inline."""
         return (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided
                 and tensor.device.type == "cpu" and not tensor.is_quantized
-                and tensor.numel() > 0 and tensor.numel() * tensor.element_size() >= self.threshold)
+                and self.takes(tensor.nbytes))
+
+    def takes(self, nbytes: int) -> bool:
+        """:meth:`wants` for a strided CPU tensor of ``nbytes`` (a caller that
+        has checked the rest already)."""
+        return 0 < nbytes and nbytes >= self.threshold
 
     def export(self, tensor: torch.Tensor) -> TensorHandle:
         """Place ``tensor``'s value in shared memory and describe where.
@@ -672,7 +674,7 @@ class ShmPool:
         finally:
             os.close(fd)
         if self._tracked:
-            resource_tracker.register(_tracker_name(name), "shared_memory")
+            track_segment(name)
         seg = _Segment(name, mapping, kind, n_slots, block_size)
         self._by_name[name] = seg
         self._names.add(name)
@@ -722,14 +724,9 @@ def _unlink_names(names, tracked: bool = False) -> None:
         except FileNotFoundError:
             continue  # swept by the supervisor (which unregistered it), or never made
         if tracked:
-            resource_tracker.unregister(_tracker_name(name), "shared_memory")
+            untrack_segment(name)
     if isinstance(names, set):
         names.clear()
-
-
-def _tracker_name(name: str) -> str:
-    # The tracker unlinks with shm_unlink(3), whose names live in /dev/shm.
-    return "/" + name
 
 
 def _free_block(mapping: Mapping, slot: int) -> None:
