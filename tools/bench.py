@@ -567,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     loadavg = os.getloadavg()[0]
+    compile_worker_code()
     runs: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
     for backend in cfg.backends:
@@ -598,6 +599,24 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(to_json(rows, results, meta, cfg), fh, indent=2)
     ran = [b for b in cfg.backends if b in results]
     return 0 if ran else 2
+
+
+def compile_worker_code() -> None:
+    """Give the modules the workers import their bytecode, as ``pip install`` gave torch's.
+
+    Under PYTHONDONTWRITEBYTECODE (set on some machines and CI runners), or in a
+    checkout whose modules were never imported, every worker would compile
+    localrref from source: about 40 ms of CPU per worker here, which the start
+    rows would charge to localrref although an installed copy never pays it.
+    compileall writes the files whatever that variable says.
+    """
+    import compileall
+    import importlib.util
+
+    package = importlib.util.find_spec("localrref").submodule_search_locations[0]
+    compileall.compile_dir(package, quiet=1)
+    for name in ("bench.py", "bench_workloads.py"):  # both backends' workers import these
+        compileall.compile_file(os.path.join(_TOOLS, name), quiet=1)
 
 
 def merge_runs(runs: list):

@@ -39,6 +39,12 @@ import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
 
+# At the top, as in the programs these workers stand for: a spawned worker
+# imports this module (and so torch) before its entry function runs. Both
+# backends' workers import torch anyway; under localrref that import runs
+# with the collector paused (localrref/launch/paused_gc.py).
+import torch
+
 BACKENDS = ("torch", "localrref")
 # Rows that run inside the long-lived 3-worker "main" world; "world" has worlds of its own.
 IN_WORLD_GROUPS = ("idle", "sync", "async", "remote", "fork", "tensor_return", "tensor_arg")
@@ -173,7 +179,6 @@ _KEPT: list = []                # the tensor argument kept for the value-semanti
 
 
 def tensor_of(nbytes: int):
-    import torch
 
     tensor = _SENT.get(nbytes)
     if tensor is None:
@@ -370,7 +375,6 @@ def tensor_return(rpc: ModuleType, it: Iterations) -> dict:
 
 def tensor_arg(rpc: ModuleType, it: Iterations) -> dict:
     """Caller sends a tensor of N bytes; then check the two copies are independent."""
-    import torch
 
     p50_ms, independent = {}, {}
     for nbytes, calls in sorted(it.tensor.items()):

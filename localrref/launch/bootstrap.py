@@ -9,7 +9,9 @@ both ``localrref.spawn`` and ``python -m localrref.launch``. In order it:
 3. points fds 1 and 2 where the launcher asked (inherit, a file, /dev/null,
    or a pipe the launcher tees), line-buffered for scripts (see below);
 4. installs the :class:`~localrref.world.WorldSpec` so ``init_rpc`` finds it;
-5. runs the job: ``fn(rank, *args)`` (torch.multiprocessing.spawn semantics)
+5. turns the cyclic collector back on, if the worker started with it paused
+   (``spawn``; see :mod:`localrref.launch.paused_gc`);
+6. runs the job: ``fn(rank, *args)`` (torch.multiprocessing.spawn semantics)
    or a script/module as ``__main__`` (torchrun semantics), recording an
    uncaught exception in the error file before exiting with code 1.
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localrref import world
-from localrref.launch import errorfile
+from localrref.launch import errorfile, paused_gc
 
 __all__ = ["CallFunction", "RunScript", "Stream", "ChildPlan", "worker_main"]
 
@@ -99,6 +101,7 @@ def worker_main(spec: world.WorldSpec, job: CallFunction | RunScript, plan: Chil
     if plan.line_buffered:
         _line_buffer_std_streams()
     world.install(spec)
+    paused_gc.resume()
     match job:
         case CallFunction(fn=fn, args=args):
             _call_function(fn, spec.rank, args, plan.error_file)

@@ -59,6 +59,7 @@ from localrref.launch import errorfile
 from localrref.launch.bootstrap import CallFunction, ChildPlan, RunScript, worker_main
 from localrref.launch.control import ControlDispatcher, format_leak_line, write_leak_report
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
+from localrref.launch.paused_gc import process_class
 from localrref.transport.mpqueue import make_inboxes
 from localrref.transport.segment import tracker_running, untrack_segment
 
@@ -243,7 +244,7 @@ class WorkerGroup:
                     record_creation_sites=self.options.record_creation_sites,
                     shutdown_timeout=self.options.shutdown_timeout,
                 )
-                process = self._ctx.Process(
+                process = process_class(self._ctx)(
                     target=worker_main, args=(spec, self._jobs[rank], self._plans[rank]),
                     daemon=self._daemon, name=f"localrref-rank{rank}",
                 )

@@ -6,6 +6,7 @@ import mode every test directory shares one module namespace.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -15,6 +16,10 @@ import threading
 from localrref import world
 from localrref.codec import frames
 from localrref.transport.mpqueue import Endpoint
+
+
+# A spawned worker imports this module while unpickling its job, before fn runs.
+_COLLECTOR_ON_AT_IMPORT = gc.isenabled()
 
 
 def _endpoint() -> Endpoint:
@@ -51,6 +56,8 @@ def report_world(rank: int, out_dir: str) -> None:
         "shm_prefix": spec.shm_prefix, "ppid": os.getppid(), "pid": os.getpid(),
         "strict_leaks": spec.strict_leaks, "record_creation_sites": spec.record_creation_sites,
         "shutdown_timeout": spec.shutdown_timeout,
+        "collector_on_at_import": _COLLECTOR_ON_AT_IMPORT, "collector_on": gc.isenabled(),
+        "frozen_objects": gc.get_freeze_count(),
     })
 
 

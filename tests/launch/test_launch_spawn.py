@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -41,6 +42,17 @@ def test_clean_run_gives_each_worker_its_world(tmp_path):
         assert report["shm_prefix"] == f"lrr_{reports[0]['world_id']}_"
         assert report["shutdown_timeout"] == 30.0
     assert world.current() is None  # only workers have a world
+
+
+@pytest.mark.timeout(60)
+def test_spawned_workers_start_with_the_collector_paused_and_run_fn_with_it_on(tmp_path):
+    spawn(workers.report_world, args=(str(tmp_path),), nprocs=1)
+    report = _read(tmp_path / "rank0.json")
+    # The job's module was imported paused; what startup made is frozen.
+    assert report["collector_on_at_import"] is False
+    assert report["frozen_objects"] > 1000
+    assert report["collector_on"] is True
+    assert gc.isenabled()  # the supervisor's own collector is untouched
 
 
 @pytest.mark.timeout(60)

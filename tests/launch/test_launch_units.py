@@ -12,7 +12,7 @@ import time
 import pytest
 
 from localrref import world
-from localrref.launch import errorfile
+from localrref.launch import errorfile, paused_gc
 from localrref.launch.bootstrap import ChildPlan, RunScript, Stream
 from localrref.launch.cli import UsageError, config_from_args, parse_args
 from localrref.launch.control import ControlDispatcher, format_leak_line
@@ -46,6 +46,16 @@ def test_worldspec_views_and_pickling():
 def test_worldspec_rejects_inconsistent_fields(overrides, message):
     with pytest.raises(ValueError, match=message):
         _spec(**overrides)
+
+
+def test_the_spawn_command_line_pauses_the_collector_before_spawn_main():
+    cmd = paused_gc._command_line_with_pause(tracker_fd=7, pipe_handle=9)
+    program = cmd[cmd.index("-c") + 1]
+    assert program.startswith("import gc; gc.disable(); ")
+    assert program.endswith("spawn_main(tracker_fd=7, pipe_handle=9)")
+    spawn_ctx, fork_ctx = multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")
+    assert paused_gc.process_class(spawn_ctx) is paused_gc.SpawnProcess
+    assert paused_gc.process_class(fork_ctx) is fork_ctx.Process
 
 
 def test_peer_exited_message_round_trip():
