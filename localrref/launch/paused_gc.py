@@ -23,16 +23,26 @@ process, whose launcher puts the pause in front of ``spawn_main``. A
 program whose modules import torch lazily, inside ``fn``, gets no gain:
 its import runs after :func:`resume`. ``fork`` and ``forkserver`` workers
 inherit their parent's collector state; nothing here touches them.
+
+Two things change for the user. Cyclic garbage made before ``fn`` runs is
+frozen with the rest, so a main module that builds and drops large cyclic
+structures at import time (outside ``if __name__ == "__main__"``) keeps
+them; and a main module that calls ``gc.disable()`` at import finds the
+collector on again in ``fn``. ``LOCALRREF_PAUSE_GC_AT_START=0`` in the
+supervisor's environment turns all of this off.
 """
 
 from __future__ import annotations
 
 import gc
 import multiprocessing.context
+import os
 from multiprocessing import popen_spawn_posix, spawn
 from typing import Any
 
-__all__ = ["SpawnProcess", "process_class", "resume"]
+__all__ = ["SWITCH_ENV", "SpawnProcess", "process_class", "resume"]
+
+SWITCH_ENV = "LOCALRREF_PAUSE_GC_AT_START"
 
 _PAUSE = "import gc; gc.disable(); "
 
@@ -97,7 +107,9 @@ class SpawnProcess(multiprocessing.context.SpawnProcess):
 
 def process_class(ctx: Any) -> Any:
     """The Process class to start workers with under multiprocessing context ``ctx``."""
-    return SpawnProcess if ctx.get_start_method() == "spawn" else ctx.Process
+    if ctx.get_start_method() != "spawn" or os.environ.get(SWITCH_ENV, "").strip() == "0":
+        return ctx.Process
+    return SpawnProcess
 
 
 def resume() -> None:

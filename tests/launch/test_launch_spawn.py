@@ -56,6 +56,15 @@ def test_spawned_workers_start_with_the_collector_paused_and_run_fn_with_it_on(t
 
 
 @pytest.mark.timeout(60)
+def test_the_paused_collector_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALRREF_PAUSE_GC_AT_START", "0")
+    spawn(workers.report_world, args=(str(tmp_path),), nprocs=1)
+    report = _read(tmp_path / "rank0.json")
+    assert report["collector_on_at_import"] is True
+    assert report["frozen_objects"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_options_and_env_switches_reach_the_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCALRREF_RECORD_CREATION_SITES", "1")
     start_processes(workers.report_world, args=(str(tmp_path),), nprocs=1, shutdown_timeout=5)
