@@ -65,7 +65,14 @@ __all__ = ["Agent", "WorkerDesc", "wait"]
 
 log = logging.getLogger("localrref")
 
+# init_rpc's handshake. Every agent says hello to every peer and answers each
+# hello it accepts with a hello-back: a hello can reach the previous agent of
+# a process that restarts RPC (init_rpc after a clean shutdown), which ignores
+# it, and then the sender learns about the new agent from the answer to the
+# new agent's own hello. An agent accepts hellos only until it has heard from
+# every peer; after that a hello can only come from a peer's next agent.
 HELLO = "__hello__"
+HELLO_BACK = "__hello_back__"
 # How often the housekeeper checks, while the world is busy, whether the
 # inbox's reader has been inside user code (or parked) too long (see
 # leadership.py): every 2 ms at first, twice as long after each check that found
@@ -191,8 +198,7 @@ class Agent:
         with self._lead.lock:
             self._start_io_thread_locked()
         self._housekeeper.start()
-        hello = frames.encode_control((HELLO, self.rank, self.name, os.getpid(),
-                                       self.world_size))
+        hello = self._hello_frame(HELLO)
         for rank in range(self.world_size):
             if rank != self.rank:
                 self.endpoint.send(rank, hello)
@@ -216,18 +222,25 @@ class Agent:
             raise RuntimeError(f"worker name {name!r} is not unique: ranks {ranks} all use it; "
                                f"give every worker its own name")
 
-    def _on_hello(self, src: int, rank: int, name: str, pid: int, world_size: int) -> None:
-        if world_size != self.world_size:
-            error = RuntimeError(f"world size mismatch: rank {rank} ({name!r}) called init_rpc "
-                                 f"with world_size={world_size}, this worker has "
-                                 f"{self.world_size}")
-            with self._peers_ready:
-                self._dead[rank] = error
-                self._peers_ready.notify_all()
-            return
+    def _hello_frame(self, tag: str) -> bytes:
+        return frames.encode_control((tag, self.rank, self.name, os.getpid(), self.world_size))
+
+    def _on_hello(self, src: int, tag: str, rank: int, name: str, pid: int,
+                  world_size: int) -> None:
         with self._peers_ready:
-            self._peers[rank] = WorkerDesc(name, rank, pid)
+            if len(self._peers) >= self.world_size or self._closing:
+                return
+            if world_size != self.world_size:
+                self._dead[rank] = RuntimeError(
+                    f"world size mismatch: rank {rank} ({name!r}) called init_rpc with "
+                    f"world_size={world_size}, this worker has {self.world_size}")
+            else:
+                self._peers[rank] = WorkerDesc(name, rank, pid)
             self._peers_ready.notify_all()
+        if tag == HELLO:
+            with contextlib.suppress(WorkerClosedError, WorkerGoneError):
+                # Closing, or the peer is gone: then nobody needs the answer.
+                self.endpoint.send(src, self._hello_frame(HELLO_BACK))
 
     # ------------------------------------------------------------------
     # Names
@@ -792,8 +805,8 @@ class Agent:
 
     def _on_control(self, src: int, message: tuple) -> None:
         tag = message[0] if message else None
-        if tag == HELLO:
-            self._on_hello(src, *message[1:])
+        if tag == HELLO or tag == HELLO_BACK:
+            self._on_hello(src, *message)
         elif tag == PEER_EXITED:
             _, rank, pid, exitcode = message
             self._on_peer_exited(rank, pid, exitcode)

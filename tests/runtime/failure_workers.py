@@ -10,7 +10,9 @@ import torch
 
 import localrref as rpc
 from localrref import world
+from localrref.codec import frames
 from localrref.errors import WorkerGoneError
+from localrref.transport.mpqueue import Endpoint
 
 _FOREVER = threading.Event()
 
@@ -84,6 +86,40 @@ def reinit_after_shutdown(rank, results):
     outcomes.append(float(rpc.rpc_sync(f"again{1 - rank}", torch.add, args=(torch.ones(1), 2))))
     rpc.shutdown()
     results.put((rank, outcomes))
+
+
+def restart_while_the_peer_still_reads(rank, results, hello_sent):
+    """Rank 1 restarts RPC while rank 0's first agent still reads its inbox.
+
+    Rank 1's new hello reaches rank 0's old agent (the inbox is FIFO, and rank
+    0 makes a call to itself behind it), so rank 0's new agent can learn of
+    rank 1's new one only from the answer to its own hello.
+    """
+    options = rpc.RpcBackendOptions(init_timeout=20)
+    rpc.init_rpc(f"first{rank}", rpc_backend_options=options)
+    first = float(rpc.rpc_sync(f"first{1 - rank}", torch.add, args=(torch.ones(1), 1)))
+    if rank == 1:
+        rpc.shutdown(graceful=False)
+        send = Endpoint.send
+
+        def send_and_tell(self, dst, frame):
+            send(self, dst, frame)
+            kind, control = frames.decode(frame)
+            if kind == "control" and control[0] == "__hello__":
+                hello_sent.set()
+
+        Endpoint.send = send_and_tell
+        rpc.init_rpc("again1", rpc_backend_options=options)
+        Endpoint.send = send
+    else:
+        assert hello_sent.wait(30), "rank 1 never said hello again"
+        rpc.rpc_sync("first0", torch.add, args=(torch.ones(1), 0))  # read past the hello
+        rpc.shutdown(graceful=False)
+        rpc.init_rpc("again0", rpc_backend_options=options)
+    peers = sorted(rpc.get_worker_info(f"again{r}").name for r in (0, 1))
+    again = float(rpc.rpc_sync(f"again{1 - rank}", torch.add, args=(torch.ones(1), 2)))
+    rpc.shutdown()
+    results.put((rank, (first, peers, again)))
 
 
 def duplicate_names(rank, results):

@@ -50,6 +50,12 @@ def test_init_rpc_works_again_after_a_clean_shutdown(results):
         assert "RPC has not been initialized" in after_rpc
 
 
+
+def test_a_restart_whose_hello_the_peers_old_agent_read_still_meets_the_peer(results):
+    hello_sent = multiprocessing.get_context("spawn").Event()
+    localrref.spawn(fw.restart_while_the_peer_still_reads, args=(results, hello_sent), nprocs=2)
+    assert dict(drain(results)) == {r: (2.0, ["again0", "again1"], 3.0) for r in (0, 1)}
+
 def test_duplicate_names_are_refused(results):
     localrref.spawn(fw.duplicate_names, args=(results,), nprocs=2)
     messages = dict(drain(results))
