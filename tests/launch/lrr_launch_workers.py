@@ -82,10 +82,12 @@ def exit_in_rank(rank: int, bad_rank: int, how: str, out_dir: str) -> None:
     _write(out_dir, f"inbox{rank}.json", list(_next_control(_endpoint())))
 
 
-def ignore_sigterm_then_block(rank: int, bad_rank: int) -> None:
+def ignore_sigterm_then_block(rank: int, bad_rank: int, ignoring) -> None:
     if rank == bad_rank:
+        ignoring.wait()  # exiting sooner, we could be stopped before the others ignore SIGTERM
         sys.exit(2)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignoring.set()
     threading.Event().wait()
 
 

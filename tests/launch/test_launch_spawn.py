@@ -110,8 +110,9 @@ def test_dead_worker_raises_and_peers_get_peer_exited(tmp_path, how, exitcode, t
 
 @pytest.mark.timeout(60)
 def test_worker_ignoring_sigterm_is_killed_after_shutdown_timeout():
-    ctx = start_processes(workers.ignore_sigterm_then_block, args=(1,), nprocs=2, join=False,
-                          shutdown_timeout=0.5)
+    ignoring = multiprocessing.get_context("spawn").Event()
+    ctx = start_processes(workers.ignore_sigterm_then_block, args=(1, ignoring), nprocs=2,
+                          join=False, shutdown_timeout=0.5)
     with pytest.raises(ProcessExitedException, match="process 1 terminated with exit code 2"):
         while not ctx.join():
             pass
