@@ -55,7 +55,6 @@ __all__ = [
     "SHUTDOWN_FAILED",
     "LEAK_REPORT",
     "LEAK_FIELDS",
-    "SHM_PREFIX_FORMAT",
     "peer_exited_message",
     "shutdown_arrived_message",
     "shutdown_done_message",
@@ -88,7 +87,6 @@ LEAK_FIELDS = (
 
 # Every /dev/shm entry a world creates starts with this; the supervisor
 # unlinks whatever matches once the world is over.
-SHM_PREFIX_FORMAT = "lrr_{world_id}_"
 
 # Short and shell/filename-safe: it ends up in /dev/shm names (macOS caps POSIX
 # shm names at 31 characters, so the id itself stays well under that).
@@ -157,7 +155,8 @@ class WorldSpec:
     @property
     def shm_prefix(self) -> str:
         """Prefix every /dev/shm name of this world must start with."""
-        return SHM_PREFIX_FORMAT.format(world_id=self.world_id)
+        from localrref.transport.segment import segment_prefix
+        return segment_prefix(self.world_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,11 +38,9 @@ Processes are started from the caller's thread on purpose: Linux delivers
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import multiprocessing.connection
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -61,7 +59,8 @@ from localrref.launch.control import ControlDispatcher, format_leak_line, write_
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
 from localrref.launch.paused_gc import process_class
 from localrref.transport.mpqueue import make_inboxes
-from localrref.transport.segment import tracker_running, untrack_segment
+from localrref.transport.segment import (new_world_id, sweep_world_segments, tracker_running,
+                                          untrack_segment)
 
 __all__ = [
     "RunOptions",
@@ -70,14 +69,12 @@ __all__ = [
     "ProcessContext",
     "spawn",
     "start_processes",
-    "sweep_shm",
     "new_world_id",
 ]
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # torch's spawn and torchrun both wait 30 s after SIGTERM
 STRICT_LEAKS_ENV = "LOCALRREF_STRICT_LEAKS"
 RECORD_CREATION_SITES_ENV = "LOCALRREF_RECORD_CREATION_SITES"
-SHM_DIR = "/dev/shm"
 # How long the watcher may wait on one peer's inbox (its lock, then pipe room)
 # before giving up on that peer's notification.
 NOTIFY_TIMEOUT = 1.0
@@ -130,24 +127,6 @@ class WorkerExit:
     exitcode: int
     exited_at: float  # epoch seconds, when the watcher saw it
     signalled_by_us: bool
-
-
-def new_world_id() -> str:
-    """A fresh 8-character world id (lowercase hex)."""
-    return secrets.token_hex(4)
-
-
-def sweep_shm(world_id: str, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink every ``/dev/shm`` entry of ``world_id``; return the names removed."""
-    prefix = world.SHM_PREFIX_FORMAT.format(world_id=world_id)
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(shm_dir), glob.escape(prefix) + "*")):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        removed.append(os.path.basename(path))
-    return removed
 
 
 class _Ladder:
@@ -342,7 +321,7 @@ class WorkerGroup:
             if process.exitcode is not None:
                 process.close()
         self._close_inboxes()
-        swept = sweep_shm(self.world_id)
+        swept = sweep_world_segments(self.world_id)
         if tracker_running():  # the workers' pools registered them (transport/shm.py)
             for name in swept:
                 untrack_segment(name)

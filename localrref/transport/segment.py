@@ -33,6 +33,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
+import secrets
 import struct
 import threading
 import weakref
@@ -42,9 +44,49 @@ from multiprocessing import resource_tracker
 from localrref.errors import WorkerClosedError, WorkerGoneError
 
 __all__ = ["SHM_DIR", "BlobHandle", "SegmentMaps", "Mapping", "open_segment",
-           "track_segment", "untrack_segment", "tracker_running"]
+           "track_segment", "untrack_segment", "tracker_running",
+           "new_world_id", "segment_prefix", "world_segments", "sweep_world_segments"]
 
 SHM_DIR = "/dev/shm"
+_WORLD_ID = re.compile(r"[A-Za-z0-9]{1,32}")
+
+
+def new_world_id() -> str:
+    """A fresh id for a world's segment names (8 hex digits)."""
+    return secrets.token_hex(4)
+
+
+def segment_prefix(world_id: str) -> str:
+    """The name prefix of every segment of ``world_id`` (``lrr_<world_id>_``)."""
+    # Letters and digits only: with an "_" a world id could be a prefix of
+    # another ("a" of "a_b"), and a sweep would take the other world's files.
+    if not isinstance(world_id, str) or not _WORLD_ID.fullmatch(world_id):
+        raise ValueError(f"world id must be 1-32 letters or digits, got {world_id!r}; "
+                         f"use new_world_id()")
+    return f"lrr_{world_id}_"
+
+
+def world_segments(world_id: str, shm_dir: str = SHM_DIR) -> list[str]:
+    """Names of the segments of ``world_id`` that exist now, sorted."""
+    prefix = segment_prefix(world_id)
+    return sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix))
+
+
+def sweep_world_segments(world_id: str, shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink every segment of ``world_id``; return the names unlinked.
+
+    For the supervisor after a run, when a worker may have been killed before
+    it could unlink its own. Processes that still map a segment keep their
+    memory until they unmap it.
+    """
+    swept = []
+    for name in world_segments(world_id, shm_dir):
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+        except FileNotFoundError:
+            continue  # its owner closed it meanwhile
+        swept.append(name)
+    return swept
 
 
 def track_segment(name: str) -> None:

@@ -103,7 +103,6 @@ import errno
 import itertools
 import multiprocessing.util
 import os
-import re
 import secrets
 import struct
 import threading
@@ -127,6 +126,8 @@ from localrref.transport.segment import PAGE as _PAGE
 from localrref.transport.segment import SLOT_BASE as _SLOT_BASE
 from localrref.transport.segment import SHM_DIR, BlobHandle, Mapping, SegmentMaps, open_segment
 from localrref.transport.segment import track_segment, untrack_segment
+from localrref.transport.segment import (new_world_id, segment_prefix, sweep_world_segments,
+                                          world_segments)
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -168,7 +169,6 @@ def dtype_code(dtype: torch.dtype) -> int:
 # bytes of data unless a single block is bigger.
 _MIN_SEGMENT = 1 << 20
 _MAX_SEGMENT = 64 << 20
-_WORLD_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,48 +239,6 @@ class PoolStats:
     blocks: int
     blocks_in_use: int
     bytes: int
-
-
-def new_world_id() -> str:
-    """A fresh id for a world's segment names (8 hex digits)."""
-    return secrets.token_hex(4)
-
-
-def segment_prefix(world_id: str) -> str:
-    """The name prefix of every segment of ``world_id`` (``lrr_<world_id>_``)."""
-    _check_world_id(world_id)
-    return f"lrr_{world_id}_"
-
-
-def world_segments(world_id: str) -> list[str]:
-    """Names of the segments of ``world_id`` that exist now, sorted."""
-    prefix = segment_prefix(world_id)
-    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
-
-
-def sweep_world_segments(world_id: str) -> list[str]:
-    """Unlink every segment of ``world_id``; return the names unlinked.
-
-    For the supervisor after a run, when a worker may have been killed before
-    it could unlink its own. Processes that still map a segment keep their
-    memory until they unmap it.
-    """
-    swept = []
-    for name in world_segments(world_id):
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-        except FileNotFoundError:
-            continue  # its owner closed it meanwhile
-        swept.append(name)
-    return swept
-
-
-def _check_world_id(world_id: str) -> None:
-    # Letters and digits only: with an "_" a world id could be a prefix of
-    # another ("a" of "a_b"), and a sweep would take the other world's files.
-    if not isinstance(world_id, str) or not _WORLD_ID.fullmatch(world_id):
-        raise ValueError(f"world id must be 1-32 letters or digits, got {world_id!r}; "
-                         f"use new_world_id()")
 
 
 def _block_size(nbytes: int) -> int:
@@ -395,7 +353,7 @@ class ShmPool:
 
     def __init__(self, world_id: str, rank: int, *, threshold: int = DEFAULT_THRESHOLD,
                  tracked: bool = False) -> None:
-        _check_world_id(world_id)
+        prefix = segment_prefix(world_id)  # refuses a malformed id before anything is made
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
         self.world_id = world_id
@@ -403,7 +361,7 @@ class ShmPool:
         self.threshold = threshold
         # A per-pool token keeps names unique if a process builds two pools
         # (tests do) or a rank number is ever reused.
-        self._prefix = f"{segment_prefix(world_id)}{rank}_{secrets.token_hex(3)}_"
+        self._prefix = f"{prefix}{rank}_{secrets.token_hex(3)}_"
         self._counter = itertools.count()
         self._copier = ParallelCopier()
         self._lock = threading.Lock()

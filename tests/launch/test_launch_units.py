@@ -18,7 +18,8 @@ from localrref.launch.cli import UsageError, config_from_args, parse_args
 from localrref.launch.control import ControlDispatcher, format_leak_line
 from localrref.launch.launcher import main
 from localrref.launch.stdio import Std, line_prefix, parse_std
-from localrref.launch.supervisor import RunOptions, sweep_shm
+from localrref.launch.supervisor import RunOptions
+from localrref.transport.segment import sweep_world_segments
 
 
 # ------------------------------------------------------------------------ world.py
@@ -202,10 +203,10 @@ def test_run_options_resolve_env(monkeypatch):
         RunOptions(shutdown_timeout=-1)
 
 
-def test_sweep_shm_removes_only_its_world(tmp_path):
+def test_the_sweep_removes_only_its_world(tmp_path):
     for name in ("lrr_w1_a", "lrr_w1_b", "lrr_w10_a", "lrr_w2_a", "other"):
         (tmp_path / name).write_bytes(b"")
-    assert sorted(sweep_shm("w1", shm_dir=str(tmp_path))) == ["lrr_w1_a", "lrr_w1_b"]
+    assert sweep_world_segments("w1", shm_dir=str(tmp_path)) == ["lrr_w1_a", "lrr_w1_b"]
     assert sorted(os.listdir(tmp_path)) == ["lrr_w10_a", "lrr_w2_a", "other"]
 
 
