@@ -35,9 +35,11 @@ supervisor's environment turns all of this off.
 from __future__ import annotations
 
 import gc
+import io
 import multiprocessing.context
 import os
-from multiprocessing import popen_spawn_posix, spawn
+from multiprocessing import popen_spawn_posix, reduction, resource_tracker, spawn, util
+from multiprocessing.context import set_spawning_popen
 from typing import Any
 
 __all__ = ["SWITCH_ENV", "SpawnProcess", "process_class", "resume"]
@@ -62,12 +64,6 @@ class _PausedPopen(popen_spawn_posix.Popen):
     # command line. It has no hook for that, and patching the module-level
     # get_command_line would reach processes other code spawns meanwhile.
     def _launch(self, process_obj: Any) -> None:
-        import io
-        import os
-
-        from multiprocessing import reduction, resource_tracker, util
-        from multiprocessing.context import set_spawning_popen
-
         tracker_fd = resource_tracker.getfd()
         self._fds.append(tracker_fd)
         prep_data = spawn.get_preparation_data(process_obj._name)

@@ -59,8 +59,8 @@ from localrref.launch.control import ControlDispatcher, format_leak_line, write_
 from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
 from localrref.launch.paused_gc import process_class
 from localrref.transport.mpqueue import make_inboxes
-from localrref.transport.segment import (new_world_id, sweep_world_segments, tracker_running,
-                                          untrack_segment)
+from localrref.transport.segment import (new_world_id, segment_prefix, sweep_world_segments,
+                                          tracker_running, untrack_segment)
 
 __all__ = [
     "RunOptions",
@@ -181,6 +181,7 @@ class WorkerGroup:
                              f"choose one of {multiprocessing.get_all_start_methods()}")
         self.nprocs = len(jobs)
         self.world_id = world_id or new_world_id()
+        segment_prefix(self.world_id)  # a malformed id fails here, not in close()'s sweep
         self.options = options or RunOptions()
         self.dispatcher = ControlDispatcher(self.nprocs, self._send_control,
                                             phase_timeout=self.options.shutdown_timeout,
