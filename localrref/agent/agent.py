@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import itertools
 import logging
 import os
 import select
@@ -58,6 +59,7 @@ from ..world import (
     SHUTDOWN_PROCEED,
     describe_exitcode,
 )
+from .handshake import HELLO, HELLO_BACK, Handshake, WorkerDesc
 from .leadership import DEPOSED, LEAD, REQUESTED, Leadership
 from .pool import ElasticPool
 
@@ -65,14 +67,8 @@ __all__ = ["Agent", "WorkerDesc", "wait"]
 
 log = logging.getLogger("localrref")
 
-# init_rpc's handshake. Every agent says hello to every peer and answers each
-# hello it accepts with a hello-back: a hello can reach the previous agent of
-# a process that restarts RPC (init_rpc after a clean shutdown), which ignores
-# it, and then the sender learns about the new agent from the answer to the
-# new agent's own hello. An agent accepts hellos only until it has heard from
-# every peer; after that a hello can only come from a peer's next agent.
-HELLO = "__hello__"
-HELLO_BACK = "__hello_back__"
+# Unique in this process: tells this agent's handshake from a previous one's (handshake.py).
+_AGENT_SERIALS = itertools.count()
 # How often the housekeeper checks, while the world is busy, whether the
 # inbox's reader has been inside user code (or parked) too long (see
 # leadership.py): every 2 ms at first, twice as long after each check that found
@@ -125,13 +121,6 @@ def wait(future: torch.futures.Future):
     raise error
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerDesc:
-    name: str
-    rank: int
-    pid: int
-
-
 @dataclass(slots=True)
 class _Pending:
     future: torch.futures.Future
@@ -167,8 +156,9 @@ class Agent:
         self._timer_target: float | None = None
         self._closing = False
         self.closed = False
-        self._peers: dict[int, WorkerDesc] = {
-            self.rank: WorkerDesc(name, self.rank, os.getpid())}
+        self._handshake = Handshake(rank=self.rank, name=name, pid=os.getpid(),
+                                    world_size=self.world_size, serial=next(_AGENT_SERIALS))
+        self._peers: dict[int, WorkerDesc] = self._handshake.peers  # guarded by _peers_ready
         self._peers_ready = threading.Condition()
         self._dead: dict[int, WorkerGoneError] = {}
         self._control: collections.deque = collections.deque()
@@ -198,16 +188,16 @@ class Agent:
         with self._lead.lock:
             self._start_io_thread_locked()
         self._housekeeper.start()
-        hello = self._hello_frame(HELLO)
+        hello = frames.encode_control(self._handshake.hello())
         for rank in range(self.world_size):
             if rank != self.rank:
                 self.endpoint.send(rank, hello)
         deadline = time.monotonic() + init_timeout
         with self._peers_ready:
-            while len(self._peers) < self.world_size and not self._dead and not self._closing:
+            while not self._handshake.complete and not self._dead and not self._closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = sorted(set(range(self.world_size)) - set(self._peers))
+                    missing = self._handshake.missing()
                     raise RuntimeError(
                         f"init_rpc timed out after {init_timeout:.0f} s waiting for ranks "
                         f"{missing} to call init_rpc (every worker of the world must call it)")
@@ -222,25 +212,18 @@ class Agent:
             raise RuntimeError(f"worker name {name!r} is not unique: ranks {ranks} all use it; "
                                f"give every worker its own name")
 
-    def _hello_frame(self, tag: str) -> bytes:
-        return frames.encode_control((tag, self.rank, self.name, os.getpid(), self.world_size))
-
-    def _on_hello(self, src: int, tag: str, rank: int, name: str, pid: int,
-                  world_size: int) -> None:
+    def _on_hello(self, src: int, message: tuple) -> None:
         with self._peers_ready:
-            if len(self._peers) >= self.world_size or self._closing:
+            if self._closing:
                 return
-            if world_size != self.world_size:
-                self._dead[rank] = RuntimeError(
-                    f"world size mismatch: rank {rank} ({name!r}) called init_rpc with "
-                    f"world_size={world_size}, this worker has {self.world_size}")
-            else:
-                self._peers[rank] = WorkerDesc(name, rank, pid)
+            reply = self._handshake.receive(message)
+            for rank, text in self._handshake.mismatches.items():
+                self._dead.setdefault(rank, RuntimeError(text))
             self._peers_ready.notify_all()
-        if tag == HELLO:
+        if reply is not None:
             with contextlib.suppress(WorkerClosedError, WorkerGoneError):
                 # Closing, or the peer is gone: then nobody needs the answer.
-                self.endpoint.send(src, self._hello_frame(HELLO_BACK))
+                self.endpoint.send(src, frames.encode_control(reply))
 
     # ------------------------------------------------------------------
     # Names
@@ -806,7 +789,7 @@ class Agent:
     def _on_control(self, src: int, message: tuple) -> None:
         tag = message[0] if message else None
         if tag == HELLO or tag == HELLO_BACK:
-            self._on_hello(src, *message)
+            self._on_hello(src, message)
         elif tag == PEER_EXITED:
             _, rank, pid, exitcode = message
             self._on_peer_exited(rank, pid, exitcode)
