@@ -156,9 +156,9 @@ class Agent:
         self._timer_target: float | None = None
         self._closing = False
         self.closed = False
+        # Guarded by _peers_ready, as are its peers.
         self._handshake = Handshake(rank=self.rank, name=name, pid=os.getpid(),
                                     world_size=self.world_size, serial=next(_AGENT_SERIALS))
-        self._peers: dict[int, WorkerDesc] = self._handshake.peers  # guarded by _peers_ready
         self._peers_ready = threading.Condition()
         self._dead: dict[int, WorkerGoneError] = {}
         self._control: collections.deque = collections.deque()
@@ -204,11 +204,11 @@ class Agent:
                 self._peers_ready.wait(left)
             if self._dead:
                 raise next(iter(self._dead.values()))
-        names = collections.Counter(p.name for p in self._peers.values())
+        names = collections.Counter(p.name for p in self._handshake.peers.values())
         duplicates = sorted(n for n, c in names.items() if c > 1)
         if duplicates:
             name = duplicates[0]
-            ranks = sorted(p.rank for p in self._peers.values() if p.name == name)
+            ranks = sorted(p.rank for p in self._handshake.peers.values() if p.name == name)
             raise RuntimeError(f"worker name {name!r} is not unique: ranks {ranks} all use it; "
                                f"give every worker its own name")
 
@@ -230,13 +230,13 @@ class Agent:
     # ------------------------------------------------------------------
 
     def peers(self) -> list[WorkerDesc]:
-        return [self._peers[r] for r in sorted(self._peers)]
+        return [self._handshake.peers[r] for r in sorted(self._handshake.peers)]
 
     def peer(self, rank: int) -> WorkerDesc:
-        return self._peers[rank]
+        return self._handshake.peers[rank]
 
     def rank_of(self, name: str) -> int | None:
-        for desc in self._peers.values():
+        for desc in self._handshake.peers.values():
             if desc.name == name:
                 return desc.rank
         return None
@@ -583,7 +583,7 @@ class Agent:
         return f"WorkerInfo(id={self.rank}, name={self.name})"
 
     def _describe(self, rank: int) -> str:
-        desc = self._peers.get(rank)
+        desc = self._handshake.peers.get(rank)
         return f"rank {rank} ({desc.name!r})" if desc else f"rank {rank}"
 
     # ------------------------------------------------------------------
@@ -799,7 +799,7 @@ class Agent:
                 self._control_cv.notify_all()
 
     def _on_peer_exited(self, rank: int, pid: int, exitcode: int) -> None:
-        desc = self._peers.get(rank)
+        desc = self._handshake.peers.get(rank)
         who = f"rank {rank}" + (f" ({desc.name!r})" if desc else "")
         error = WorkerGoneError(
             f"worker {who}, pid {pid}, {describe_exitcode(exitcode)}; every call that "
