@@ -980,13 +980,20 @@ class RRefContext:
         job = _Job(job_id=self._next_job_id, kind=kind, src=src, request_id=request_id,
                    payload=payload, rrefs=rrefs, owner=owner, fork_id=fork_id)
         self._next_job_id += 1
+        # The driver's hold on each argument, released with release() once
+        # the function is done with it. Taken now, not when the job starts:
+        # a job waits until *every* argument is confirmed, and the first
+        # confirmation drops that user's pending hold; without the job's hold
+        # in place it would reach zero and be deleted on its owner before the
+        # function could fetch it (seed: the request's deserialised arguments
+        # hold their UserRRefs from the start).
+        for rref in rrefs:
+            if not rref.is_owner:
+                rref.holds += 1
         return job
 
     def _start_job(self, job: _Job) -> None:
         self.jobs[job.job_id] = job
-        for rref in job.rrefs:
-            if not rref.is_owner:
-                rref.holds += 1  # the driver's hold, released with release()
         self._emit(Execute(job_id=job.job_id, kind=job.kind, src=job.src, payload=job.payload,
                            rrefs=job.rrefs, owner=job.owner))
 

@@ -292,17 +292,27 @@ class SimWorld:
                 self._drop_handle_ref(worker, held)
 
     def _owners_in_waiting_jobs(self, worker: int) -> set[int]:
-        # A job parked until its argument RRefs are confirmed holds its
-        # arguments (in the runtime: the unpickled objects) inside the core.
         held = set()
+        for job in self._parked_jobs(worker):
+            held.update(id(r) for r in job.rrefs if r.is_owner)
+            if job.owner is not None:
+                held.add(id(job.owner))
+        return held
+
+    def _parked_jobs(self, worker: int) -> list:
+        """Jobs the core keeps until their argument RRefs are confirmed.
+
+        Such a job already holds its arguments: in the runtime they are the
+        objects its request unpickles into, and the user function will use
+        them (fetch them, pass them on) the moment it starts. So they count
+        as references like any job's.
+        """
+        jobs = {}
         for state in self.ctx[worker].pending_users.values():
             for waiter in state.waiters:
-                job = waiter.job
-                if job is not None:
-                    held.update(id(r) for r in job.rrefs if r.is_owner)
-                    if job.owner is not None:
-                        held.add(id(job.owner))
-        return held
+                if waiter.job is not None:
+                    jobs[waiter.job.job_id] = waiter.job
+        return list(jobs.values())
 
     def _check_no_user_refers_to(self, rref_id) -> None:
         for w, ctx in enumerate(self.ctx):
@@ -344,6 +354,8 @@ class SimWorld:
         for job in self.jobs:
             if job.worker == worker:
                 refs.extend(job.execute.rrefs)
+        for job in self._parked_jobs(worker):
+            refs.extend(job.rrefs)
         return refs
 
     # ------------------------------------------------------------------
@@ -471,6 +483,12 @@ class SimWorld:
         self.stats["jobs"] += 1
         call = execute.payload
         args = list(execute.rrefs)
+        for rref in args:
+            # A user function may fetch or pass on any RRef it was given.
+            if not rref.is_owner and rref.deleted_on_owner:
+                raise self._violation(f"job {execute.job_id} on worker {worker} was given "
+                                      f"{rref!r}, already deleted on its owner: the function "
+                                      f"cannot fetch it")
         self.trace.append(f"t={self.now:.3f} run {execute.kind.value} job {execute.job_id} on "
                           f"{worker} {call}")
         owner_ref = execute.owner
@@ -647,7 +665,8 @@ class SimWorld:
     def drain_user_level(self, *, check: bool = True, max_steps: int = 200_000) -> None:
         """Run until no user call, reply or job is left (torch's shutdown barrier)."""
         for _ in range(max_steps):
-            busy = self.jobs or any(m.message.type in _USER_LEVEL for m in self.in_flight) or any(
+            busy = self.jobs or any(self._parked_jobs(w) for w in range(self.n)) or any(
+                m.message.type in _USER_LEVEL for m in self.in_flight) or any(
                 r.kind in (RequestKind.CALL, RequestKind.REMOTE, RequestKind.REMOTE_SELF,
                            RequestKind.FETCH)
                 for ctx in self.ctx for r in ctx.requests.values())

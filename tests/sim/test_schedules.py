@@ -75,3 +75,38 @@ def test_remote_to_self_and_back_leaves_nothing():
     world.run_until_quiescent()
     world.op_rpc(1, 2, list(world.handles[1]), SimCall("keep"), 0.0)
     world.check_no_leak()
+
+
+def _deliver_first(world, predicate):
+    for index, msg in enumerate(world.in_flight):
+        if predicate(msg):
+            world.deliver(index)
+            return msg
+    raise AssertionError(f"no such message in flight: {[m.message.type.value for m in world.in_flight]}")
+
+
+def test_a_job_keeps_each_argument_rref_while_it_waits_for_the_others():
+    # torch's test_py_rref_args_user_share: worker 0 passes two RRefs owned by
+    # worker 1 to worker 2. Worker 2's job waits until both forks are
+    # confirmed; the first confirmation must not let that user be deleted
+    # (its pending hold goes, the job's hold stays).
+    world = SimWorld(3, seed=0)
+    world.op_remote(0, 1, [], SimCall("store"), 0.0)
+    world.op_remote(0, 1, [], SimCall("store"), 0.0)
+    world.run_until_quiescent()
+    a, b = world.handles[0]
+    world.op_rpc(0, 2, [a, b], SimCall("keep"), 0.0)
+    _deliver_first(world, lambda m: m.message.type.value == "PYTHON_CALL")
+    fork_a = _deliver_first(world, lambda m: m.message.type.value == "RREF_FORK_REQUEST"
+                            and m.message.rref_id == a.rref_id)
+    _deliver_first(world, lambda m: m.message.type.value == "RREF_ACK" and m.dst == 2
+                   and m.message.request_id == fork_a.message.request_id)
+    users_on_2 = {r.rref_id: r for r in world.ctx[2].confirmed_users.values()}
+    user_a = users_on_2.get(a.rref_id)
+    assert user_a is not None and not user_a.deleted_on_owner, \
+        "the first confirmed argument was deleted while its job waited for the second"
+    assert user_a.holds == 1  # the waiting job's
+    world.check()
+    world.run_until_quiescent()  # the job runs; it checks that no argument was deleted
+    assert world.stats["jobs"] >= 3
+    world.check_no_leak()
