@@ -17,6 +17,7 @@ from torch.distributed.rpc import WorkerInfo
 from . import constants
 from .agent import current
 from .agent.agent import Agent
+from .agent.futures import expose
 from .errors import RPCNotInitializedError
 from .options import RpcBackendOptions
 
@@ -167,6 +168,11 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
         ValueError: unknown worker.
         TypeError: an argument cannot be pickled (the message names it).
     """
+    return expose(_rpc_async_future(to, func, args, kwargs, timeout))
+
+
+def _rpc_async_future(to, func, args, kwargs, timeout):
+    """rpc_async's internal future (see agent/futures.py), for chaining inside localrref."""
     agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
     return agent.rpc_async(rank, func, args, kwargs, timeout)
 

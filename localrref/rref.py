@@ -13,9 +13,9 @@ import functools
 
 import torch
 
-from . import constants
+from . import constants, functions
 from .agent import current
-from .agent.agent import wait
+from .agent.futures import Failed, expose, fail, raise_copy, wait
 from .errors import WorkerClosedError
 
 __all__ = ["RRef"]
@@ -29,13 +29,14 @@ class RRef:
     RRef values arrive as new forks.
     """
 
-    __slots__ = ("_agent", "_record", "_creation", "__weakref__")
+    __slots__ = ("_agent", "_record", "_creation", "_type", "__weakref__")
 
     def __init__(self, value, type_hint=None) -> None:
         agent = current.require()
         self._agent = agent
         self._record = agent.create_local(value)
         self._creation = None
+        self._type = None
 
     @classmethod
     def _adopt(cls, agent, record, creation=None) -> "RRef":
@@ -43,6 +44,7 @@ class RRef:
         rref._agent = agent
         rref._record = record
         rref._creation = creation
+        rref._type = None
         return rref
 
     def __del__(self) -> None:
@@ -91,10 +93,18 @@ class RRef:
         Raises:
             RuntimeError: called on a user (use ``to_here()``), or the creation failed.
         """
-        if not self._record.is_owner:
+        record = self._record
+        if not record.is_owner:
             raise RuntimeError(
                 f"Cannot call local_value() on a non-owner RRef ({self!r}); it is owned by "
                 f"{self.owner_name()!r}. Call to_here() to fetch a copy.")
+        if record.has_value:
+            # A lookup, as on torch: the value is set once and never changes.
+            self._live_agent()
+            error = record.error
+            if error is None:
+                return record.value
+            raise_copy(self._agent.owner_error(record))
         return wait(self._live_agent().fetch(self._record, 0))
 
     def to_here(self, timeout: float = constants.UNSET_RPC_TIMEOUT):
@@ -120,15 +130,33 @@ class RRef:
         # The application may hang callbacks on it: they must not run on a
         # thread that reads the inbox while it waits (see Agent._split_for).
         self._agent.expose_creation(self._record)
-        return self._creation
+        return expose(self._creation)
 
     def _get_type(self, timeout: float = constants.UNSET_RPC_TIMEOUT, blocking: bool = True):
-        value_type = type(self.local_value()) if self.is_owner() else type(self.to_here(timeout))
+        """The type of the value (torch's ``_get_type``), asked of the owner once and cached.
+
+        With ``blocking=False``, a future of it.
+        """
+        if self._type is not None:
+            if blocking:
+                return self._type
+            done = torch.futures.Future()
+            done.set_result(self._type)
+            return done
+        future = self._type_future(timeout)
         if blocking:
-            return value_type
-        future = torch.futures.Future()
-        future.set_result(value_type)
-        return future
+            return wait(future)
+        return expose(future)
+
+    def _type_future(self, timeout: float):
+        """An internal future (see agent/futures.py) of the value's type, cached once known."""
+        if self._record.is_owner:
+            source = self._live_agent().fetch(self._record, 0)
+        else:
+            from .api import _rpc_async_future
+            source = _rpc_async_future(self._record.owner, _rref_typeof_on_owner, (self,), None,
+                                       timeout)
+        return source.then(functools.partial(_cache_type, self, self._record.is_owner))
 
     # ------------------------------------------------------------ proxies
 
@@ -158,12 +186,46 @@ class RRef:
         return f"UserRRef(RRefId = {record.rref_id}, ForkId = {record.fork_id})"
 
 
+def _rref_typeof_on_owner(rref: RRef):
+    return type(rref.local_value())
+
+
+def _cache_type(rref: RRef, is_value: bool, future):
+    # The outcome of the owner's value (is_value) or of the type query:
+    # a Failed record passes through for the waiter to raise.
+    outcome = future.value()
+    if type(outcome) is Failed:
+        return outcome
+    rref._type = type(outcome) if is_value else outcome
+    return rref._type
+
+
 def _local_invoke(rref: RRef, func_name: str, args, kwargs):
     return getattr(rref.local_value(), func_name)(*args, **kwargs)
 
 
+@functions.async_execution
+def _local_invoke_async_execution(rref: RRef, func_name: str, args, kwargs):
+    # The method is an @async_execution one: it returns a future, and the
+    # call completes when that future does (torch's rref_proxy).
+    return getattr(rref.local_value(), func_name)(*args, **kwargs)
+
+
+def _invoker_for(value_type: type, func_name: str):
+    method = getattr(value_type, func_name, None)
+    if getattr(method, "_wrapped_async_rpc_function", None) is not None:
+        return _local_invoke_async_execution
+    return _local_invoke
+
+
 class _Proxy:
-    """torch's ``RRefProxy``: attribute access makes a call on the owner."""
+    """torch's ``RRefProxy``: attribute access makes a call on the owner.
+
+    As in torch, the owner is first asked the value's type (once per RRef
+    object; see ``RRef._get_type``), so that a method decorated with
+    ``@rpc.functions.async_execution`` runs as one: the call completes when
+    the future it returns does.
+    """
 
     __slots__ = ("_rref", "_api", "_timeout")
 
@@ -174,11 +236,34 @@ class _Proxy:
 
     def __getattr__(self, func_name: str):
         from . import api
-        call = getattr(api, self._api)
         rref = self._rref
+        api_name = self._api
+        timeout = self._timeout
 
         @functools.wraps(_local_invoke)
         def invoke(*args, **kwargs):
-            return call(rref._record.owner, _local_invoke, args=(rref, func_name, args, kwargs),
-                        timeout=self._timeout)
+            call_args = (rref, func_name, args, kwargs)
+            if api_name != "rpc_async" or rref._type is not None:
+                invoker = _invoker_for(rref._get_type(timeout), func_name)
+                return getattr(api, api_name)(rref._record.owner, invoker, args=call_args,
+                                              timeout=timeout)
+            # rpc_async never blocks: the call goes out once the type is known.
+            result = torch.futures.Future()
+
+            def on_type(type_future):
+                value_type = type_future.value()
+                if type(value_type) is Failed:
+                    result.set_result(value_type)
+                    return
+                try:
+                    inner = api._rpc_async_future(rref._record.owner,
+                                                  _invoker_for(value_type, func_name),
+                                                  call_args, None, timeout)
+                except BaseException as exc:
+                    fail(result, exc)
+                    return
+                inner.add_done_callback(lambda done: result.set_result(done.value()))
+
+            rref._type_future(timeout).add_done_callback(on_type)
+            return expose(result)
         return invoke

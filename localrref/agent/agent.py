@@ -17,7 +17,7 @@ Data flow (one worker; every arrow that leaves the box crosses a process)::
                          call, pickle the result, core.finish_*; Send); an
                          application reader hands it to the ElasticPool
              Complete -> unpickle the reply, Future.set_result
-             Fail     -> Future.set_exception
+             Fail     -> futures.fail: the caller's future holds the error (futures.py)
     housekeeping thread: timers (core.on_tick at core.next_deadline()) and the
       releases of RRefs that Python dropped, woken through a self-pipe
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import itertools
 import logging
 import os
@@ -59,11 +58,12 @@ from ..world import (
     SHUTDOWN_PROCEED,
     describe_exitcode,
 )
+from .futures import fail, wait
 from .handshake import HELLO, HELLO_BACK, Handshake, WorkerDesc
 from .leadership import DEPOSED, LEAD, REQUESTED, Leadership
 from .pool import ElasticPool
 
-__all__ = ["Agent", "WorkerDesc", "wait"]
+__all__ = ["Agent", "WorkerDesc"]
 
 log = logging.getLogger("localrref")
 
@@ -80,45 +80,6 @@ _WATCH_PERIOD_MAX_S = 0.016
 # How long a waiting caller waits for the IO thread to hand it the inbox
 # before it waits on its future instead (see wait_reply).
 _HANDOFF_WAIT_S = 0.0002
-
-
-def set_exception(future: torch.futures.Future, error: BaseException) -> None:
-    """``future.set_exception(error)``, but every ``wait()`` raises a fresh copy.
-
-    torch's Future keeps its exception from C++, where Python's cycle
-    collector cannot see it. Raising that very object attaches a traceback
-    whose frames hold the future (``Future.wait``'s ``self``) and the
-    caller's locals (RRefs, tensors): an uncollectable cycle, so those RRefs
-    would never be deleted. A copy raised in its place carries the traceback
-    instead, and nothing the future holds points back at it.
-    """
-    def raise_copy(stored):
-        try:
-            fresh = copy.copy(stored)
-        except Exception:
-            fresh = stored
-        raise fresh
-
-    future._set_unwrap_func(raise_copy)
-    future.set_result(error)
-
-
-def wait(future: torch.futures.Future):
-    """``future.wait()`` without leaking what the caller's frames hold.
-
-    A torch Future keeps its exception from C++, invisible to Python's cycle
-    collector; once raised, that exception's traceback holds the frames it
-    crossed, and their locals (RRefs among them, which would then never be
-    deleted). So the stored traceback is dropped and the future let go before
-    the error propagates.
-    """
-    try:
-        return future.wait()
-    except BaseException as exc:
-        error = exc
-    error.__traceback__ = None
-    del future
-    raise error
 
 
 @dataclass(slots=True)
@@ -278,7 +239,7 @@ class Agent:
             self._lead.step_down(threading.get_ident())
         future = torch.futures.Future()
         if dst in self._dead:
-            set_exception(future, self._dead[dst])
+            fail(future, self._dead[dst])
             return future
         encoded = self.encode((func, args, kwargs))
         with self._lock:
@@ -321,7 +282,7 @@ class Agent:
             self._owner_value(record, future)
             return future
         if record.owner in self._dead:
-            set_exception(future, self._dead[record.owner])
+            fail(future, self._dead[record.owner])
             return future
         with self._lock:
             request_id = self.core.fetch(record, now=time.monotonic(),
@@ -342,9 +303,13 @@ class Agent:
 
     def _settle_owner_future(self, owner, future) -> None:
         if owner.error is not None:
-            set_exception(future, loads_exception(owner.error))
+            fail(future, self.owner_error(owner))
         else:
             future.set_result(owner.value)
+
+    def owner_error(self, owner) -> BaseException:
+        """The exception the ``remote()`` creating ``owner`` raised (a new object each time)."""
+        return loads_exception(owner.error)
 
     def create_local(self, value):
         """``RRef(value)``: an OwnerRRef on this worker, outside the tables until shared."""
@@ -448,7 +413,7 @@ class Agent:
         try:
             value, _ = loads(effect.payload, rrefs=wrappers, mapper=self.mapper)
         except BaseException as exc:
-            set_exception(pending.future, RuntimeError(
+            fail(pending.future, RuntimeError(
                 f"could not unpickle the reply from {self._describe(pending.dst)}: "
                 f"{type(exc).__name__}: {exc}"))
             return
@@ -464,7 +429,7 @@ class Agent:
         if isinstance(error, fx.RemoteFailure):
             error = loads_exception(error.payload) if isinstance(error.payload, bytes) \
                 else RuntimeError(str(error.payload))
-        set_exception(pending.future, error)
+        fail(pending.future, error)
 
     def expose_creation(self, record) -> None:
         """The creation future of ``record`` was handed to the application."""
@@ -482,7 +447,7 @@ class Agent:
             return
         if isinstance(error, fx.RemoteFailure):
             error = loads_exception(error.payload)
-        set_exception(future, error)
+        fail(future, error)
 
     # ------------------------------------------------------------------
     # Jobs (on pool threads)
@@ -1073,7 +1038,7 @@ class Agent:
         closed = WorkerClosedError("RPC was shut down while this call was pending")
         for item in pending.values():
             if not item.future.done():
-                set_exception(item.future, closed)
+                fail(item.future, closed)
 
     def close(self) -> None:
         """Stop every thread and release every OS resource (idempotent)."""

@@ -8,6 +8,8 @@ other workers are defined here too, so every worker can import them.
 from __future__ import annotations
 
 import torch
+# localrref.functions.async_execution is this very decorator.
+from torch.distributed.rpc.functions import async_execution
 
 import compat_backend as B
 
@@ -99,3 +101,210 @@ def mesh_pass_rrefs(rank, world_size):
                for dst in range(world_size) if dst != rank]
     values = [fut.wait() for fut in futures]
     return [v.tolist() for v in values]
+
+
+# ------------------------------------------------------------ item 2: async_execution via proxies
+
+_EVENTS: dict = {}
+
+
+def _event(name):
+    import threading
+    return _EVENTS.setdefault(name, threading.Event())
+
+
+def block_on(name, bound=30.0):
+    """Wait until release(name) (the bound only matters if a test fails)."""
+    if not _event(name).wait(bound):
+        raise RuntimeError(f"event {name} never released")
+    return name
+
+
+def release(name):
+    _event(name).set()
+
+
+def reset(name):
+    _EVENTS.pop(name, None)
+
+
+class AsyncExecutionClass:
+    """torch's rpc_test.AsyncExecutionClass: static, class and bound async methods."""
+
+    def __init__(self, z=0):
+        self.z = z
+
+    @staticmethod
+    @async_execution
+    def static_async_add(to, x, y, z):
+        return B.rpc.rpc_async(to, torch.add, args=(x, y)).then(lambda fut: fut.wait() + z)
+
+    @classmethod
+    @async_execution
+    def class_async_add(cls, to, x, y, z):
+        ret_fut = torch.futures.Future()
+        B.rpc.rpc_async(to, torch.add, args=(x, y)).then(
+            lambda fut: ret_fut.set_result(fut.wait() + z))
+        return ret_fut
+
+    @async_execution
+    def bound_async_add(self, to, x, y, z):
+        return B.rpc.rpc_async(to, torch.add, args=(x, y)).then(
+            lambda fut: fut.wait() + z + self.z)
+
+    def plain(self, x):
+        return x + self.z
+
+
+def async_execution_through_proxies():
+    expected = torch.ones(2, 2) * 2 + 3
+    for owner in (worker(1), worker(0)):  # a remote owner, then this worker itself
+        rref = B.rpc.remote(owner, AsyncExecutionClass)
+        for name in ("static_async_add", "class_async_add", "bound_async_add"):
+            args = (worker(2), torch.ones(2, 2), torch.ones(2, 2), 3)
+            torch.testing.assert_close(getattr(rref.rpc_sync(), name)(*args), expected)
+            torch.testing.assert_close(getattr(rref.rpc_async(), name)(*args).wait(), expected)
+            torch.testing.assert_close(getattr(rref.remote(), name)(*args).to_here(), expected)
+        torch.testing.assert_close(rref.rpc_sync().plain(torch.ones(2)), torch.ones(2))
+        # A fresh RRef object knows no type yet: rpc_async must not block for it.
+        fresh = B.rpc.remote(owner, AsyncExecutionClass, args=(1,))
+        fut = fresh.rpc_async().bound_async_add(worker(2), torch.ones(2), torch.ones(2), 1)
+        torch.testing.assert_close(fut.wait(), torch.ones(2) * 4)
+    return True
+
+
+# The batched RL program of torch's tutorial ("Distributed RPC: batch processing"):
+# observers call the agent's @async_execution method through an RRef proxy and
+# the agent answers all of them at once, swapping a future under a lock.
+
+class Observer:
+    def __init__(self):
+        self.id = B.rpc.get_worker_info().id
+        self.state = torch.zeros(4)
+
+    def run_episode(self, agent_rref, n_steps):
+        actions = []
+        for step in range(n_steps):
+            action = agent_rref.rpc_sync().select_action(self.id, self.state)
+            actions.append(action)
+            self.state = self.state + 0.1 * (action + 1)
+            agent_rref.rpc_sync().report_reward(self.id, float(action))
+        return actions
+
+
+class BatchAgent:
+    def __init__(self, observers):
+        import threading
+        torch.manual_seed(0)
+        self.observers = observers
+        self.policy = torch.nn.Linear(4, 2)
+        self.lock = threading.Lock()
+        self.states = torch.zeros(len(observers), 4)
+        self.pending = len(observers)
+        self.future_actions = torch.futures.Future()
+        self.rewards = {}
+
+    @async_execution
+    def select_action(self, ob_id, state):
+        index = ob_id - 1
+        self.states[index].copy_(state)
+        answer = self.future_actions.then(lambda fut: int(fut.wait()[index]))
+        with self.lock:
+            self.pending -= 1
+            if self.pending == 0:
+                self.pending = len(self.observers)
+                with torch.no_grad():
+                    actions = self.policy(self.states).argmax(dim=1)
+                ready, self.future_actions = self.future_actions, torch.futures.Future()
+                ready.set_result(actions)
+        return answer
+
+    def report_reward(self, ob_id, reward):
+        with self.lock:
+            self.rewards.setdefault(ob_id, []).append(reward)
+
+
+def batched_rl(rank, world_size):
+    if rank != 0:
+        return None
+    observers = [B.rpc.remote(worker(r), Observer) for r in range(1, world_size)]
+    agent = BatchAgent(observers)
+    agent_rref = B.rpc.RRef(agent)
+    futures = [ob.rpc_async().run_episode(agent_rref, 25) for ob in observers]
+    episodes = torch.futures.wait_all(futures)
+    counts = {ob_id: len(r) for ob_id, r in agent.rewards.items()}
+    return [len(e) for e in episodes], counts
+
+
+# ------------------------------------------------------------ item 3: futures that fail
+
+def raise_value_error(text="Expected error"):
+    raise ValueError(text)
+
+
+def failed_futures_look_failed_to_torch():
+    import time
+    reset("slow")
+    B.rpc.rpc_sync(worker(1), reset, args=("slow",))
+    slow = B.rpc.rpc_async(worker(1), block_on, args=("slow",))
+    bad = B.rpc.rpc_async(worker(1), raise_value_error)
+    started = time.monotonic()
+    try:
+        torch.futures.wait_all([slow, bad])
+    except Exception as exc:
+        error = exc
+    else:
+        raise AssertionError("wait_all returned although a future failed")
+    # It exits early, as torch documents: the slow call still runs.
+    assert not slow.done() and time.monotonic() - started < 20
+    assert "Expected error" in str(error)
+    if B.is_torch():
+        assert type(error) is ValueError
+    else:
+        # Deliberate difference (localrref/agent/futures.py): Python cannot store
+        # an exception in a torch future's C++ the way torch's RPC does, only
+        # fail it from a callback, which torch turns into a RuntimeError naming
+        # the type. rpc_sync and to_here keep the type.
+        assert isinstance(error, RuntimeError) and "ValueError" in str(error)
+    assert bad.done()
+    combined = torch.futures.collect_all([slow, bad])
+    assert combined.done(), "collect_all waits for a future that has already failed"
+    seen = []
+
+    def inspect(fut):
+        try:
+            fut.value()
+        except Exception as exc:
+            seen.append(str(exc))
+            return "saw the error"
+        return "saw a value"
+
+    assert bad.then(inspect).wait() == "saw the error" and "Expected error" in seen[0]
+    with_value = bad.then(lambda fut: fut.value())
+    try:
+        with_value.wait()
+    except Exception as exc:
+        assert "Expected error" in str(exc)
+    else:
+        raise AssertionError("a then() child of a failed future succeeded")
+    # rpc_sync raises the remote type on both.
+    try:
+        B.rpc.rpc_sync(worker(1), raise_value_error)
+    except ValueError as exc:
+        assert "Expected error" in str(exc)
+    B.rpc.rpc_sync(worker(1), release, args=("slow",))
+    assert slow.wait() == "slow"
+    return True
+
+
+def wait_all_with_partial_exception():
+    # torch's test_wait_all_with_partial_exception.
+    futures = [B.rpc.rpc_async(worker(1), torch.add, args=(torch.ones(2), 1)) for _ in range(10)]
+    futures.append(B.rpc.rpc_async(worker(1), raise_value_error))
+    try:
+        torch.futures.wait_all(futures)
+    except Exception as exc:
+        assert "Expected error" in str(exc)
+    else:
+        raise AssertionError("wait_all returned")
+    return True

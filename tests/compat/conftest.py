@@ -1,4 +1,4 @@
-"""Fixtures of the compatibility suite: one world per backend for the whole session.
+"""Fixtures of the compatibility suite: one world per backend and test module.
 
 The torch half is opt-in (``-m torch_compat``): it proves the tests encode
 torch's behaviour. CI runs the localrref half.
@@ -13,9 +13,10 @@ BACKEND_PARAMS = [pytest.param("localrref", id="localrref"),
                   pytest.param("torch", id="torch", marks=pytest.mark.torch_compat)]
 
 
-@pytest.fixture(scope="session", params=BACKEND_PARAMS)
+@pytest.fixture(scope="module", params=BACKEND_PARAMS)
 def world(request):
-    """A 4-worker world of the backend; scenarios run on rank 0."""
+    """A 4-worker world of the backend; scenarios run on rank 0. The audit checks
+    that it leaves nothing behind."""
     with leak_audit.Audit(shm_prefixes=("lrr_",)) as audit:
         w = World(request.param, 4)
         try:

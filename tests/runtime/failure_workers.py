@@ -46,6 +46,12 @@ def kill_peer_during_call(rank, results):
         try:
             pending.wait()
             results.put(("no error", None))
+        except RuntimeError as exc:
+            # An rpc_async future fails in C++ (so torch.futures.wait_all sees
+            # it), which keeps the error's text, not its class.
+            results.put(("future gone", str(exc)))
+        try:
+            rpc.rpc_sync("worker1", getpid)
         except WorkerGoneError as exc:
             results.put(("gone", str(exc), exc.rank, exc.pid == pid, exc.exitcode))
         try:

@@ -35,6 +35,8 @@ def test_killed_peer_fails_pending_calls_at_once_naming_it(results):
     message, rank, same_pid, exitcode = got["gone"]
     assert rank == 1 and same_pid and exitcode == -9
     assert "rank 1 ('worker1')" in message and "was killed by signal SIGKILL" in message
+    assert "WorkerGoneError: worker rank 1 ('worker1')" in got["future gone"][0]
+    assert "SIGKILL" in got["future gone"][0]
     assert "SIGKILL" in got["to_here gone"][0]
     assert "worker1" in got["later call gone"][0]
     assert "shutdown failed" in got and "rank 1" in got["shutdown failed"][0]
