@@ -24,6 +24,12 @@ shapes are fixed here so every side matches on the same constants:
 
       worker r -> supervisor: ("__shutdown_arrived__", r)
       supervisor -> all:      ("__shutdown_proceed__",)      once every rank arrived
+      worker r -> supervisor: ("__shutdown_drained__", r, s, c) once r has no call or job
+                                                             of its own in flight; s, c: the
+                                                             calls and replies it has sent and
+                                                             received so far
+      supervisor -> all:      ("__shutdown_again__",)        another round, until two rounds
+      supervisor -> all:      ("__shutdown_proceed__",)      show nothing in flight
       worker r -> supervisor: ("__shutdown_done__", r, [leak dict, ...])
       supervisor -> all:      ("__shutdown_proceed__",)      once every rank is done
       supervisor -> all:      ("__shutdown_failed__", reason) if a rank exits instead
@@ -51,7 +57,10 @@ __all__ = [
     "SHUTDOWN_PROCEED",
     "SHUTDOWN_DONE",
     "SHUTDOWN_FINISHED",
+    "SHUTDOWN_DRAINED",
+    "SHUTDOWN_AGAIN",
     "shutdown_finished_message",
+    "shutdown_drained_message",
     "SHUTDOWN_FAILED",
     "LEAK_REPORT",
     "LEAK_FIELDS",
@@ -69,6 +78,8 @@ SHUTDOWN_ARRIVED = "__shutdown_arrived__"
 SHUTDOWN_PROCEED = "__shutdown_proceed__"
 SHUTDOWN_DONE = "__shutdown_done__"
 SHUTDOWN_FINISHED = "__shutdown_finished__"
+SHUTDOWN_DRAINED = "__shutdown_drained__"
+SHUTDOWN_AGAIN = "__shutdown_again__"
 SHUTDOWN_FAILED = "__shutdown_failed__"
 LEAK_REPORT = "__leak_report__"
 
@@ -191,6 +202,12 @@ def peer_exited_message(rank: int, pid: int, exitcode: int) -> tuple[str, int, i
 def shutdown_arrived_message(rank: int) -> tuple[str, int]:
     """Worker -> supervisor: ``rank`` has entered graceful shutdown."""
     return (SHUTDOWN_ARRIVED, rank)
+
+
+def shutdown_drained_message(rank: int, sent: int, received: int) -> tuple[str, int, int, int]:
+    """Worker -> supervisor: ``rank`` has no call or job of its own in flight; it has
+    sent ``sent`` and received ``received`` calls and replies since ``init_rpc``."""
+    return (SHUTDOWN_DRAINED, rank, sent, received)
 
 
 def shutdown_done_message(rank: int, leaks: list[dict[str, Any]]) -> tuple[str, int, list[dict[str, Any]]]:

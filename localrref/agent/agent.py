@@ -47,16 +47,16 @@ import torch
 from ..codec import frames
 from ..codec.pickler import dumps, dumps_exception, loads, loads_exception, wrap_exception
 from ..core import effects as fx
-from ..core.messages import REQUEST_TYPES, ExceptionMessage
+from ..core.messages import REQUEST_TYPES, USER_LEVEL_TYPES, ExceptionMessage
 from ..core.rref_context import RetryPolicy, RRefContext
 from ..core.shutdown import DelAllUsersAndUnforkedOwners
 from ..errors import LocalRRefError, WorkerClosedError, WorkerGoneError
 from ..transport.mpqueue import Endpoint
 from ..transport.shm import ShmMapper, ShmPool
 from ..world import (
-    PEER_EXITED, SHUTDOWN_ARRIVED, SHUTDOWN_DONE, SHUTDOWN_FAILED, SHUTDOWN_FINISHED,
-    SHUTDOWN_PROCEED,
-    describe_exitcode,
+    PEER_EXITED, SHUTDOWN_AGAIN, SHUTDOWN_ARRIVED, SHUTDOWN_DONE, SHUTDOWN_FAILED,
+    SHUTDOWN_FINISHED, SHUTDOWN_PROCEED,
+    describe_exitcode, shutdown_drained_message,
 )
 from .futures import fail, wait
 from .handshake import HELLO, HELLO_BACK, Handshake, WorkerDesc
@@ -109,6 +109,11 @@ class Agent:
         self.executor = ElasticPool(options.num_worker_threads)
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        # Calls and replies (USER_LEVEL_TYPES) sent and received, for the
+        # shutdown drain; a sent message is counted before it leaves.
+        self._count_lock = threading.Lock()
+        self._user_sent = 0
+        self._user_received = 0
         self._creation: dict[int, torch.futures.Future] = {}
         self._exposed_creations: set[int] = set()  # id(record): see expose_creation
         self._owner_waiters: dict[int, list[torch.futures.Future]] = {}
@@ -191,16 +196,36 @@ class Agent:
     # ------------------------------------------------------------------
 
     def peers(self) -> list[WorkerDesc]:
+        self._await_peers()
         return [self._handshake.peers[r] for r in sorted(self._handshake.peers)]
 
     def peer(self, rank: int) -> WorkerDesc:
+        if rank not in self._handshake.peers:
+            self._await_peers()
         return self._handshake.peers[rank]
 
     def rank_of(self, name: str) -> int | None:
         for desc in self._handshake.peers.values():
             if desc.name == name:
                 return desc.rank
+        if self._await_peers():
+            return self.rank_of(name)
         return None
+
+    def _await_peers(self) -> bool:
+        """Wait until every peer is known; False if that was already so.
+
+        A peer whose own init_rpc has returned may call this worker while it
+        is still meeting the others, and the function it runs may name a
+        worker this one has not heard from yet: names resolve once the
+        handshake is complete (or init_rpc fails, and with it the lookup).
+        """
+        if self._handshake.complete:
+            return False
+        with self._peers_ready:
+            while not (self._handshake.complete or self._dead or self._closing):
+                self._peers_ready.wait(1.0)
+        return True
 
     # ------------------------------------------------------------------
     # Calls the application makes
@@ -372,11 +397,18 @@ class Agent:
             self._run_job(job)
 
     def _send(self, dst: int, message) -> None:
+        counted = message.type in USER_LEVEL_TYPES
+        if counted:
+            with self._count_lock:
+                self._user_sent += 1
         try:
             if dst in self._dead:
                 raise self._dead[dst]
             self.endpoint.send(dst, frames.encode_message(message))
         except Exception as exc:
+            if counted:
+                with self._count_lock:
+                    self._user_sent -= 1  # it never left
             gone = isinstance(exc, (WorkerGoneError, WorkerClosedError))
             if message.type not in REQUEST_TYPES:
                 if gone:
@@ -398,56 +430,78 @@ class Agent:
             payload = dumps_exception(wrap_exception(RuntimeError(
                 f"the reply could not be sent: {type(exc).__name__}: {exc}"),
                 self.worker_info_text()))
+            with self._count_lock:
+                self._user_sent += 1
             try:
                 self.endpoint.send(dst, frames.encode_message(
                     ExceptionMessage(request_id=message.request_id, payload=payload)))
             except Exception:
+                with self._count_lock:
+                    self._user_sent -= 1
                 log.exception("localrref: could not tell rank %d its reply failed", dst)
 
     def _complete(self, effect: fx.Complete) -> None:
-        with self._lock:
-            pending = self._pending.pop(effect.request_id, None)
+        pending = self._pending.get(effect.request_id)
         wrappers = [self._rref_type._adopt(self, record) for record in effect.rrefs]
         if pending is None:
             return
         try:
             value, _ = loads(effect.payload, rrefs=wrappers, mapper=self.mapper)
         except BaseException as exc:
+            value = None
             fail(pending.future, RuntimeError(
                 f"could not unpickle the reply from {self._describe(pending.dst)}: "
                 f"{type(exc).__name__}: {exc}"))
-            return
-        del wrappers
-        pending.future.set_result(value)
+        else:
+            del wrappers
+            pending.future.set_result(value)
+        finally:
+            self._settled(effect.request_id)
 
     def _fail(self, effect: fx.Fail) -> None:
-        with self._lock:
-            pending = self._pending.pop(effect.request_id, None)
+        pending = self._pending.get(effect.request_id)
         if pending is None:
             return
         error = effect.error
         if isinstance(error, fx.RemoteFailure):
             error = loads_exception(error.payload) if isinstance(error.payload, bytes) \
                 else RuntimeError(str(error.payload))
-        fail(pending.future, error)
+        try:
+            fail(pending.future, error)
+        finally:
+            self._settled(effect.request_id)
+
+    def _settled(self, request_id: int) -> None:
+        # Only now, with the future's callbacks run: a callback may start a
+        # new call, and until it has, this one still counts as work in
+        # flight for the shutdown drain (see active_work).
+        with self._lock:
+            self._pending.pop(request_id, None)
+        self._signal_progress()
 
     def expose_creation(self, record) -> None:
         """The creation future of ``record`` was handed to the application."""
         self._exposed_creations.add(id(record))
 
     def _creation_settled(self, effect: fx.CreationSettled) -> None:
-        with self._lock:
-            future = self._creation.pop(id(effect.rref), None)
-            self._exposed_creations.discard(id(effect.rref))
+        key = id(effect.rref)
+        future = self._creation.get(key)
         if future is None:
             return
         error = effect.error
-        if error is None:
-            future.set_result(True)
-            return
-        if isinstance(error, fx.RemoteFailure):
-            error = loads_exception(error.payload)
-        fail(future, error)
+        try:
+            if error is None:
+                future.set_result(True)
+            else:
+                if isinstance(error, fx.RemoteFailure):
+                    error = loads_exception(error.payload)
+                fail(future, error)
+        finally:
+            # After the callbacks, as in _settled.
+            with self._lock:
+                self._creation.pop(key, None)
+                self._exposed_creations.discard(key)
+            self._signal_progress()
 
     # ------------------------------------------------------------------
     # Jobs (on pool threads)
@@ -509,6 +563,7 @@ class Agent:
             self._run(effects, inline_jobs=True)
             for future in waiters:
                 self._settle_owner_future(job.owner, future)
+            self._signal_progress()
             return
         self._reply_with(job, result)
 
@@ -522,6 +577,7 @@ class Agent:
         with self._lock:
             effects = self.core.finish_call(job.job_id, encoded.data, encoded.forks)
         self._run(effects)
+        self._signal_progress()
 
     def _fail_job(self, job, exc: BaseException) -> None:
         payload = dumps_exception(wrap_exception(exc, self.worker_info_text()))
@@ -534,6 +590,7 @@ class Agent:
         self._run(effects, inline_jobs=True)
         for future in waiters:
             self._settle_owner_future(job.owner, future)
+        self._signal_progress()
 
     def _serve_fetch(self, job) -> None:
         owner = job.owner
@@ -741,6 +798,9 @@ class Agent:
         if kind == "control":
             self._on_control(src, obj)
             return []
+        if obj.type in USER_LEVEL_TYPES:
+            with self._count_lock:
+                self._user_received += 1
         try:
             with self._lock:
                 effects = self.core.handle(src, obj, now=time.monotonic())
@@ -762,6 +822,7 @@ class Agent:
             with self._control_cv:
                 self._control.append(message)
                 self._control_cv.notify_all()
+            self._signal_progress()
 
     def _on_peer_exited(self, rank: int, pid: int, exitcode: int) -> None:
         desc = self._handshake.peers.get(rank)
@@ -959,6 +1020,7 @@ class Agent:
         # (torch's shutdown waits for them too). A peer that dies, or the
         # supervisor's --shutdown-timeout, ends the wait with a named error.
         self.wait_control({SHUTDOWN_PROCEED}, None, "every worker to reach shutdown()")
+        self._drain()
         self._housekeeping_pass()
         # Every application has stopped making RPCs: what is still held, and
         # what every owner keeps, is the leak report. It is taken before any
@@ -994,6 +1056,51 @@ class Agent:
         self.endpoint.send(supervisor, frames.encode_control((SHUTDOWN_FINISHED, self.rank)))
         self.wait_control({SHUTDOWN_PROCEED}, backstop, "every worker to finish deleting RRefs")
         return held
+
+    def _drain(self) -> None:
+        """Rounds of the drain barrier (launch/control.py): until no worker has work in flight.
+
+        Each round this worker waits until it has no call or job of its own
+        in flight, then reports the calls and replies it has sent and
+        received; the supervisor decides when the rounds prove the world idle.
+
+        Unbounded here, as the arrive phase: calls may run as long as they
+        need (torch's join waits too); a peer's death or the supervisor's
+        --shutdown-timeout ends it with a named error.
+        """
+        supervisor = self.world_size
+        while True:
+            self._wait_until_idle()
+            with self._count_lock:
+                counts = (self._user_sent, self._user_received)
+            self.endpoint.send(supervisor, frames.encode_control(
+                shutdown_drained_message(self.rank, *counts)))
+            reply = self.wait_control({SHUTDOWN_PROCEED, SHUTDOWN_AGAIN}, None,
+                                      "every worker to finish the calls it had in flight")
+            if reply[0] == SHUTDOWN_PROCEED:
+                return
+
+    def active_work(self) -> int:
+        """Calls this worker waits for, remote() creations pending, and jobs it runs.
+
+        A call leaves the count only once its future's callbacks have run
+        (see _settled): until then one of them may still start another.
+        """
+        with self._lock:
+            return len(self._pending) + len(self._creation) + len(self.core.jobs)
+
+    def _wait_until_idle(self) -> None:
+        with self._awaiting_progress():
+            while self.active_work():
+                with self._control_cv:
+                    if any(m[0] == SHUTDOWN_FAILED for m in self._control):
+                        return  # wait_control raises it
+                if self._dead:
+                    raise next(iter(self._dead.values()))
+                # Progress is signalled after every message handled, every job
+                # finished and every control message; the timeout only bounds
+                # how late a missed signal could be noticed.
+                self._progress.wait(0.05)
 
     def leak_records(self) -> list[dict]:
         """What this worker still holds as shutdown begins, one dict per reference.

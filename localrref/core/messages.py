@@ -30,7 +30,7 @@ __all__ = [
     "MessageType", "PythonCall", "PythonRet", "PythonRemoteCall", "RemoteRet",
     "PythonRRefFetchCall", "PythonRRefFetchRet", "RRefForkRequest", "RRefChildAccept",
     "RRefUserDelete", "RRefAck", "ExceptionMessage", "Message", "REQUEST_TYPES",
-    "RETRYABLE_TYPES", "RESPONSE_TYPES",
+    "RETRYABLE_TYPES", "RESPONSE_TYPES", "USER_LEVEL_TYPES",
 ]
 
 
@@ -235,6 +235,15 @@ REQUEST_TYPES = frozenset({
     MessageType.RREF_FORK_REQUEST, MessageType.RREF_CHILD_ACCEPT, MessageType.RREF_USER_DELETE,
 })
 RESPONSE_TYPES = frozenset(MessageType) - REQUEST_TYPES
+
+# The application's calls and their replies, as opposed to the RRef
+# protocol's own control messages: what graceful shutdown waits to see
+# drained, counting them sent and received (launch/control.py).
+USER_LEVEL_TYPES = frozenset({
+    MessageType.PYTHON_CALL, MessageType.PYTHON_RET, MessageType.PYTHON_REMOTE_CALL,
+    MessageType.REMOTE_RET, MessageType.PYTHON_RREF_FETCH_CALL,
+    MessageType.PYTHON_RREF_FETCH_RET, MessageType.EXCEPTION,
+})
 
 # torch's faulty_rpc_agent_test_fixture.retryable_message_types, less the
 # autograd one: the messages sent with sendWithRetries, whose handlers are

@@ -7,9 +7,25 @@ and the runtime may add its own with :meth:`register`. Built in:
 * the graceful-shutdown barrier (the process side of ``localrref.shutdown``)::
 
       phase "arrive": collect __shutdown_arrived__ from every rank -> broadcast __shutdown_proceed__
+      phase "drain":  collect __shutdown_drained__ (messages sent, received) -> broadcast
+                      __shutdown_again__ for another round, until a round's sends equal
+                      the previous round's receipts: then __shutdown_proceed__
       phase "done":   collect __shutdown_done__ (with leaks)      -> broadcast __shutdown_proceed__
       phase "finished": collect __shutdown_finished__ (RRefs deleted) -> broadcast __shutdown_proceed__
       a rank exits while a phase waits for it                    -> broadcast __shutdown_failed__
+
+  The drain is what torch's ``TensorPipeAgent::join`` does: graceful
+  shutdown returns only once no worker has work in flight, so calls nobody
+  waits for (a chain of ``rpc_async`` hops, say) still finish. Each worker
+  reports when it has no call or job of its own in flight, with how many
+  calls and replies it has sent and received since ``init_rpc``. Reports of
+  one round are read at different moments, so "everyone idle" alone proves
+  nothing: a chain of calls can slip past each worker between its reports.
+  Mattern's four-counter rule does: if the receipts summed over one round
+  equal the sends summed over the next, no message was in flight at the end
+  of the first round, and an idle worker only works again when a message
+  reaches it. (torch's join reads call counts after a barrier, and relies on
+  the reads being close together.)
 
 * leak reports (``__shutdown_done__`` and ``__leak_report__``), kept for the
   supervisor to print (:func:`format_leak_line`) when the world is over.
@@ -27,6 +43,8 @@ from typing import Any
 from localrref import world
 
 __all__ = ["ControlDispatcher", "Handler", "format_leak_line"]
+
+_BARRIER_PHASES = ("arrive", "drain", "done", "finished")
 
 Handler = Callable[[int, tuple[Any, ...]], None]
 Send = Callable[[int, tuple[Any, ...]], None]
@@ -60,10 +78,15 @@ class ControlDispatcher:
         self._values: dict[str, tuple[dict[str, Any], str | None]] = {}
         self._send = send
         self._exited: dict[int, int] = {}  # rank -> exit code
-        self._phase: str | None = None  # None -> "arrive" -> "done" -> "finished" -> "complete" | "failed"
+        # None -> "arrive" -> "drain" (rounds) -> "done" -> "finished" -> "complete" | "failed"
+        self._phase: str | None = None
         self._waiting_for: set[int] = set()
+        self._round: list[int] = [0, 0]  # the drain round's sums: sent, received
+        self._received_before: int | None = None  # the previous round's receipts
+        self.drain_rounds = 0
         self._handlers: dict[str, Handler] = {
             world.SHUTDOWN_ARRIVED: self._on_shutdown_arrived,
+            world.SHUTDOWN_DRAINED: self._on_shutdown_drained,
             world.SHUTDOWN_DONE: self._on_shutdown_done,
             world.SHUTDOWN_FINISHED: self._on_shutdown_finished,
             world.LEAK_REPORT: self._on_leak_report,
@@ -100,8 +123,31 @@ class ControlDispatcher:
         _, rank = message
         self.shutdown_arrived.append(rank)
         if self._phase in (None, "complete"):  # "complete": a later init_rpc/shutdown cycle
+            self.drain_rounds = 0
+            self._received_before = None
             self._start_phase("arrive")
-        self._reached(rank, "arrive", next_phase="done")
+        self._reached(rank, "arrive", next_phase="drain")
+
+    def _on_shutdown_drained(self, src: int, message: tuple[Any, ...]) -> None:
+        _, rank, sent, received = message
+        if self._phase != "drain":
+            self._reached(rank, "drain", next_phase="done")  # says it is ignored
+            return
+        if rank not in self._waiting_for:
+            _say(f"rank {rank} reported twice in one drain round; ignored")
+            return
+        self._round[0] += sent
+        self._round[1] += received
+        if self._waiting_for != {rank}:
+            self._waiting_for.discard(rank)
+            return
+        if self._received_before != self._round[0]:
+            # Not proven drained yet: remember this round's receipts, ask again.
+            self._received_before = self._round[1]
+            self._broadcast((world.SHUTDOWN_AGAIN,))
+            self._start_phase("drain")
+            return
+        self._reached(rank, "drain", next_phase="done")
 
     def _on_shutdown_done(self, src: int, message: tuple[Any, ...]) -> None:
         _, rank, leaks = message
@@ -127,20 +173,31 @@ class ControlDispatcher:
 
     def _start_phase(self, phase: str) -> None:
         self._phase, self._waiting_for = phase, set(range(self.world_size))
-        limit = self.arrive_timeout if phase == "arrive" else self.phase_timeout
-        waiting = phase in ("arrive", "done", "finished") and limit > 0
+        if phase == "drain":
+            self._round = [0, 0]
+            self.drain_rounds += 1
+            if self.drain_rounds > 1:
+                # A new round keeps the first round's deadline: the drain as a
+                # whole is bounded, like the arrive phase.
+                self._fail_if_waiting_for_the_dead()
+                return
+        limit = self._limit(phase)
+        waiting = phase in _BARRIER_PHASES and limit > 0
         self.deadline = self._clock() + limit if waiting else None
         self._fail_if_waiting_for_the_dead()
 
+    def _limit(self, phase: str) -> float:
+        # Arriving and draining wait for application code; the rest is protocol work.
+        return self.arrive_timeout if phase in ("arrive", "drain") else self.phase_timeout
+
     def check_deadline(self, now: float) -> None:
         """Fail a barrier phase that waited past its deadline, naming who never came."""
-        if self.deadline is None or now < self.deadline or \
-                self._phase not in ("arrive", "done", "finished"):
+        if self.deadline is None or now < self.deadline or self._phase not in _BARRIER_PHASES:
             return
         missing = sorted(self._waiting_for)
-        step = {"arrive": "reach shutdown()", "done": "report its RRefs",
-                "finished": "finish deleting its RRefs"}[self._phase]
-        limit = self.arrive_timeout if self._phase == "arrive" else self.phase_timeout
+        step = {"arrive": "reach shutdown()", "drain": "finish the calls it had in flight",
+                "done": "report its RRefs", "finished": "finish deleting its RRefs"}[self._phase]
+        limit = self._limit(self._phase)
         reason = (f"worker rank(s) {missing} did not {step} within {limit:g} s "
                   f"(--shutdown-timeout); the others gave up waiting")
         _say(reason)
@@ -149,7 +206,7 @@ class ControlDispatcher:
         self._broadcast((world.SHUTDOWN_FAILED, reason))
 
     def _fail_if_waiting_for_the_dead(self) -> None:
-        if self._phase not in ("arrive", "done", "finished"):
+        if self._phase not in _BARRIER_PHASES:
             return
         dead = sorted(self._waiting_for & self._exited.keys())
         if dead:

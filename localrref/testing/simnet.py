@@ -50,7 +50,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..core import effects as fx
-from ..core.messages import MessageType, RETRYABLE_TYPES
+from ..core.messages import RETRYABLE_TYPES, USER_LEVEL_TYPES, MessageType
 from ..core.rref import OwnerRRef, UserRRef
 from ..core.rref_context import RequestKind, RetryPolicy, RRefContext
 from ..core.shutdown import DelAllUsersAndUnforkedOwners
@@ -65,11 +65,6 @@ _FAILABLE = RETRYABLE_TYPES | {MessageType.RREF_ACK}
 # the protocol does produce, come from fail_sends on RREF_ACK instead.
 _DUPLICABLE = frozenset({MessageType.RREF_CHILD_ACCEPT, MessageType.RREF_USER_DELETE,
                          MessageType.RREF_ACK, MessageType.REMOTE_RET})
-_USER_LEVEL = frozenset({
-    MessageType.PYTHON_CALL, MessageType.PYTHON_RET, MessageType.PYTHON_REMOTE_CALL,
-    MessageType.REMOTE_RET, MessageType.PYTHON_RREF_FETCH_CALL,
-    MessageType.PYTHON_RREF_FETCH_RET, MessageType.EXCEPTION,
-})
 
 
 class InvariantViolation(AssertionError):
@@ -666,7 +661,7 @@ class SimWorld:
         """Run until no user call, reply or job is left (torch's shutdown barrier)."""
         for _ in range(max_steps):
             busy = self.jobs or any(self._parked_jobs(w) for w in range(self.n)) or any(
-                m.message.type in _USER_LEVEL for m in self.in_flight) or any(
+                m.message.type in USER_LEVEL_TYPES for m in self.in_flight) or any(
                 r.kind in (RequestKind.CALL, RequestKind.REMOTE, RequestKind.REMOTE_SELF,
                            RequestKind.FETCH)
                 for ctx in self.ctx for r in ctx.requests.values())

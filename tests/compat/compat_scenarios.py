@@ -308,3 +308,26 @@ def wait_all_with_partial_exception():
     else:
         raise AssertionError("wait_all returned")
     return True
+
+
+# ------------------------------------------------------------ item 4: shutdown drains work
+
+_CHAIN_ENDS: list = []
+
+
+def _hop(left, origin):
+    if left == 0:
+        _CHAIN_ENDS.append(origin)
+        return
+    nxt = (B.rpc.get_worker_info().id + 1) % 4
+    B.rpc.rpc_async(worker(nxt), _hop, args=(left - 1, origin))  # never waited
+
+
+def fire_and_forget_chains(rank, world_size):
+    """Start a 20-hop chain nobody waits for, then shut down at once."""
+    B.rpc.rpc_async(worker(rank + 1), _hop, args=(19, rank))
+    return None
+
+
+def after_shutdown():
+    return sorted(_CHAIN_ENDS)

@@ -97,6 +97,10 @@ def graceful_shutdown(rank: int, leaks_per_rank: int, out_dir: str | None = None
     endpoint = _endpoint()
     _to_supervisor(endpoint, world.shutdown_arrived_message(rank))
     first = _next_control(endpoint)
+    while True:  # the drain: rounds until two show nothing in flight
+        _to_supervisor(endpoint, world.shutdown_drained_message(rank, 0, 0))
+        if _next_control(endpoint) == first:
+            break
     leaks = [{"rref_id": f"{rank}:{i}", "fork_id": f"{rank}:{i + 100}", "owner_rank": rank,
               "holder_rank": (rank + 1) % spec.world_size, "state": "CONFIRMED",
               "value_type": "Tensor", "tensor_bytes": 64, "creation_site": f"test.py:{i}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import multiprocessing
 import os
 import pickle
@@ -114,35 +115,134 @@ def test_shutdown_barrier_proceeds_three_times_then_can_run_again():
     dispatcher.dispatch(1, world.shutdown_arrived_message(1))
     assert send.sent == []
     dispatcher.dispatch(0, world.shutdown_arrived_message(0))
-    assert send.sent == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+    assert send.sent == PROCEED
+    for _ in range(2):  # the drain: a first round, then one that proves it
+        dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
+        dispatcher.dispatch(1, world.shutdown_drained_message(1, 0, 0))
+    assert send.sent[2:] == AGAIN + PROCEED
+    del send.sent[2:4]
     dispatcher.dispatch(0, world.shutdown_done_message(0, [{"rref_id": "0:3"}]))
     dispatcher.dispatch(1, world.shutdown_done_message(1, []))
-    assert send.sent[2:] == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+    assert send.sent[4:] == PROCEED
     assert dispatcher.leaks == [{"rref_id": "0:3", "reporting_rank": 0}]
     dispatcher.dispatch(1, world.shutdown_finished_message(1))
-    assert len(send.sent) == 4
+    assert len(send.sent) == 6
     dispatcher.dispatch(0, world.shutdown_finished_message(0))
-    assert send.sent[4:] == [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+    assert send.sent[6:] == PROCEED
     dispatcher.dispatch(1, world.shutdown_arrived_message(1))  # a later init_rpc/shutdown
     dispatcher.dispatch(0, world.shutdown_arrived_message(0))
-    assert len(send.sent) == 8
+    assert len(send.sent) == 10
     assert dispatcher.shutdown_arrived == [1, 0, 1, 0]
 
 
-@pytest.mark.parametrize("exit_before_arriving", [True, False])
-def test_shutdown_barrier_fails_when_a_rank_exits_instead(exit_before_arriving):
+PROCEED = [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
+AGAIN = [(0, ("__shutdown_again__",)), (1, ("__shutdown_again__",))]
+
+
+def _arrived(dispatcher, send, n=2):
+    for rank in range(n):
+        dispatcher.dispatch(rank, world.shutdown_arrived_message(rank))
+    send.sent.clear()
+
+
+def test_the_drain_proceeds_once_a_rounds_sends_equal_the_previous_rounds_receipts():
+    send = _Sent()
+    dispatcher = ControlDispatcher(2, send)
+    _arrived(dispatcher, send)
+    dispatcher.dispatch(1, world.shutdown_drained_message(1, 2, 3))
+    assert send.sent == []
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 5, 3))
+    assert send.sent == AGAIN  # a first round proves nothing (received 6)
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 7, 5))
+    dispatcher.dispatch(1, world.shutdown_drained_message(1, 3, 5))
+    assert send.sent[2:] == AGAIN  # sent 10, but 6 received before: work moved on
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 7, 5))
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 7, 5))  # twice: ignored
+    assert send.sent[4:] == []
+    dispatcher.dispatch(1, world.shutdown_drained_message(1, 3, 5))
+    assert send.sent[4:] == PROCEED and dispatcher.drain_rounds == 3
+    dispatcher.dispatch(0, world.shutdown_done_message(0, []))
+    dispatcher.dispatch(1, world.shutdown_done_message(1, []))
+    assert send.sent[6:] == PROCEED
+
+
+@pytest.mark.parametrize("chunk", range(5))
+def test_the_drain_never_proceeds_while_a_call_is_in_flight(chunk):
+    """A model world: a worker that gets a message sends none, one or two on
+    (a reply ends a chain, a job fans out); a round's reports come in any
+    order, interleaved with deliveries. The supervisor's real dispatcher must
+    never proceed while a message is in flight, and must proceed once all is
+    quiet. (A rule that trusts one round's sums fails here within a few
+    hundred seeds.)"""
+    for seed in range(chunk * 200, (chunk + 1) * 200):
+        _drain_model(seed)
+
+
+def _drain_model(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 5)
+    sent, received, in_flight = [0] * n, [0] * n, []
+
+    def send_from(src):
+        sent[src] += 1
+        in_flight.append(rng.randrange(n))
+
+    for _ in range(rng.randint(0, 4)):
+        send_from(rng.randrange(n))
+    budget = rng.randint(0, 80)
+    send = _Sent()
+    dispatcher = ControlDispatcher(n, send)
+    _arrived(dispatcher, send, n)
+    to_report = rng.sample(range(n), n)
+    p_deliver = rng.uniform(0.3, 0.7)
+    for _ in range(10_000):
+        if in_flight and (not to_report or rng.random() < p_deliver):
+            dst = in_flight.pop(rng.randrange(len(in_flight)))
+            received[dst] += 1
+            for _ in range(rng.choice((0, 1, 1, 2))):
+                if budget:
+                    budget -= 1
+                    send_from(dst)
+            continue
+        rank = to_report.pop()
+        dispatcher.dispatch(rank, world.shutdown_drained_message(rank, sent[rank], received[rank]))
+        if send.sent:
+            (_, (tag,)), *_ = send.sent
+            send.sent.clear()
+            if tag == "__shutdown_proceed__":
+                assert not in_flight, \
+                    f"seed {seed}: proceeded with {len(in_flight)} message(s) in flight"
+                return
+            assert tag == "__shutdown_again__"
+            to_report = rng.sample(range(n), n)
+    raise AssertionError(f"seed {seed}: the drain never proceeded")
+
+
+def test_the_drain_fails_naming_a_rank_that_dies_or_never_finishes():
     send = _Sent()
     dispatcher = ControlDispatcher(3, send)
-    if exit_before_arriving:
-        dispatcher.on_worker_exit(2, -9)
-        dispatcher.dispatch(0, world.shutdown_arrived_message(0))
-    else:
-        dispatcher.dispatch(0, world.shutdown_arrived_message(0))
-        dispatcher.on_worker_exit(2, -9)
-    reason = "worker rank 2 was killed by signal SIGKILL before it reached the shutdown barrier (arrive phase)"
+    _arrived(dispatcher, send, 3)
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
+    dispatcher.on_worker_exit(2, 1)
+    reason = "worker rank 2 exited with code 1 before it reached the shutdown barrier (drain phase)"
     assert send.sent == [(0, ("__shutdown_failed__", reason)), (1, ("__shutdown_failed__", reason))]
-    dispatcher.dispatch(1, world.shutdown_arrived_message(1))  # too late: no PROCEED
-    assert len(send.sent) == 2
+
+    clock = [100.0]
+    send = _Sent()
+    dispatcher = ControlDispatcher(2, send, arrive_timeout=5.0, clock=lambda: clock[0])
+    _arrived(dispatcher, send)
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
+    dispatcher.dispatch(1, world.shutdown_drained_message(1, 3, 0))
+    assert send.sent == AGAIN
+    clock[0] = 104.0
+    dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
+    dispatcher.check_deadline(clock[0])
+    assert send.sent[2:] == []
+    clock[0] = 105.5  # the drain as a whole is bounded, whatever its rounds
+    dispatcher.check_deadline(clock[0])
+    reason = ("worker rank(s) [1] did not finish the calls it had in flight within 5 s "
+              "(--shutdown-timeout); the others gave up waiting")
+    assert send.sent[2:] == [(0, ("__shutdown_failed__", reason)), (1, ("__shutdown_failed__", reason))]
 
 
 # -------------------------------------------------------------------- errorfile.py
