@@ -18,7 +18,7 @@ from . import constants
 from .agent import current
 from .agent.agent import Agent
 from .agent.futures import expose
-from .errors import RPCNotInitializedError
+from .errors import RPCNotInitializedError, UnknownWorkerError
 from .options import RpcBackendOptions
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
@@ -128,19 +128,19 @@ def _to_rank(agent: Agent, to) -> int:
     if isinstance(to, WorkerInfo):
         rank = to.id
         if rank not in range(agent.world_size) or agent.peer(rank).name != to.name:
-            raise ValueError(f"unknown worker {to}: this world's workers are "
-                             f"{_names(agent)}")
+            raise UnknownWorkerError(f"unknown worker {to}: this world's workers are "
+                                     f"{_names(agent)}")
         return rank
     if isinstance(to, str):
         rank = agent.rank_of(to)
         if rank is None:
-            raise ValueError(f"unknown worker name {to!r}: this world's workers are "
-                             f"{_names(agent)}")
+            raise UnknownWorkerError(f"unknown worker name {to!r}: this world's workers are "
+                                     f"{_names(agent)}")
         return rank
     if isinstance(to, numbers.Integral) and not isinstance(to, bool):
         if not 0 <= to < agent.world_size:
-            raise ValueError(f"unknown worker rank {to}: ranks run from 0 to "
-                             f"{agent.world_size - 1} ({_names(agent)})")
+            raise UnknownWorkerError(f"unknown worker rank {to}: ranks run from 0 to "
+                                     f"{agent.world_size - 1} ({_names(agent)})")
         return int(to)
     raise ValueError(f"Cannot get WorkerInfo from name {to}")
 

@@ -29,6 +29,8 @@ __all__ = [
     "WorkerClosedError",
     "WorkerGoneError",
     "RPCNotInitializedError",
+    "UnknownWorkerError",
+    "AsyncExecutionError",
 ]
 
 
@@ -98,3 +100,18 @@ def _rebuild_worker_gone(msg, name, rank, pid, exitcode):
 
 class RPCNotInitializedError(LocalRRefError):
     """An RPC API was used before ``init_rpc`` or after ``shutdown``."""
+
+
+class UnknownWorkerError(LocalRRefError, ValueError):
+    """A destination (name, rank or ``WorkerInfo``) names no worker of this world.
+
+    A ``RuntimeError``, as torch raises, and a ``ValueError``, as localrref
+    raised before it matched torch.
+    """
+
+
+class AsyncExecutionError(LocalRRefError, TypeError):
+    """A function decorated with ``@rpc.functions.async_execution`` returned no future.
+
+    A ``RuntimeError`` with torch's wording, and a ``TypeError``, which it is.
+    """

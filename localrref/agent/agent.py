@@ -50,7 +50,7 @@ from ..core import effects as fx
 from ..core.messages import REQUEST_TYPES, USER_LEVEL_TYPES, ExceptionMessage
 from ..core.rref_context import RetryPolicy, RRefContext
 from ..core.shutdown import DelAllUsersAndUnforkedOwners
-from ..errors import LocalRRefError, WorkerClosedError, WorkerGoneError
+from ..errors import AsyncExecutionError, LocalRRefError, WorkerClosedError, WorkerGoneError
 from ..transport.mpqueue import Endpoint
 from ..transport.shm import ShmMapper, ShmPool
 from ..world import (
@@ -537,9 +537,11 @@ class Agent:
             return
         if is_async:
             if not isinstance(result, torch._C.Future):
-                self._fail_job(job, TypeError(
-                    f"{name} is decorated with @rpc.functions.async_execution but returned "
-                    f"{type(result).__name__}, not a torch.futures.Future"))
+                self._fail_job(job, AsyncExecutionError(
+                    f"Functions decorated with @rpc.async_function must return a "
+                    f"torch.futures.Future object, but got {type(result).__module__}."
+                    f"{type(result).__qualname__} ({name} is decorated with "
+                    f"@rpc.functions.async_execution)"))
                 return
             result.add_done_callback(lambda f: self._finish_async(job, f))
             return

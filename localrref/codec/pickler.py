@@ -39,8 +39,13 @@ __all__ = ["Encoded", "dumps", "loads", "RemoteException", "wrap_exception",
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Tensor persistent ids are single bytes objects: a tag, then a packed header.
-_HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG = b"t", b"p", b"i"
-_INLINE = struct.Struct("<cB??B")  # tag, dtype code, requires_grad, is_param, ndim
+_HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG, _STRIDED_TAG = b"t", b"p", b"i", b"s"
+# Inline: the tag, then dtype code, requires_grad, is_param, ndim; then the
+# shape and the C-order bytes ("i"), or the shape, strides, storage offset
+# and the storage's bytes ("s").
+_INLINE = struct.Struct("<cB??B")
+# torch's kMinRecopyBytes (see _tensor_pid).
+_RECOPY_MIN_BYTES = 8 * 1024
 # A payload that is one tensor's persistent id (a pickle starts with b"\x80").
 _BARE_TENSOR = b"\x00"
 # A payload that is a plain pickle: nothing in it can be a tensor or an RRef.
@@ -105,7 +110,15 @@ class _Pickler(pickle.Pickler):
 
 def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
     """A tensor's persistent id (exported tensors' handles go to ``handles``), or
-    None for layouts torch's own reducer handles."""
+    None for layouts torch's own reducer handles.
+
+    The receiver gets the layout torch's RPC delivers (``cloneSparseTensors``
+    in torch's ``rpc/utils.cpp``): a view is compacted, as ``clone()`` would,
+    only when its storage is at least 8 KiB and at least twice the bytes the
+    view uses; otherwise the whole storage travels and the receiver's tensor
+    has the sender's strides and storage offset (a transposed tensor stays
+    transposed, and costs no ``.contiguous()`` copy on the way).
+    """
     # Every attribute read below costs a call into torch (0.2-1 us each), and
     # small tensors are sent often: each property is read once.
     if not tensor.is_cpu:
@@ -117,27 +130,47 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
     requires_grad = tensor.requires_grad
     dtype = tensor.dtype
     known_dtype = dtype in DTYPE_CODES
+    if tensor.is_conj() or tensor.is_neg():
+        # Lazy in torch: the storage's bytes are not the values.
+        tensor = tensor.detach().resolve_conj().resolve_neg()
     nbytes = tensor.nbytes
-    if known_dtype and pool is not None and pool.takes(nbytes):
-        handle = pool.export(tensor)
+    storage_bytes = tensor.untyped_storage().nbytes()
+    compact = storage_bytes >= _RECOPY_MIN_BYTES and storage_bytes >= 2 * nbytes
+    if known_dtype and pool is not None and pool.takes(nbytes if compact else storage_bytes) \
+            and nbytes:
+        # export() copies the values as clone() lays them out; export_storage()
+        # copies the storage as it is.
+        handle = pool.export(tensor) if compact else pool.export_storage(tensor)
         handles.append(handle)
         # One bytes object: the pickler asks persistent_id about nothing inside it.
         return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
-    # A conjugate or negative view is lazy in torch: its bytes are not its values.
-    flat = tensor.detach().resolve_conj().resolve_neg().contiguous()
-    if not nbytes:
-        data = b""
-    else:
-        try:
-            data = flat.numpy().tobytes()  # C order: the bytes of the contiguous tensor
-        except TypeError:  # a dtype numpy lacks (bfloat16, float8, ...): as raw bytes
-            data = flat.reshape(-1).view(torch.uint8).numpy().tobytes()
-    if known_dtype:
-        ndim = flat.dim()
-        return b"".join((_INLINE.pack(_INLINE_TAG, DTYPE_CODES[dtype], requires_grad,
-                                      is_param, ndim),
-                         struct.pack(f"<{ndim}q", *flat.shape), data))
-    return ("i", flat.dtype, tuple(flat.shape), data, requires_grad, is_param)
+    flat = tensor.detach()
+    if compact:
+        flat = flat.clone()
+        storage_bytes = flat.untyped_storage().nbytes()
+    if not known_dtype:
+        flat = flat.contiguous()
+        return ("i", flat.dtype, tuple(flat.shape), _tensor_bytes(flat), requires_grad, is_param)
+    ndim = flat.dim()
+    head = _INLINE.pack(_INLINE_TAG, DTYPE_CODES[dtype], requires_grad, is_param, ndim)
+    if storage_bytes == nbytes and flat.storage_offset() == 0 and flat.is_contiguous():
+        # The common case: the storage is exactly the values, in C order.
+        return b"".join((head, struct.pack(f"<{ndim}q", *flat.shape), _tensor_bytes(flat)))
+    storage = torch.empty((0,), dtype=torch.uint8).set_(flat.untyped_storage())
+    return b"".join((_STRIDED_TAG, head[1:],
+                     struct.pack(f"<{2 * ndim + 1}q", *flat.shape, *flat.stride(),
+                                 flat.storage_offset()),
+                     storage.numpy().tobytes()))
+
+
+def _tensor_bytes(flat: torch.Tensor) -> bytes:
+    """The bytes of a contiguous tensor, in C order."""
+    if not flat.numel():
+        return b""
+    try:
+        return flat.numpy().tobytes()
+    except TypeError:  # a dtype numpy lacks (bfloat16, float8, ...): as raw bytes
+        return flat.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 class _Unpickler(pickle.Unpickler):
@@ -182,6 +215,17 @@ def _load_tensor(pid: bytes, mapper):
         shape = struct.unpack_from(f"<{ndim}q", pid, _INLINE.size)
         data = memoryview(pid)[_INLINE.size + 8 * ndim:]
         return _inline_tensor(data, DTYPES[code], shape, requires_grad, is_param)
+    if tag == _STRIDED_TAG:
+        _, code, requires_grad, is_param, ndim = _INLINE.unpack_from(pid)
+        dims = struct.unpack_from(f"<{2 * ndim + 1}q", pid, _INLINE.size)
+        data = memoryview(pid)[_INLINE.size + 8 * (2 * ndim + 1):]
+        storage = torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage() \
+            if len(data) else torch.UntypedStorage(0)
+        tensor = torch.empty((0,), dtype=DTYPES[code]).set_(
+            storage, dims[2 * ndim], dims[:ndim], dims[ndim:2 * ndim])
+        if is_param:
+            return torch.nn.Parameter(tensor, requires_grad)
+        return tensor.requires_grad_(requires_grad) if requires_grad else tensor
     raise pickle.UnpicklingError(f"unknown persistent id {pid[:16]!r}")
 
 
@@ -332,8 +376,20 @@ class RemoteException:
 
 
 def wrap_exception(exc: BaseException, worker_info) -> RemoteException:
-    text = f"On {worker_info}:\n{exc!r}\n{''.join(traceback.format_exception(exc))}"
+    # torch's text (internal._run_function): the worker, repr(exc), the
+    # traceback. torch then undoes the escapes of the whole text with
+    # "unicode_escape", which also mangles non-ASCII characters; only the
+    # repr is escaped, so only it is undone here, losslessly.
+    text = f"On {worker_info}:\n{_unescape(repr(exc))}\n{''.join(traceback.format_exception(exc))}"
     return RemoteException(text, type(exc))
+
+
+def _unescape(text: str) -> str:
+    """The escapes a repr() wrote (newlines, tabs, quotes, non-printables) turned back."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return text
 
 
 def rebuild_exception(remote: RemoteException) -> BaseException:

@@ -417,6 +417,41 @@ class ShmPool:
                 return handle
         return self._export_copy(tensor)
 
+    def export_storage(self, tensor: torch.Tensor) -> TensorHandle:
+        """Place ``tensor``'s whole storage in shared memory; the handle keeps its layout.
+
+        The receiver's tensor has ``tensor``'s strides and storage offset
+        over a copy of its storage, as torch's RPC delivers a tensor it does
+        not compact (see ``codec/pickler.py``). One copy of the storage's
+        bytes, whatever the view. Conjugate and negative views must be
+        resolved first. Raises as :meth:`export`.
+        """
+        _check_exportable(tensor)
+        if tensor.is_conj() or tensor.is_neg():
+            raise ValueError("resolve a conjugate or negative view before export_storage()")
+        self._reap_soon()
+        if self._shared:
+            handle = self._export_shared(tensor)
+            if handle is not None:
+                return handle
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        with self._lock:
+            self._check_open()
+            seg, block = self._take_block(nbytes)
+            target = seg.storage
+        start = block * seg.block_size
+        try:
+            self._copier.memmove(target.data_ptr() + start, storage.data_ptr(), nbytes)
+        except BaseException:
+            seg.set_slot(block, _FREE)
+            raise
+        return TensorHandle(segment=seg.name, offset=_DATA_OFFSET + start, nbytes=nbytes,
+                            slot=block, private=False, dtype=tensor.dtype,
+                            shape=tuple(tensor.shape), stride=tuple(tensor.stride()),
+                            storage_offset=tensor.storage_offset(),
+                            requires_grad=tensor.requires_grad)
+
     def share(self, tensor: torch.Tensor) -> torch.Tensor:
         """Return a copy of ``tensor`` that lives in shared memory; sending it copies nothing.
 

@@ -331,3 +331,122 @@ def fire_and_forget_chains(rank, world_size):
 
 def after_shutdown():
     return sorted(_CHAIN_ENDS)
+
+
+# ------------------------------------------------------------ item 5: torch's exception types
+
+def ident(x):
+    return x
+
+
+@async_execution
+def async_wrong_type():
+    return torch.zeros(2, 2)
+
+
+def _call(api, to, func, args=()):
+    result = getattr(B.rpc, api)(to, func, args=args)
+    if api == "rpc_async":
+        return result.wait()
+    if api == "remote":
+        return result.to_here()
+    return result
+
+
+def _raises(kind, fn, *args):
+    try:
+        fn(*args)
+    except kind as exc:
+        return str(exc)
+    except BaseException as exc:
+        raise AssertionError(f"{fn.__name__}{args} raised {type(exc).__name__}, not "
+                             f"{kind.__name__}: {exc}") from None
+    raise AssertionError(f"{fn.__name__}{args} raised nothing")
+
+
+def torchs_exception_types():
+    for api in ("rpc_sync", "rpc_async", "remote"):
+        for to, named in (("nope", "nope"), (99, "99"), (-1, "-1"),
+                          (B.rpc.WorkerInfo("ghost", 1), "ghost")):
+            assert named in _raises(RuntimeError, _call, api, to, ident, (1,))
+        # A fractional rank is not a name at all: ValueError on both.
+        assert "1.5" in _raises(ValueError, _call, api, 1.5, ident, (1,))
+        text = _raises(RuntimeError, _call, api, worker(1), async_wrong_type)
+        assert "must return a torch.futures.Future object" in text, text
+    assert "nope" in _raises(RuntimeError, B.rpc.get_worker_info, "nope")
+    return True
+
+
+# ------------------------------------------------------------ item 6: messages keep their lines
+
+ESCAPE_MESSAGE = "\nFirst line of error \n next line of error \n last line of error"
+
+
+def raise_func_escape():
+    raise ValueError(ESCAPE_MESSAGE)
+
+
+def remote_errors_keep_their_lines():
+    # torch's test_py_raise_in_user_func_escaped_str, plus rpc_sync.
+    for api in ("rpc_sync", "rpc_async"):
+        text = _raises(Exception, _call, api, worker(1), raise_func_escape)
+        assert text == text.encode("utf-8").decode("unicode_escape"), text
+        assert "First line of error \n next line of error" in text
+    assert "First line of error" in _raises(ValueError, _call, "rpc_sync", worker(1),
+                                            raise_func_escape)
+    return True
+
+
+# ------------------------------------------------------------ item 7: tensor layouts
+
+def _layout(t):
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.is_contiguous(),
+            t.untyped_storage().nbytes())
+
+
+def _torchs_wire_layout(t):
+    """What torch's RPC delivers (rpc/utils.cpp cloneSparseTensors): a clone
+    when the storage is >= 8 KiB and >= twice the view, else the storage as is."""
+    storage = t.untyped_storage().nbytes()
+    if storage >= 8 * 1024 and storage >= 2 * t.numel() * t.element_size():
+        return _layout(t.clone())
+    return _layout(t)
+
+
+def _layout_cases():
+    small = torch.arange(12.).reshape(3, 4)
+    big = torch.arange(100_000.).reshape(1000, 100)      # 400 KB: the shared-memory lane
+    medium = torch.arange(4_000.).reshape(40, 100)        # 16 KB: inline, but >= 8 KiB
+    return {
+        "contiguous": small.clone(), "transposed small": small.t(), "transposed big": big.t(),
+        "slice small": small[1:], "step small": small[:, ::2], "step big": big[:, ::2],
+        "row of big": big[5], "most of big": big[1:], "half of big": big[:500],
+        "most of medium": medium[1:], "step medium": medium[:, ::2],
+        "expanded": torch.ones(1, 4).expand(3, 4),
+        "channels_last": torch.arange(120.).reshape(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "transposed half of big": big[:500].t(),
+    }
+
+
+def layout_of_argument(name):
+    return _layout(_layout_cases()[name])
+
+
+def received_layout(t):
+    return _layout(t), t.double().sum().item()
+
+
+def make_case(name):
+    return _layout_cases()[name]
+
+
+def tensor_layouts_as_torch_delivers_them():
+    for name, t in _layout_cases().items():
+        expected = _torchs_wire_layout(t)
+        got, total = B.rpc.rpc_sync(worker(1), received_layout, args=(t,))
+        assert tuple(got) == expected, (name, "argument", got, expected)
+        assert total == t.double().sum().item(), name
+        back = B.rpc.rpc_sync(worker(1), make_case, args=(name,))
+        assert _layout(back) == expected, (name, "return", _layout(back), expected)
+        torch.testing.assert_close(back, t)
+    return True

@@ -1,0 +1,19 @@
+"""Exception types (item 5), error messages (item 6) and tensor layouts (item 7)."""
+
+import pytest
+
+import compat_scenarios as sc
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(240)]
+
+
+def test_torchs_exception_types(world):
+    assert world.run(sc.torchs_exception_types)
+
+
+def test_remote_errors_keep_their_lines(world):
+    assert world.run(sc.remote_errors_keep_their_lines)
+
+
+def test_tensor_layouts_as_torch_delivers_them(world):
+    assert world.run(sc.tensor_layouts_as_torch_delivers_them)
