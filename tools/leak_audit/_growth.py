@@ -174,15 +174,21 @@ def growth_verdicts(fits: Iterable[MetricGrowth], *, none_reason: str) -> list[V
         mine = [f for f in fits if f.kind is kind]
         leaks = [f for f in mine if f.verdict == "leak"]
         decided = [f for f in mine if f.verdict != "insufficient"]
-        details = tuple(f.describe() for f in (leaks or mine))
+        noisy = [f for f in decided if f.verdict == "noisy"]
+        details = tuple(f.describe() for f in (leaks or noisy or mine))
         if leaks:
             worst = max(leaks, key=lambda f: f.slope)
             summary = (f"{len(leaks)} series grow steadily; worst {worst.source} {worst.metric} "
                        f"{worst.slope:+.4g}/{worst.per}")
             out.append(Verdict(kind=kind, status=Status.LEAK, summary=summary, details=details))
         elif decided:
+            # Uneven rises (a warm-up, allocator jumps) are not leaks; they are
+            # counted in the summary so that a short or starved measurement
+            # that could not tell is visible as such.
+            uneven = f" ({len(noisy)} rose unevenly: {noisy[0].note})" if noisy else ""
             out.append(Verdict(kind=kind, status=Status.CLEAN,
-                               summary=f"{len(decided)} series checked, none grows steadily",
+                               summary=f"{len(decided)} series checked, none grows steadily"
+                                       f"{uneven}",
                                details=details))
         else:
             reason = none_reason if not mine else "too few points after warm-up"
