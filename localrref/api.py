@@ -20,6 +20,7 @@ from .agent.agent import Agent
 from .agent.futures import expose
 from .errors import RPCNotInitializedError, UnknownWorkerError
 from .options import RpcBackendOptions
+from .rref import RRef, worker_info
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
            "get_rpc_timeout", "set_rpc_timeout", "get_debug_info", "share_tensor", "WorkerInfo"]
@@ -85,7 +86,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
             raise RuntimeError(f"world size mismatch: init_rpc(world_size={world_size}) but the "
                                f"world has {spec.world_size} workers")
         options = _options(rpc_backend_options)
-        agent = Agent(spec, name, options)
+        agent = Agent.for_world(spec, name, options, rref_type=RRef)
         current.set(agent)
         try:
             agent.start(options.init_timeout)
@@ -120,10 +121,6 @@ def _options(options) -> RpcBackendOptions:
                         f"{type(options).__name__}") from None
 
 
-def _worker_info(agent: Agent, rank: int) -> WorkerInfo:
-    return WorkerInfo(agent.peer(rank).name, rank)
-
-
 def _to_rank(agent: Agent, to) -> int:
     if isinstance(to, WorkerInfo):
         rank = to.id
@@ -153,8 +150,8 @@ def get_worker_info(worker_name=None):
     """The ``WorkerInfo`` of ``worker_name`` (a name or rank), or of this worker."""
     agent = current.require()
     if worker_name is None:
-        return _worker_info(agent, agent.rank)
-    return _worker_info(agent, _to_rank(agent, worker_name))
+        return worker_info(agent, agent.rank)
+    return worker_info(agent, _to_rank(agent, worker_name))
 
 
 def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):
@@ -168,25 +165,21 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
         ValueError: unknown worker.
         TypeError: an argument cannot be pickled (the message names it).
     """
-    return expose(_rpc_async_future(to, func, args, kwargs, timeout))
-
-
-def _rpc_async_future(to, func, args, kwargs, timeout):
-    """rpc_async's internal future (see agent/futures.py), for chaining inside localrref."""
     agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
-    return agent.rpc_async(rank, func, args, kwargs, timeout)
+    return expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout))
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):
     """As :func:`rpc_async`, waiting for the result (remote exceptions re-raised)."""
     agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
-    return agent.wait_reply(agent.rpc_async(rank, func, args, kwargs, timeout, will_wait=True))
+    return agent.reader.wait_reply(agent.calls.rpc_async(rank, func, args, kwargs, timeout,
+                                                         will_wait=True))
 
 
 def remote(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):
     """Run ``func`` on ``to`` and keep the result there; return an ``RRef`` to it at once."""
     agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
-    return agent.remote(rank, func, args, kwargs, timeout)
+    return agent.calls.remote(rank, func, args, kwargs, timeout)
 
 
 def _call_args(to, func, args, kwargs) -> tuple[Agent, int, tuple, dict]:
@@ -212,7 +205,7 @@ def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
             "RPC has not been initialized. Call localrref.init_rpc first.")
     try:
         if graceful:
-            limit = timeout if timeout and timeout > 0 else agent.spec.shutdown_timeout or 300.0
+            limit = timeout if timeout and timeout > 0 else agent.shutdown_timeout
             agent.graceful_shutdown(limit)
     finally:
         current.set(None)

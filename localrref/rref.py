@@ -12,13 +12,19 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.distributed.rpc import WorkerInfo
 
 from . import constants, functions
 from .agent import current
 from .agent.futures import Failed, expose, fail, raise_copy, wait
 from .errors import WorkerClosedError
 
-__all__ = ["RRef"]
+__all__ = ["RRef", "worker_info"]
+
+
+def worker_info(agent, rank: int) -> WorkerInfo:
+    """torch's ``WorkerInfo`` of ``rank`` in ``agent``'s world."""
+    return WorkerInfo(agent.peer(rank).name, rank)
 
 
 class RRef:
@@ -34,7 +40,7 @@ class RRef:
     def __init__(self, value, type_hint=None) -> None:
         agent = current.require()
         self._agent = agent
-        self._record = agent.create_local(value)
+        self._record = agent.calls.create_local(value)
         self._creation = None
         self._type = None
 
@@ -50,7 +56,7 @@ class RRef:
     def __del__(self) -> None:
         record = getattr(self, "_record", None)
         if record is not None and not record.is_owner:
-            self._agent.defer_release(record)
+            self._agent.housekeeper.defer_release(record)
 
     def _record_for(self, agent):
         if agent is not self._agent or self._agent.closed:
@@ -60,7 +66,7 @@ class RRef:
         return self._record
 
     def _live_agent(self):
-        if self._agent.closed or current.get() is not self._agent:
+        if self._agent.closed:
             raise WorkerClosedError(
                 f"{self!r} belongs to an RPC session that was shut down; RRefs cannot be used "
                 f"after shutdown() (create new ones after init_rpc)")
@@ -74,8 +80,7 @@ class RRef:
 
     def owner(self):
         """The owner's ``WorkerInfo``."""
-        from .api import _worker_info
-        return _worker_info(self._agent, self._record.owner)
+        return worker_info(self._agent, self._record.owner)
 
     def owner_name(self) -> str:
         """The owner's worker name."""
@@ -104,8 +109,8 @@ class RRef:
             error = record.error
             if error is None:
                 return record.value
-            raise_copy(self._agent.owner_error(record))
-        return wait(self._live_agent().fetch(self._record, 0))
+            raise_copy(self._agent.calls.owner_error(record))
+        return wait(self._live_agent().calls.fetch(self._record, 0))
 
     def to_here(self, timeout: float = constants.UNSET_RPC_TIMEOUT):
         """Fetch the value from its owner (a copy; the owner's value is untouched).
@@ -119,7 +124,7 @@ class RRef:
                 or the timeout passed.
         """
         agent = self._live_agent()
-        return agent.wait_reply(agent.fetch(self._record, timeout, will_wait=True))
+        return agent.reader.wait_reply(agent.calls.fetch(self._record, timeout, will_wait=True))
 
     def _get_future(self) -> torch.futures.Future:
         """A future that completes when the ``remote()`` creating this RRef finishes."""
@@ -129,7 +134,7 @@ class RRef:
             return done
         # The application may hang callbacks on it: they must not run on a
         # thread that reads the inbox while it waits (see Agent._split_for).
-        self._agent.expose_creation(self._record)
+        self._agent.calls.expose_creation(self._record)
         return expose(self._creation)
 
     def _get_type(self, timeout: float = constants.UNSET_RPC_TIMEOUT, blocking: bool = True):
@@ -150,12 +155,12 @@ class RRef:
 
     def _type_future(self, timeout: float):
         """An internal future (see agent/futures.py) of the value's type, cached once known."""
+        agent = self._live_agent()
         if self._record.is_owner:
-            source = self._live_agent().fetch(self._record, 0)
+            source = agent.calls.fetch(self._record, 0)
         else:
-            from .api import _rpc_async_future
-            source = _rpc_async_future(self._record.owner, _rref_typeof_on_owner, (self,), None,
-                                       timeout)
+            source = agent.calls.rpc_async(self._record.owner, _rref_typeof_on_owner, (self,),
+                                           {}, timeout)
         return source.then(functools.partial(_cache_type, self, self._record.is_owner))
 
     # ------------------------------------------------------------ proxies
@@ -235,7 +240,6 @@ class _Proxy:
         self._timeout = timeout
 
     def __getattr__(self, func_name: str):
-        from . import api
         rref = self._rref
         api_name = self._api
         timeout = self._timeout
@@ -245,8 +249,7 @@ class _Proxy:
             call_args = (rref, func_name, args, kwargs)
             if api_name != "rpc_async" or rref._type is not None:
                 invoker = _invoker_for(rref._get_type(timeout), func_name)
-                return getattr(api, api_name)(rref._record.owner, invoker, args=call_args,
-                                              timeout=timeout)
+                return _call(rref, api_name, invoker, call_args, timeout)
             # rpc_async never blocks: the call goes out once the type is known.
             result = torch.futures.Future()
 
@@ -256,9 +259,9 @@ class _Proxy:
                     result.set_result(value_type)
                     return
                 try:
-                    inner = api._rpc_async_future(rref._record.owner,
-                                                  _invoker_for(value_type, func_name),
-                                                  call_args, None, timeout)
+                    inner = rref._live_agent().calls.rpc_async(
+                        rref._record.owner, _invoker_for(value_type, func_name), call_args, {},
+                        timeout)
                 except BaseException as exc:
                     fail(result, exc)
                     return
@@ -267,3 +270,15 @@ class _Proxy:
             rref._type_future(timeout).add_done_callback(on_type)
             return expose(result)
         return invoke
+
+
+def _call(rref: RRef, api_name: str, invoker, call_args: tuple, timeout: float):
+    """rpc_sync, rpc_async or remote of ``invoker`` on ``rref``'s owner."""
+    agent = rref._live_agent()
+    owner = rref._record.owner
+    if api_name == "remote":
+        return agent.calls.remote(owner, invoker, call_args, {}, timeout)
+    if api_name == "rpc_sync":
+        return agent.reader.wait_reply(agent.calls.rpc_async(owner, invoker, call_args, {},
+                                                             timeout, will_wait=True))
+    return expose(agent.calls.rpc_async(owner, invoker, call_args, {}, timeout))

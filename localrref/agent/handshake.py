@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HELLO", "HELLO_BACK", "WorkerDesc", "Handshake"]
+from ..control_messages import Hello, HelloBack
 
-HELLO = "__hello__"
-HELLO_BACK = "__hello_back__"
+__all__ = ["WorkerDesc", "Handshake"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +36,7 @@ class WorkerDesc:
 
 
 class Handshake:
-    """One agent's side of the exchange.
-
-    Messages are tuples ``(tag, rank, name, pid, world_size, serial,
-    answering)``; ``answering`` is the serial a hello-back answers (None in a
-    hello).
-    """
+    """One agent's side of the exchange (:class:`Hello` and :class:`HelloBack` records)."""
 
     def __init__(self, *, rank: int, name: str, pid: int, world_size: int, serial: int) -> None:
         self.rank = rank
@@ -61,31 +55,31 @@ class Handshake:
     def missing(self) -> list[int]:
         return sorted(set(range(self.world_size)) - set(self.peers))
 
-    def hello(self) -> tuple:
+    def hello(self) -> Hello:
         """The hello to send to every peer."""
-        return self._message(HELLO, None)
+        me = self._me
+        return Hello(rank=me.rank, name=me.name, pid=me.pid, world_size=self.world_size,
+                     serial=self.serial)
 
-    def receive(self, message: tuple) -> tuple | None:
+    def receive(self, message: Hello | HelloBack) -> HelloBack | None:
         """Take a hello or hello-back; return the hello-back to send its sender, or None."""
-        tag, rank, name, pid, world_size, serial, answering = message
+        if not isinstance(message, (Hello, HelloBack)):
+            raise TypeError(f"not a handshake message: {message!r}")
         if self.complete:
             return None
-        if world_size != self.world_size:
+        rank = message.rank
+        if message.world_size != self.world_size:
             self.mismatches[rank] = (
-                f"world size mismatch: rank {rank} ({name!r}) called init_rpc with "
-                f"world_size={world_size}, this worker has {self.world_size}")
+                f"world size mismatch: rank {rank} ({message.name!r}) called init_rpc with "
+                f"world_size={message.world_size}, this worker has {self.world_size}")
             return None
-        if tag == HELLO_BACK:
-            if answering != self.serial:
+        if isinstance(message, HelloBack):
+            if message.answering != self.serial:
                 return None  # it answers a previous agent of this process
-            self.peers[rank] = WorkerDesc(name, rank, pid)
-        elif tag != HELLO:
-            raise ValueError(f"not a handshake message: {message!r}")
-        if (rank, serial) in self._answered:
+            self.peers[rank] = WorkerDesc(message.name, rank, message.pid)
+        if (rank, message.serial) in self._answered:
             return None
-        self._answered.add((rank, serial))
-        return self._message(HELLO_BACK, serial)
-
-    def _message(self, tag: str, answering: int | None) -> tuple:
+        self._answered.add((rank, message.serial))
         me = self._me
-        return (tag, me.rank, me.name, me.pid, self.world_size, self.serial, answering)
+        return HelloBack(rank=me.rank, name=me.name, pid=me.pid, world_size=self.world_size,
+                         serial=self.serial, answering=message.serial)

@@ -1,15 +1,12 @@
-"""Frames: what one inbox write carries.
+"""Message frames: a protocol message as the bytes of one inbox frame.
 
-A frame is one tag byte and a pickle:
-
-* ``M`` a protocol message (:mod:`localrref.core.messages`), pickled as a
-  flat tuple ``(type code, field, field, ...)`` with ids as ``(created_on,
-  local_id)`` pairs and fork data as plain tuples. Its payload is already
-  bytes, pickled by :mod:`localrref.codec.pickler` in the sender's thread.
-* ``C`` a control tuple ``(tag, ...)``: the hello of ``init_rpc``, and the
-  supervisor's notices (:mod:`localrref.world`).
-
-The transport puts the sender's rank in front (:mod:`localrref.transport.mpqueue`).
+A message frame is the tag byte ``M`` and a pickle of the protocol message
+(:mod:`localrref.core.messages`) as a flat tuple ``(type code, field, field,
+...)``, with ids as ``(created_on, local_id)`` pairs and fork data as plain
+tuples. Its payload is already bytes, pickled by
+:mod:`localrref.codec.pickler` in the sender's thread. (Control frames, tag
+``C``, and the record around every frame are the transport's:
+:mod:`localrref.transport.wire`.)
 
 Why flat tuples: pickling the frozen, slotted message records themselves
 costs about 2 us each way (their state goes through ``__getstate__`` and
@@ -27,11 +24,10 @@ from ..core import messages as _messages
 from ..core.ids import GloballyUniqueId
 from ..core.rref import RRefForkData
 
-__all__ = ["encode_message", "encode_control", "decode"]
+__all__ = ["MESSAGE", "encode_message", "decode_message"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 MESSAGE = b"M"
-CONTROL = b"C"
 
 _PLAIN, _GID, _FORKS = 0, 1, 2
 _MESSAGE_CLASSES = (
@@ -83,10 +79,6 @@ def encode_message(message) -> bytes:
     return MESSAGE + pickle.dumps(tuple(flat), protocol=_PROTOCOL)
 
 
-def encode_control(control: tuple) -> bytes:
-    return CONTROL + pickle.dumps(control, protocol=_PROTOCOL)
-
-
 def _decoder(cls) -> tuple:
     kinds = _field_kinds(cls)
     names = tuple(name for name, _ in kinds)
@@ -113,11 +105,13 @@ def _decode_message(flat: tuple):
     return cls(**dict(zip(names, values)))
 
 
-def decode(frame: bytes):
-    """Return ``("message", Message)`` or ``("control", tuple)``."""
-    tag, body = frame[:1], memoryview(frame)[1:]
-    if tag == MESSAGE:
-        return "message", _decode_message(pickle.loads(body))
-    if tag == CONTROL:
-        return "control", pickle.loads(body)
-    raise ValueError(f"unknown frame tag {bytes(tag)!r}")
+def decode_message(frame: bytes):
+    """The protocol message a message frame carries.
+
+    Raises:
+        ValueError: not a message frame, or not a well-formed message.
+    """
+    tag = frame[:1]
+    if tag != MESSAGE:
+        raise ValueError(f"not a message frame (tag {bytes(tag)!r})")
+    return _decode_message(pickle.loads(memoryview(frame)[1:]))

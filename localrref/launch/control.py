@@ -1,18 +1,18 @@
-"""What the supervisor does with the control tuples workers send it.
+"""What the supervisor does with the control messages workers send it.
 
-Workers send ``(tag, rank, *payload)`` tuples (vocabulary in
-``localrref.world``). :class:`ControlDispatcher` maps each tag to a handler
-and the runtime may add its own with :meth:`register`. Built in:
+Workers send the records of ``localrref.control_messages``.
+:class:`ControlDispatcher` matches each by its type, and the runtime may add
+handlers for other types with :meth:`register`. Built in:
 
 * the graceful-shutdown barrier (the process side of ``localrref.shutdown``)::
 
-      phase "arrive": collect __shutdown_arrived__ from every rank -> broadcast __shutdown_proceed__
-      phase "drain":  collect __shutdown_drained__ (messages sent, received) -> broadcast
-                      __shutdown_again__ for another round, until a round's sends equal
-                      the previous round's receipts: then __shutdown_proceed__
-      phase "done":   collect __shutdown_done__ (with leaks)      -> broadcast __shutdown_proceed__
-      phase "finished": collect __shutdown_finished__ (RRefs deleted) -> broadcast __shutdown_proceed__
-      a rank exits while a phase waits for it                    -> broadcast __shutdown_failed__
+      Phase.ARRIVE:   collect ShutdownArrived from every rank -> broadcast ShutdownProceed
+      Phase.DRAIN:    collect ShutdownDrained (messages sent, received) -> broadcast
+                      ShutdownAgain for another round, until a round's sends equal the
+                      previous round's receipts: then ShutdownProceed
+      Phase.DONE:     collect ShutdownDone (with leaks)        -> broadcast ShutdownProceed
+      Phase.FINISHED: collect ShutdownFinished (RRefs deleted) -> broadcast ShutdownProceed
+      a rank exits while a phase waits for it, or the phase times out -> ShutdownFailed
 
   The drain is what torch's ``TensorPipeAgent::join`` does: graceful
   shutdown returns only once no worker has work in flight, so calls nobody
@@ -27,7 +27,7 @@ and the runtime may add its own with :meth:`register`. Built in:
   reaches it. (torch's join reads call counts after a barrier, and relies on
   the reads being close together.)
 
-* leak reports (``__shutdown_done__`` and ``__leak_report__``), kept for the
+* leak reports (``ShutdownDone`` and ``LeakReport``), kept for the
   supervisor to print (:func:`format_leak_line`) when the world is over.
 
 Handlers run on the supervisor's watcher thread, one message at a time; the
@@ -36,18 +36,38 @@ Handlers run on the supervisor's watcher thread, one message at a time; the
 
 from __future__ import annotations
 
+import enum
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from localrref import world
+from localrref.control_messages import (
+    Control, LeakReport, ShutdownAgain, ShutdownArrived, ShutdownDone, ShutdownDrained,
+    ShutdownFailed, ShutdownFinished, ShutdownProceed, describe_exitcode,
+)
 
-__all__ = ["ControlDispatcher", "Handler", "format_leak_line"]
+__all__ = ["ControlDispatcher", "Handler", "Phase", "format_leak_line"]
 
-_BARRIER_PHASES = ("arrive", "drain", "done", "finished")
 
-Handler = Callable[[int, tuple[Any, ...]], None]
-Send = Callable[[int, tuple[Any, ...]], None]
+class Phase(enum.Enum):
+    """Where the graceful-shutdown barrier stands."""
+
+    IDLE = "idle"           # no shutdown under way (or the last one completed)
+    ARRIVE = "arrive"       # waiting for every worker to call shutdown()
+    DRAIN = "drain"         # rounds until no worker has work in flight
+    DONE = "done"           # waiting for every leak report
+    FINISHED = "finished"   # waiting for every worker to finish deleting RRefs
+    FAILED = "failed"       # a worker died or a phase timed out
+
+
+_BARRIER_PHASES = (Phase.ARRIVE, Phase.DRAIN, Phase.DONE, Phase.FINISHED)
+# What a worker that never reported in each phase did not do, for the error.
+_STEPS = {Phase.ARRIVE: "reach shutdown()", Phase.DRAIN: "finish the calls it had in flight",
+          Phase.DONE: "report its RRefs", Phase.FINISHED: "finish deleting its RRefs"}
+
+Handler = Callable[[int, Any], None]
+Send = Callable[[int, Control], None]
 
 
 class ControlDispatcher:
@@ -78,39 +98,39 @@ class ControlDispatcher:
         self._values: dict[str, tuple[dict[str, Any], str | None]] = {}
         self._send = send
         self._exited: dict[int, int] = {}  # rank -> exit code
-        # None -> "arrive" -> "drain" (rounds) -> "done" -> "finished" -> "complete" | "failed"
-        self._phase: str | None = None
+        # IDLE -> ARRIVE -> DRAIN (rounds) -> DONE -> FINISHED -> IDLE, or -> FAILED
+        self._phase = Phase.IDLE
         self._waiting_for: set[int] = set()
         self._round: list[int] = [0, 0]  # the drain round's sums: sent, received
         self._received_before: int | None = None  # the previous round's receipts
         self.drain_rounds = 0
-        self._handlers: dict[str, Handler] = {
-            world.SHUTDOWN_ARRIVED: self._on_shutdown_arrived,
-            world.SHUTDOWN_DRAINED: self._on_shutdown_drained,
-            world.SHUTDOWN_DONE: self._on_shutdown_done,
-            world.SHUTDOWN_FINISHED: self._on_shutdown_finished,
-            world.LEAK_REPORT: self._on_leak_report,
+        self._handlers: dict[type, Handler] = {
+            ShutdownArrived: self._on_shutdown_arrived,
+            ShutdownDrained: self._on_shutdown_drained,
+            ShutdownDone: self._on_shutdown_done,
+            ShutdownFinished: self._on_shutdown_finished,
+            LeakReport: self._on_leak_report,
         }
 
-    def register(self, tag: str, handler: Handler) -> None:
-        """Handle messages whose first element is ``tag`` as ``handler(src, message)``."""
-        self._handlers[tag] = handler
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def register(self, kind: type, handler: Handler) -> None:
+        """Handle messages of type ``kind`` as ``handler(src, message)``."""
+        self._handlers[kind] = handler
 
     def dispatch(self, src: int, message: object) -> None:
-        """Run the handler for ``message``; malformed or unknown messages are reported, not raised."""
-        if not (isinstance(message, tuple) and message and isinstance(message[0], str)):
-            _say(f"ignored a control message from rank {src} that is not a (tag, ...) tuple: "
-                 f"{message!r:.200}")
-            return
-        handler = self._handlers.get(message[0])
+        """Run the handler for ``message``; unknown messages are reported, not raised."""
+        handler = self._handlers.get(type(message))
         if handler is None:
-            _say(f"ignored a control message with unknown tag {message[0]!r} from rank {src}; "
-                 f"known tags: {sorted(self._handlers)}")
+            _say(f"ignored a control message of unknown type {type(message).__name__} from "
+                 f"rank {src}: {message!r:.200}")
             return
         try:
             handler(src, message)
         except Exception as exc:  # one bad message must not stop the watcher
-            _say(f"handler for {message[0]!r} failed: {type(exc).__name__}: {exc}")
+            _say(f"handler for {type(message).__name__} failed: {type(exc).__name__}: {exc}")
 
     def on_worker_exit(self, rank: int, exitcode: int) -> None:
         """A worker exited: a barrier phase still waiting for it can never complete."""
@@ -119,61 +139,57 @@ class ControlDispatcher:
 
     # --------------------------------------------------------------- shutdown barrier
 
-    def _on_shutdown_arrived(self, src: int, message: tuple[Any, ...]) -> None:
-        _, rank = message
+    def _on_shutdown_arrived(self, src: int, message: ShutdownArrived) -> None:
+        rank = message.rank
         self.shutdown_arrived.append(rank)
-        if self._phase in (None, "complete"):  # "complete": a later init_rpc/shutdown cycle
+        if self._phase is Phase.IDLE:  # also a later init_rpc/shutdown cycle
             self.drain_rounds = 0
             self._received_before = None
-            self._start_phase("arrive")
-        self._reached(rank, "arrive", next_phase="drain")
+            self._start_phase(Phase.ARRIVE)
+        self._reached(rank, Phase.ARRIVE, next_phase=Phase.DRAIN)
 
-    def _on_shutdown_drained(self, src: int, message: tuple[Any, ...]) -> None:
-        _, rank, sent, received = message
-        if self._phase != "drain":
-            self._reached(rank, "drain", next_phase="done")  # says it is ignored
+    def _on_shutdown_drained(self, src: int, message: ShutdownDrained) -> None:
+        rank = message.rank
+        if self._phase is not Phase.DRAIN:
+            self._reached(rank, Phase.DRAIN, next_phase=Phase.DONE)  # says it is ignored
             return
         if rank not in self._waiting_for:
             _say(f"rank {rank} reported twice in one drain round; ignored")
             return
-        self._round[0] += sent
-        self._round[1] += received
+        self._round[0] += message.sent
+        self._round[1] += message.received
         if self._waiting_for != {rank}:
             self._waiting_for.discard(rank)
             return
         if self._received_before != self._round[0]:
             # Not proven drained yet: remember this round's receipts, ask again.
             self._received_before = self._round[1]
-            self._broadcast((world.SHUTDOWN_AGAIN,))
-            self._start_phase("drain")
+            self._broadcast(ShutdownAgain())
+            self._start_phase(Phase.DRAIN)
             return
-        self._reached(rank, "drain", next_phase="done")
+        self._reached(rank, Phase.DRAIN, next_phase=Phase.DONE)
 
-    def _on_shutdown_done(self, src: int, message: tuple[Any, ...]) -> None:
-        _, rank, leaks = message
-        self._record_leaks(rank, leaks)
-        self._reached(rank, "done", next_phase="finished")
+    def _on_shutdown_done(self, src: int, message: ShutdownDone) -> None:
+        self._record_leaks(message.rank, message.leaks)
+        self._reached(message.rank, Phase.DONE, next_phase=Phase.FINISHED)
 
-    def _on_shutdown_finished(self, src: int, message: tuple[Any, ...]) -> None:
-        _, rank = message
-        self._reached(rank, "finished", next_phase="complete")
+    def _on_shutdown_finished(self, src: int, message: ShutdownFinished) -> None:
+        self._reached(message.rank, Phase.FINISHED, next_phase=Phase.IDLE)
 
-    def _reached(self, rank: int, phase: str, *, next_phase: str) -> None:
-        if self._phase != phase:
-            if self._phase != "failed":
-                _say(f"rank {rank} sent its {phase!r} shutdown message during the "
-                     f"{self._phase!r} phase; ignored")
+    def _reached(self, rank: int, phase: Phase, *, next_phase: Phase) -> None:
+        if self._phase is not phase:
+            if self._phase is not Phase.FAILED:
+                _say(f"rank {rank} sent its {phase.value!r} shutdown message during the "
+                     f"{self._phase.value!r} phase; ignored")
             return
         self._waiting_for.discard(rank)
         if not self._waiting_for:
-            self._broadcast((world.SHUTDOWN_PROCEED,))
+            self._broadcast(ShutdownProceed())
             self._start_phase(next_phase)
-            if next_phase == "complete":
-                self.deadline = None
 
-    def _start_phase(self, phase: str) -> None:
+    def _start_phase(self, phase: Phase) -> None:
         self._phase, self._waiting_for = phase, set(range(self.world_size))
-        if phase == "drain":
+        if phase is Phase.DRAIN:
             self._round = [0, 0]
             self.drain_rounds += 1
             if self.drain_rounds > 1:
@@ -186,24 +202,25 @@ class ControlDispatcher:
         self.deadline = self._clock() + limit if waiting else None
         self._fail_if_waiting_for_the_dead()
 
-    def _limit(self, phase: str) -> float:
+    def _limit(self, phase: Phase) -> float:
         # Arriving and draining wait for application code; the rest is protocol work.
-        return self.arrive_timeout if phase in ("arrive", "drain") else self.phase_timeout
+        return self.arrive_timeout if phase in (Phase.ARRIVE, Phase.DRAIN) else self.phase_timeout
 
     def check_deadline(self, now: float) -> None:
         """Fail a barrier phase that waited past its deadline, naming who never came."""
         if self.deadline is None or now < self.deadline or self._phase not in _BARRIER_PHASES:
             return
         missing = sorted(self._waiting_for)
-        step = {"arrive": "reach shutdown()", "drain": "finish the calls it had in flight",
-                "done": "report its RRefs", "finished": "finish deleting its RRefs"}[self._phase]
-        limit = self._limit(self._phase)
-        reason = (f"worker rank(s) {missing} did not {step} within {limit:g} s "
-                  f"(--shutdown-timeout); the others gave up waiting")
+        reason = (f"worker rank(s) {missing} did not {_STEPS[self._phase]} within "
+                  f"{self._limit(self._phase):g} s (--shutdown-timeout); the others gave up "
+                  f"waiting")
         _say(reason)
-        self._phase = "failed"
+        self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        self._phase = Phase.FAILED
         self.deadline = None
-        self._broadcast((world.SHUTDOWN_FAILED, reason))
+        self._broadcast(ShutdownFailed(reason=reason))
 
     def _fail_if_waiting_for_the_dead(self) -> None:
         if self._phase not in _BARRIER_PHASES:
@@ -211,24 +228,20 @@ class ControlDispatcher:
         dead = sorted(self._waiting_for & self._exited.keys())
         if dead:
             rank = dead[0]
-            reason = (f"worker rank {rank} {world.describe_exitcode(self._exited[rank])} before it "
-                      f"reached the shutdown barrier ({self._phase} phase)")
-            self._phase = "failed"
-            self.deadline = None
-            self._broadcast((world.SHUTDOWN_FAILED, reason))
+            self._fail(f"worker rank {rank} {describe_exitcode(self._exited[rank])} before it "
+                       f"reached the shutdown barrier ({self._phase.value} phase)")
 
-    def _broadcast(self, control: tuple[Any, ...]) -> None:
+    def _broadcast(self, control: Control) -> None:
         for rank in range(self.world_size):
             if rank not in self._exited:
                 self._send(rank, control)
 
     # -------------------------------------------------------------------- leak reports
 
-    def _on_leak_report(self, src: int, message: tuple[Any, ...]) -> None:
-        _, rank, leaks = message
-        self._record_leaks(rank, leaks)
+    def _on_leak_report(self, src: int, message: LeakReport) -> None:
+        self._record_leaks(message.rank, message.leaks)
 
-    def _record_leaks(self, rank: int, leaks: list[dict[str, Any]]) -> None:
+    def _record_leaks(self, rank: int, leaks) -> None:
         # "owner_value" records are not leaks: they carry the type and tensor
         # bytes of values an owner holds, for the lines of that RRef's users
         # (which know neither), whichever report arrives first.

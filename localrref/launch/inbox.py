@@ -1,30 +1,22 @@
 """The supervisor's side of the inboxes: control frames, sent and read without blocking.
 
-Wire format (the transport's, ``localrref.transport.mpqueue``): one atomic
-pipe write of at most ``PIPE_BUF`` bytes per frame, i.e. a 4-byte
-big-endian length, then ``<sender rank, int32 little-endian> + frame``; a
-control frame is ``b"C" + pickle(tuple)`` (``localrref.codec.frames``). A
-frame too big for one such write arrives as a *blob*: the rank complemented
-(negative) and a packed ``BlobHandle`` naming the shared-memory block that
-holds the frame. The launch layer may not import the codec, so
-:func:`encode_control`/:func:`decode_control` restate those few bytes;
-``tests/launch/test_launch_inbox.py`` holds them to the codec's and the
-transport's behaviour.
+The wire format is the transport's (:mod:`localrref.transport.wire`): one
+atomic pipe write of at most ``PIPE_BUF`` bytes per record; a frame too big
+for one arrives as a *blob* naming the shared-memory block that holds it.
 
 Why not ``Endpoint.send``/``recv``: the supervisor's watcher thread must keep
 watching worker sentinels whatever the workers did to the inboxes, and a
 worker that stopped reading lets its pipe fill, so a plain blocking write
 could wait forever. No writer takes a lock (see the transport's docstring),
-so a worker killed mid-send no longer blocks anyone.
+so a worker killed mid-send blocks nobody.
 
-:func:`bounded_send` writes one frame of at most ``PIPE_BUF`` bytes (atomic)
-through a private non-blocking file description of the pipe, waiting for
-room at most ``timeout``. :class:`InboxReader` reads only the bytes the
-kernel says are there (``FIONREAD``), returns whole frames, keeping a partial
-one for later (defensive: atomic writes leave none), and copies blobs out of
-shared memory (:mod:`localrref.transport.segment`, which imports no torch).
-Both rely on ``SimpleQueue``'s ``_reader``/``_writer`` attributes, as the
-transport does.
+:func:`send_control` writes one control record (atomic) through a private
+non-blocking file description of the pipe, waiting for room at most
+``timeout``. :class:`InboxReader` reads only the bytes the kernel says are
+there (``FIONREAD``), returns whole frames, keeping a partial one for later
+(defensive: atomic writes leave none), and copies blobs out of shared memory
+(:mod:`localrref.transport.segment`, which imports no torch). Both rely on
+``SimpleQueue``'s ``_reader``/``_writer`` attributes, as the transport does.
 """
 
 from __future__ import annotations
@@ -33,7 +25,6 @@ import errno
 import fcntl
 import logging
 import os
-import pickle
 import select
 import struct
 import termios
@@ -41,43 +32,25 @@ import time
 from typing import Any
 
 from localrref.errors import WorkerClosedError, WorkerGoneError
-from localrref.transport.segment import BlobHandle, SegmentMaps
+from localrref.transport import wire
+from localrref.transport.segment import SegmentMaps
 
-__all__ = ["bounded_send", "InboxReader", "encode_control", "decode_control"]
+__all__ = ["send_control", "bounded_send", "InboxReader"]
 
 log = logging.getLogger("localrref")
 
-_LENGTH = struct.Struct("!i")  # multiprocessing.connection's frame header
-_SRC = struct.Struct("<i")  # the transport's sender rank
-_CONTROL = b"C"
-# Linux guarantees writes of at most PIPE_BUF bytes to a pipe are atomic.
-_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+def send_control(queue: Any, src: int, control, timeout: float) -> bool:
+    """Put the control record ``control`` from rank ``src`` in ``queue`` (see :func:`bounded_send`)."""
+    return bounded_send(queue, wire.pack(src, wire.encode_control(control)), timeout)
 
 
-def encode_control(src: int, control: tuple[Any, ...]) -> bytes:
-    """The inbox payload carrying ``control`` from rank ``src`` (the supervisor is rank N)."""
-    return _SRC.pack(src) + _CONTROL + pickle.dumps(control, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_control(payload: bytes) -> tuple[int, tuple[Any, ...] | None]:
-    """``(src, control tuple)``; the tuple is None for a non-control or undecodable frame."""
-    (src,) = _SRC.unpack_from(payload)
-    frame = payload[_SRC.size:]
-    if frame[:1] != _CONTROL:
-        return src, None
-    try:
-        control = pickle.loads(frame[1:])
-    except Exception:
-        return src, None
-    return src, control if isinstance(control, tuple) else None
-
-
-def bounded_send(queue: Any, payload: bytes, timeout: float) -> bool:
-    """Write one frame into ``queue`` unless that would wait longer than ``timeout``.
+def bounded_send(queue: Any, record: bytes, timeout: float) -> bool:
+    """Write one record into ``queue`` unless that would wait longer than ``timeout``.
 
     Args:
         queue: An inbox (``multiprocessing`` ``SimpleQueue``).
-        payload: The frame's bytes (see :func:`encode_control`); small.
+        record: A whole record (``wire.pack``); small.
         timeout: Seconds to wait for room in the pipe.
 
     Returns:
@@ -87,10 +60,10 @@ def bounded_send(queue: Any, payload: bytes, timeout: float) -> bool:
     Raises:
         ValueError: The frame exceeds ``PIPE_BUF`` and so could not be written atomically.
     """
-    frame = _LENGTH.pack(len(payload)) + payload
-    if len(frame) > _PIPE_BUF:
-        raise ValueError(f"control frame of {len(frame)} bytes exceeds PIPE_BUF ({_PIPE_BUF}); "
-                         "bounded_send is only for small control tuples")
+    frame = record
+    if len(frame) > wire.PIPE_BUF:
+        raise ValueError(f"control frame of {len(frame)} bytes exceeds PIPE_BUF "
+                         f"({wire.PIPE_BUF}); bounded_send is only for small control records")
     deadline = time.monotonic() + timeout
     try:
         fd = _nonblocking_writer(queue._writer.fileno())
@@ -142,15 +115,15 @@ class InboxReader:
 
     def __init__(self, queue: Any) -> None:
         self._fd = queue._reader.fileno()
-        self._buffer = bytearray()
+        self._unframer = wire.Unframer()
         self._blobs: SegmentMaps | None = None
         self.eof = False
 
     def fileno(self) -> int:
         return self._fd
 
-    def read_available(self) -> list[bytes]:
-        """Every complete frame payload now in the pipe (possibly none).
+    def read_available(self) -> list[tuple[int, bytes]]:
+        """Every complete ``(sender rank, frame)`` now in the pipe (possibly none).
 
         Sets :attr:`eof` once every writer has closed the pipe.
         """
@@ -164,45 +137,32 @@ class InboxReader:
             # Readable with nothing to read: every write end is closed.
             self.eof = True
             return []
-        self._buffer += os.read(self._fd, available)
-        payloads = []
-        for payload in self._whole_frames():
-            src = _SRC.unpack_from(payload)[0] if len(payload) >= _SRC.size else 0
-            if src < 0:
-                payload = self._import_blob(~src, payload)
-            if payload is not None:
-                payloads.append(payload)
-        return payloads
+        self._unframer.feed(os.read(self._fd, available))
+        frames = []
+        for payload in self._unframer:
+            try:
+                src, body, is_blob = wire.split(payload)
+            except ValueError as exc:
+                log.warning("localrref: the supervisor dropped a malformed record: %s", exc)
+                continue
+            if is_blob:
+                body = self._import_blob(src, body)
+            if body is not None:
+                frames.append((src, body))
+        return frames
 
     def close(self) -> None:
         """Drop the cached mappings of workers' segments (idempotent)."""
         if self._blobs is not None:
             self._blobs.close()
 
-    def _import_blob(self, src: int, payload: bytes) -> bytes | None:
-        """The inline payload a blob frame stands for; None if it cannot be read."""
+    def _import_blob(self, src: int, packed_handle: bytes) -> bytes | None:
+        """The frame a blob stands for; None if it cannot be read."""
         if self._blobs is None:
             self._blobs = SegmentMaps()
         try:
-            handle = BlobHandle.unpack(memoryview(payload)[_SRC.size:])
-            return _SRC.pack(src) + self._blobs.import_bytes(handle)
+            return wire.import_blob(packed_handle, self._blobs)
         except (WorkerGoneError, WorkerClosedError, ValueError) as exc:
             log.warning("localrref: the supervisor dropped a frame from rank %d that it could "
                         "not read from shared memory: %s", src, exc)
             return None
-
-    def _whole_frames(self):
-        while len(self._buffer) >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(self._buffer)
-            start = _LENGTH.size
-            if size == -1:
-                # Frames over 2 GiB carry an extra 8-byte length.
-                if len(self._buffer) < start + 8:
-                    return
-                (size,) = struct.unpack_from("!Q", self._buffer, start)
-                start += 8
-            if len(self._buffer) < start + size:
-                return
-            payload = bytes(self._buffer[start:start + size])
-            del self._buffer[:start + size]
-            yield payload

@@ -56,8 +56,10 @@ from localrref.errors import RRefLeakError
 from localrref.launch import errorfile
 from localrref.launch.bootstrap import CallFunction, ChildPlan, RunScript, worker_main
 from localrref.launch.control import ControlDispatcher, format_leak_line, write_leak_report
-from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
+from localrref.control_messages import Control, PeerExited
+from localrref.launch.inbox import InboxReader, send_control
 from localrref.launch.paused_gc import process_class
+from localrref.transport import wire
 from localrref.transport.mpqueue import make_inboxes
 from localrref.transport.segment import (new_world_id, segment_prefix, sweep_world_segments,
                                           tracker_running, untrack_segment)
@@ -441,21 +443,22 @@ class WorkerGroup:
             self._cond.notify_all()
 
     def _dispatch_all(self, reader: InboxReader) -> None:
-        for payload in reader.read_available():
-            src, control = decode_control(payload)
-            if control is None:
-                print(f"localrref.launch: dropped a frame from rank {src} that is not a control "
-                      "tuple (only control frames go to the supervisor)", file=sys.stderr)
+        for src, frame in reader.read_available():
+            try:
+                control = wire.decode_control(frame)
+            except ValueError as exc:
+                print(f"localrref.launch: dropped a frame from rank {src}: {exc} (only control "
+                      f"frames go to the supervisor)", file=sys.stderr)
                 continue
             self.dispatcher.dispatch(src, control)
 
-    def _send_control(self, rank: int, control: tuple[Any, ...]) -> None:
-        if not bounded_send(self._inboxes[rank], encode_control(self.nprocs, control), NOTIFY_TIMEOUT):
-            print(f"localrref.launch: could not send {control[0]} to rank {rank}: its inbox "
-                  f"stayed full for {NOTIFY_TIMEOUT:g}s", file=sys.stderr)
+    def _send_control(self, rank: int, control: Control) -> None:
+        if not send_control(self._inboxes[rank], self.nprocs, control, NOTIFY_TIMEOUT):
+            print(f"localrref.launch: could not send {type(control).__name__} to rank {rank}: "
+                  f"its inbox stayed full for {NOTIFY_TIMEOUT:g}s", file=sys.stderr)
 
     def _notify_peers(self, exit_: WorkerExit, live_ranks: Any) -> None:
-        message = world.peer_exited_message(exit_.rank, exit_.pid, exit_.exitcode)
+        message = PeerExited(rank=exit_.rank, pid=exit_.pid, exitcode=exit_.exitcode)
         for rank in list(live_ranks):
             self._send_control(rank, message)
 

@@ -22,13 +22,10 @@ Which thread touches what: ``send`` may be called from any thread of any
 process; ``recv`` by one thread at a time per process (the agent's receive
 loop; a lock enforces it); ``wake`` and ``close`` from any thread.
 
-Wire format (what ``Connection.recv_bytes`` and the supervisor's
-``InboxReader`` parse): a 4-byte big-endian signed length, then the payload
-``<sender rank, int32 little-endian> + frame``. A *blob* frame carries the
-sender's rank complemented (``~s``, always negative, as no rank is) and a
-packed :class:`~localrref.transport.segment.BlobHandle` in place of the
-frame; ``recv`` turns it back into ``(s, frame)``, so callers only ever see
-plain frames.
+Wire format: :mod:`localrref.transport.wire` (records of at most
+``PIPE_BUF`` bytes; a frame too big for one travels as a *blob*, which
+``recv`` turns back into ``(s, frame)``, so callers only ever see plain
+frames).
 
 Atomicity, without any lock. Every frame is exactly one ``os.write`` of at
 most ``PIPE_BUF`` (4096) bytes. POSIX makes such a write to a pipe atomic:
@@ -85,12 +82,13 @@ import logging
 import math
 import os
 import select
-import struct
 import threading
 import time
 
 from localrref.errors import RRefInternalError, WorkerClosedError, WorkerGoneError
-from localrref.transport.segment import BlobHandle, SegmentMaps
+from localrref.transport import wire
+from localrref.transport.segment import SegmentMaps
+from localrref.transport.wire import MAX_INLINE, PIPE_BUF
 
 __all__ = ["make_inboxes", "close_inboxes", "Endpoint", "PIPE_CAPACITY", "PIPE_BUF",
            "MAX_INLINE"]
@@ -100,16 +98,6 @@ log = logging.getLogger("localrref")
 # Bigger than the default 64 KiB so that a burst of frames to a busy rank does
 # not block its senders; 1 MiB is Linux's default pipe-max-size for users.
 PIPE_CAPACITY = 1 << 20
-
-# The largest write a pipe performs atomically (POSIX's minimum is 512).
-PIPE_BUF = getattr(select, "PIPE_BUF", 512)
-
-# multiprocessing.connection's frame header, then the sender's rank.
-_LENGTH = struct.Struct("!i")
-_SRC = struct.Struct("<i")
-
-# The largest frame sent inline: header, rank and frame fill one PIPE_BUF.
-MAX_INLINE = PIPE_BUF - _LENGTH.size - _SRC.size
 
 # Spin while at most this many tasks beyond the CPUs want to run. 0 was too
 # strict where workers outnumber cores but mostly wait on one another (fork
@@ -204,7 +192,7 @@ class Endpoint:
         self._write_fds = [inbox._writer.fileno() for inbox in inboxes]
         # Bytes read but not yet returned: one read takes every whole frame
         # the pipe holds (and perhaps the start of the next).
-        self._buffer = bytearray()
+        self._unframer = wire.Unframer()
         if spin_s < 0:
             raise ValueError(f"spin_s must be >= 0, got {spin_s}")
         self._spin_s = spin_s
@@ -213,8 +201,6 @@ class Endpoint:
         self._nudged = False
         self._cpus = _usable_cpus()
         self._loadavg = _open_loadavg() if spin_s else None
-        self._src = _SRC.pack(rank)
-        self._blob_src = _SRC.pack(~rank)
         self._blob_pool = blob_pool
         self._own_mapper = blob_mapper is None
         self._blob_mapper = SegmentMaps() if blob_mapper is None else blob_mapper
@@ -259,7 +245,7 @@ class Endpoint:
             raise ValueError(f"no rank {dst}: ranks are 0..{len(self._inboxes) - 1}")
         size = memoryview(frame).nbytes
         if size <= MAX_INLINE:
-            self._write(dst, b"".join((_LENGTH.pack(_SRC.size + size), self._src, frame)))
+            self._write(dst, wire.pack(self.rank, frame))
             return
         if self._blob_pool is None:
             raise ValueError(f"cannot send a {size}-byte frame to rank {dst}: frames over "
@@ -267,10 +253,8 @@ class Endpoint:
                              f"endpoint of rank {self.rank} has no blob_pool; pass "
                              f"Endpoint(..., blob_pool=ShmPool(...)) or send smaller frames")
         handle = self._blob_pool.export_bytes(frame)
-        packed = handle.pack()
         try:
-            self._write(dst, b"".join((_LENGTH.pack(_SRC.size + len(packed)),
-                                       self._blob_src, packed)))
+            self._write(dst, wire.pack_blob(self.rank, handle.pack()))
         except BaseException:
             self._blob_pool.release_unsent(handle)  # nothing was written: atomic
             raise
@@ -293,7 +277,7 @@ class Endpoint:
         with self._recv_lock:
             if self._closed:
                 raise WorkerClosedError(f"the endpoint of rank {self.rank} is closed")
-            data = self._next_buffered()
+            data = self._unframer.next()
             while data is None:
                 ready = self._wait_readable(timeout)
                 if not ready:
@@ -311,12 +295,12 @@ class Endpoint:
                 if not chunk:
                     raise WorkerClosedError(f"the inbox of rank {self.rank} was closed "
                                             f"under recv (end of file)")
-                self._buffer += chunk
-                data = self._next_buffered()
-            (src,) = _SRC.unpack_from(data)
-            if src >= 0:
-                return src, data[_SRC.size:]
-            return self._import_blob(~src, data)
+                self._unframer.feed(chunk)
+                data = self._unframer.next()
+            src, body, is_blob = wire.split(data)
+            if not is_blob:
+                return src, body
+            return self._import_blob(src, body)
 
     def _wait_readable(self, timeout: float | None) -> list:
         """poll(2) the inbox and the wake pipe, spinning first while that pays.
@@ -375,18 +359,6 @@ class Endpoint:
             return True
         return running <= self._cpus + _SPIN_SLACK
 
-    def _next_buffered(self) -> bytes | None:
-        buffer = self._buffer
-        if len(buffer) < _LENGTH.size:
-            return None
-        (size,) = _LENGTH.unpack_from(buffer)
-        end = _LENGTH.size + size
-        if len(buffer) < end:
-            return None  # the rest of this frame is still in the pipe
-        data = bytes(buffer[_LENGTH.size:end])
-        del buffer[:end]
-        return data
-
     def _write(self, dst: int, data: bytes) -> None:
         try:
             fd = self._write_fds[dst]
@@ -408,10 +380,9 @@ class Endpoint:
                                     f"{written} bytes: this platform's pipes do not honour "
                                     f"PIPE_BUF = {PIPE_BUF}")
 
-    def _import_blob(self, src: int, data: bytes) -> tuple[int, bytes] | None:
+    def _import_blob(self, src: int, packed_handle: bytes) -> tuple[int, bytes] | None:
         try:
-            handle = BlobHandle.unpack(memoryview(data)[_SRC.size:])
-            return src, self._blob_mapper.import_bytes(handle)
+            return src, wire.import_blob(packed_handle, self._blob_mapper)
         except (WorkerGoneError, ValueError) as exc:
             log.warning("localrref: rank %d dropped a frame from rank %d that it could not "
                         "read from shared memory: %s", self.rank, src, exc)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from localrref.agent.handshake import HELLO, HELLO_BACK, Handshake, WorkerDesc
+from localrref.agent.handshake import Handshake, WorkerDesc
+from localrref.control_messages import HelloBack, ShutdownArrived
 
 
 def agent(rank, name=None, serial=0, world_size=2):
@@ -44,7 +45,7 @@ def test_two_agents_meet_with_four_messages():
 def test_a_hello_alone_does_not_make_a_peer_known():
     me = agent(0)
     reply = me.receive(agent(1).hello())
-    assert reply[0] == HELLO_BACK and reply[-1] == 0  # answers serial 0 of rank 1
+    assert isinstance(reply, HelloBack) and reply.answering == 0  # answers rank 1's serial 0
     assert not me.complete and me.missing() == [1]
 
 
@@ -59,7 +60,7 @@ def test_a_stale_hello_is_answered_but_gives_no_peer():
     # The new agent reads a hello that rank 1's previous agent sent to our previous one.
     new = agent(0, "again0", serial=1)
     stale = agent(1, "first1", serial=0).hello()
-    assert new.receive(stale)[-1] == 0  # an answer the peer's next agent will ignore
+    assert new.receive(stale).answering == 0  # an answer the peer's next agent will ignore
     assert new.peers == {0: WorkerDesc("again0", 0, 100)}
 
 
@@ -106,5 +107,5 @@ def test_a_complete_agent_ignores_the_exchange():
 
 
 def test_anything_else_is_refused():
-    with pytest.raises(ValueError, match="not a handshake message"):
-        agent(0).receive(("__other__", 1, "w1", 101, 2, 0, None))
+    with pytest.raises(TypeError, match="not a handshake message"):
+        agent(0).receive(ShutdownArrived(rank=1))

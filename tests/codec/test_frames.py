@@ -1,13 +1,16 @@
 """Frames: every protocol message survives the wire exactly; bad frames are named."""
 
 import pickle
+import typing
 
 import pytest
 
+from localrref import control_messages as cm
 from localrref.codec import frames
 from localrref.core import messages as m
 from localrref.core.ids import GloballyUniqueId as G
 from localrref.core.rref import RRefForkData
+from localrref.transport import wire
 
 FORK = RRefForkData(owner=1, rref_id=G(1, 7), fork_id=G(2, 9), parent=2, type_name="Tensor")
 OTHER = RRefForkData(owner=0, rref_id=G(0, 1), fork_id=G(0, 1), parent=0)
@@ -37,14 +40,31 @@ def test_every_message_type_is_covered():
 
 @pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda msg: msg.type.value)
 def test_messages_round_trip_equal(message):
-    kind, decoded = frames.decode(frames.encode_message(message))
-    assert kind == "message"
+    decoded = frames.decode_message(frames.encode_message(message))
     assert decoded == message and type(decoded) is type(message)
 
 
-def test_control_tuples_round_trip():
-    assert frames.decode(frames.encode_control(("__hello__", 1, "ps", 42, 3))) == \
-        ("control", ("__hello__", 1, "ps", 42, 3))
+@pytest.mark.parametrize("control", [
+    cm.Hello(rank=1, name="ps", pid=42, world_size=3, serial=0),
+    cm.HelloBack(rank=1, name="ps", pid=42, world_size=3, serial=0, answering=2),
+    cm.PeerExited(rank=2, pid=7, exitcode=-9), cm.ShutdownArrived(rank=0),
+    cm.ShutdownDrained(rank=0, sent=3, received=4),
+    cm.ShutdownDone(rank=1, leaks=({"rref_id": "0:1"},)), cm.ShutdownFinished(rank=1),
+    cm.ShutdownProceed(), cm.ShutdownAgain(), cm.ShutdownFailed(reason="rank 2 died"),
+    cm.LeakReport(rank=0, leaks=()),
+], ids=lambda c: type(c).__name__)
+def test_control_records_round_trip_as_control_frames(control):
+    frame = wire.encode_control(control)
+    assert frame[:1] == wire.CONTROL_TAG != frames.MESSAGE
+    assert wire.decode_control(frame) == control
+
+
+def test_every_control_record_is_covered_and_checked():
+    assert set(cm.CONTROL_TYPES) == set(typing.get_args(cm.Control))
+    with pytest.raises(ValueError, match="rank must be an int >= 0"):
+        cm.ShutdownArrived(rank=-1)
+    with pytest.raises(ValueError, match="not a control frame"):
+        wire.decode_control(frames.encode_message(m.RRefAck(request_id=1)))
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -54,14 +74,14 @@ def test_control_tuples_round_trip():
 ])
 def test_malformed_message_frames_are_named(body, fragment):
     with pytest.raises(ValueError, match=fragment):
-        frames.decode(frames.MESSAGE + pickle.dumps(body))
+        frames.decode_message(frames.MESSAGE + pickle.dumps(body))
 
 
 def test_a_decoded_message_is_checked_like_a_constructed_one():
     with pytest.raises(ValueError, match="request_id must be an int >= 0"):
-        frames.decode(frames.MESSAGE + pickle.dumps((0, -1, b"x", ())))
+        frames.decode_message(frames.MESSAGE + pickle.dumps((0, -1, b"x", ())))
 
 
 def test_unknown_tags_are_named():
-    with pytest.raises(ValueError, match="unknown frame tag b'Z'"):
-        frames.decode(b"Z" + pickle.dumps(()))
+    with pytest.raises(ValueError, match="not a message frame \\(tag b'Z'\\)"):
+        frames.decode_message(b"Z" + pickle.dumps(()))

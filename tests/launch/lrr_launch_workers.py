@@ -6,6 +6,7 @@ import mode every test directory shares one module namespace.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -13,9 +14,11 @@ import signal
 import sys
 import threading
 
+from localrref import control_messages as cm
 from localrref import world
-from localrref.codec import frames
+from localrref.transport import wire
 from localrref.transport.mpqueue import Endpoint
+from localrref.transport.segment import segment_prefix
 
 
 # A spawned worker imports this module while unpickling its job, before fn runs.
@@ -27,18 +30,21 @@ def _endpoint() -> Endpoint:
     return Endpoint(spec.rank, list(spec.inboxes))
 
 
-def _next_control(endpoint: Endpoint) -> tuple:
-    """The next control tuple in this rank's inbox, as the agent's reader thread would decode it."""
+def _next_control(endpoint: Endpoint):
+    """The next control record in this rank's inbox, as the agent's reader would decode it."""
     while True:
         item = endpoint.recv()
         if item is not None:
-            kind, obj = frames.decode(item[1])
-            assert kind == "control", kind
-            return obj
+            return wire.decode_control(item[1])
 
 
-def _to_supervisor(endpoint: Endpoint, control: tuple) -> None:
-    endpoint.send(world.current().supervisor_rank, frames.encode_control(control))
+def _as_json(control) -> list:
+    """A control record as JSON: its type name, then its fields."""
+    return [type(control).__name__, *dataclasses.astuple(control)]
+
+
+def _to_supervisor(endpoint: Endpoint, control) -> None:
+    endpoint.send(world.current().supervisor_rank, wire.encode_control(control))
 
 
 def _write(out_dir: str, name: str, data: object) -> None:
@@ -53,7 +59,7 @@ def report_world(rank: int, out_dir: str) -> None:
     _write(out_dir, f"rank{rank}.json", {
         "rank": spec.rank, "world_size": spec.world_size, "world_id": spec.world_id,
         "supervisor_pid": spec.supervisor_pid, "inboxes": len(spec.inboxes),
-        "shm_prefix": spec.shm_prefix, "ppid": os.getppid(), "pid": os.getpid(),
+        "shm_prefix": segment_prefix(spec.world_id), "ppid": os.getppid(), "pid": os.getpid(),
         "strict_leaks": spec.strict_leaks, "record_creation_sites": spec.record_creation_sites,
         "shutdown_timeout": spec.shutdown_timeout,
         "collector_on_at_import": _COLLECTOR_ON_AT_IMPORT, "collector_on": gc.isenabled(),
@@ -79,7 +85,7 @@ def exit_in_rank(rank: int, bad_rank: int, how: str, out_dir: str) -> None:
         if how == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(3)
-    _write(out_dir, f"inbox{rank}.json", list(_next_control(_endpoint())))
+    _write(out_dir, f"inbox{rank}.json", _as_json(_next_control(_endpoint())))
 
 
 def ignore_sigterm_then_block(rank: int, bad_rank: int, ignoring) -> None:
@@ -95,23 +101,23 @@ def graceful_shutdown(rank: int, leaks_per_rank: int, out_dir: str | None = None
     """The worker side of the shutdown barrier, as the agent runs it, reporting some leaks."""
     spec = world.current()
     endpoint = _endpoint()
-    _to_supervisor(endpoint, world.shutdown_arrived_message(rank))
+    _to_supervisor(endpoint, cm.ShutdownArrived(rank=rank))
     first = _next_control(endpoint)
     while True:  # the drain: rounds until two show nothing in flight
-        _to_supervisor(endpoint, world.shutdown_drained_message(rank, 0, 0))
+        _to_supervisor(endpoint, cm.ShutdownDrained(rank=rank, sent=0, received=0))
         if _next_control(endpoint) == first:
             break
     leaks = [{"rref_id": f"{rank}:{i}", "fork_id": f"{rank}:{i + 100}", "owner_rank": rank,
               "holder_rank": (rank + 1) % spec.world_size, "state": "CONFIRMED",
               "value_type": "Tensor", "tensor_bytes": 64, "creation_site": f"test.py:{i}"}
              for i in range(leaks_per_rank)]
-    _to_supervisor(endpoint, world.shutdown_done_message(rank, leaks))
+    _to_supervisor(endpoint, cm.ShutdownDone(rank=rank, leaks=leaks))
     second = _next_control(endpoint)
-    _to_supervisor(endpoint, world.shutdown_finished_message(rank))
+    _to_supervisor(endpoint, cm.ShutdownFinished(rank=rank))
     third = _next_control(endpoint)
     assert third == second, (second, third)
     if out_dir is not None:
-        _write(out_dir, f"barrier{rank}.json", [list(first), list(second)])
+        _write(out_dir, f"barrier{rank}.json", [_as_json(first), _as_json(second)])
 
 
 def skip_shutdown_in_rank(rank: int, skipping_rank: int, out_dir: str, recorded) -> None:
@@ -122,15 +128,15 @@ def skip_shutdown_in_rank(rank: int, skipping_rank: int, out_dir: str, recorded)
     if rank == skipping_rank:
         return
     endpoint = _endpoint()
-    _to_supervisor(endpoint, world.shutdown_arrived_message(rank))
-    _write(out_dir, f"barrier{rank}.json", list(_next_control(endpoint)))
+    _to_supervisor(endpoint, cm.ShutdownArrived(rank=rank))
+    _write(out_dir, f"barrier{rank}.json", _as_json(_next_control(endpoint)))
     recorded.wait(30)
     sys.exit(4)
 
 
 def leave_shm_entry(rank: int) -> None:
     spec = world.current()
-    with open(f"/dev/shm/{spec.shm_prefix}rank{rank}", "wb") as fh:
+    with open(f"/dev/shm/{segment_prefix(spec.world_id)}rank{rank}", "wb") as fh:
         fh.write(b"x")
 
 

@@ -16,9 +16,22 @@ import time
 import pytest
 
 from localrref.codec import frames
+from localrref.control_messages import PeerExited, ShutdownArrived, ShutdownDone
 from localrref.core.messages import RRefAck
-from localrref.launch.inbox import InboxReader, bounded_send, decode_control, encode_control
+from localrref.launch.inbox import InboxReader, bounded_send, send_control
+from localrref.transport import wire
 from localrref.transport.mpqueue import Endpoint, close_inboxes, make_inboxes
+
+
+def encode_control(src, control) -> bytes:
+    """A whole record of ``control`` from rank ``src``."""
+    return wire.pack(src, wire.encode_control(control))
+
+
+def decoded(received) -> list:
+    """(src, control) for each (src, frame) the reader returned; None for other frames."""
+    return [(src, wire.decode_control(frame) if frame[:1] == wire.CONTROL_TAG else None)
+            for src, frame in received]
 from localrref.transport.shm import ShmPool, new_world_id, sweep_world_segments, world_segments
 
 
@@ -44,8 +57,7 @@ def blob_pool():
 
 def fill_pipe(queue) -> int:
     """Fill ``queue``'s pipe with whole control frames; return how many."""
-    payload = encode_control(0, ("filler", "x" * 3000))
-    frame = struct.pack("!i", len(payload)) + payload
+    frame = encode_control(0, ("filler", "x" * 3000))
     fd, count = queue._writer.fileno(), 0
     os.set_blocking(fd, False)  # briefly, on a pipe no other process holds
     try:
@@ -59,30 +71,30 @@ def fill_pipe(queue) -> int:
 
 
 def test_supervisor_frames_are_what_the_agent_reads(inboxes):
-    # The agent's reader: Endpoint.recv then codec.frames.decode.
-    assert bounded_send(inboxes[0], encode_control(2, ("__peer_exited__", 1, 42, -9)), timeout=1)
+    # The agent's reader: Endpoint.recv, then the wire's control decoding.
+    notice = PeerExited(rank=1, pid=42, exitcode=-9)
+    assert send_control(inboxes[0], 2, notice, timeout=1)
     src, frame = Endpoint(0, inboxes).recv(timeout=5)
-    assert (src, frames.decode(frame)) == (2, ("control", ("__peer_exited__", 1, 42, -9)))
+    assert (src, wire.decode_control(frame)) == (2, notice)
 
 
 def test_worker_frames_are_what_the_supervisor_reads(inboxes):
     reader = InboxReader(inboxes[2])
-    Endpoint(1, inboxes).send(2, frames.encode_control(("__shutdown_arrived__", 1)))
+    Endpoint(1, inboxes).send(2, wire.encode_control(ShutdownArrived(rank=1)))
     Endpoint(0, inboxes).send(2, frames.encode_message(RRefAck(request_id=7)))
-    src_control = [decode_control(payload) for payload in reader.read_available()]
-    assert src_control == [(1, ("__shutdown_arrived__", 1)), (0, None)]
+    assert decoded(reader.read_available()) == [(1, ShutdownArrived(rank=1)), (0, None)]
 
 
 @pytest.mark.timeout(30)
 def test_a_lock_a_dead_writer_kept_stops_no_send(inboxes):
     inboxes[0]._wlock.acquire()  # what a writer SIGKILLed mid-send used to leave behind
     try:
-        assert bounded_send(inboxes[0], encode_control(2, ("__peer_exited__", 1, 42, -9)),
-                            timeout=1)
-        Endpoint(1, inboxes).send(0, frames.encode_control(("from", 1)))
+        notice = PeerExited(rank=1, pid=42, exitcode=-9)
+        assert send_control(inboxes[0], 2, notice, timeout=1)
+        Endpoint(1, inboxes).send(0, wire.encode_control(("from", 1)))
         receiver = Endpoint(0, inboxes)
-        assert [frames.decode(receiver.recv(timeout=5)[1])[1] for _ in range(2)] == \
-            [("__peer_exited__", 1, 42, -9), ("from", 1)]
+        assert [wire.decode_control(receiver.recv(timeout=5)[1]) for _ in range(2)] == \
+            [notice, ("from", 1)]
     finally:
         inboxes[0]._wlock.release()
 
@@ -103,7 +115,7 @@ def test_bounded_send_waits_for_room_and_writes_its_frame_whole(inboxes):
     deadline = time.monotonic() + 30
     while len(got) <= filled and time.monotonic() < deadline:
         select.select([reader], [], [], deadline - time.monotonic())
-        got += [decode_control(payload) for payload in reader.read_available()]
+        got += decoded(reader.read_available())
     sender.join(30)
     assert results == [True]
     assert {control[0] for _, control in got[:filled]} == {"filler"}
@@ -123,8 +135,8 @@ def test_bounded_send_refuses_large_frames(inboxes):
 def test_reader_returns_whole_frames_only(inboxes):
     reader = InboxReader(inboxes[2])
     assert reader.read_available() == []
-    payload = encode_control(0, ("__leak_report__", 0, [{"rref_id": "0:1"}]))
-    frame = struct.pack("!i", len(payload)) + payload
+    frame = encode_control(0, ("__leak_report__", 0, [{"rref_id": "0:1"}]))
+    payload = (0, frame[8:])
     fd = inboxes[2]._writer.fileno()
     os.write(fd, frame[:3])  # not even a whole header
     assert reader.read_available() == []
@@ -136,11 +148,11 @@ def test_reader_returns_whole_frames_only(inboxes):
 
 def test_reader_reads_big_frames_from_shared_memory(inboxes, blob_pool):
     reader = InboxReader(inboxes[2])
-    big = ("__shutdown_done__", 0, [{"rref_id": str(i), "state": "x" * 100} for i in range(400)])
+    big = ShutdownDone(rank=0, leaks=[{"rref_id": str(i), "state": "x" * 100} for i in range(400)])
     worker = Endpoint(0, inboxes, blob_pool=blob_pool)
-    worker.send(2, frames.encode_control(big))  # ~50 KB: a blob
-    worker.send(2, frames.encode_control(("small", 0)))
-    assert [decode_control(p) for p in reader.read_available()] == [(0, big), (0, ("small", 0))]
+    worker.send(2, wire.encode_control(big))  # ~50 KB: a blob
+    worker.send(2, wire.encode_control(("small", 0)))
+    assert decoded(reader.read_available()) == [(0, big), (0, ("small", 0))]
     assert blob_pool.stats().blocks_in_use == 0  # the reader freed the block
     reader.close()
 
@@ -148,11 +160,11 @@ def test_reader_reads_big_frames_from_shared_memory(inboxes, blob_pool):
 def test_reader_drops_a_blob_whose_segment_is_gone(inboxes, blob_pool, caplog):
     reader = InboxReader(inboxes[2])
     worker = Endpoint(1, inboxes, blob_pool=blob_pool)
-    worker.send(2, frames.encode_control(("lost", "x" * 10_000)))
-    worker.send(2, frames.encode_control(("kept", 1)))
+    worker.send(2, wire.encode_control(("lost", "x" * 10_000)))
+    worker.send(2, wire.encode_control(("kept", 1)))
     blob_pool.close()  # the worker closed its pool, or died and was swept
     with caplog.at_level(logging.WARNING, logger="localrref"):
-        assert [decode_control(p) for p in reader.read_available()] == [(1, ("kept", 1))]
+        assert decoded(reader.read_available()) == [(1, ("kept", 1))]
     assert "dropped a frame from rank 1" in caplog.text
     reader.close()
 
@@ -164,9 +176,10 @@ def test_the_inbox_helpers_do_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
-def test_undecodable_control_frames_decode_as_none():
-    assert decode_control(struct.pack("<i", 3) + b"C\x80zz") == (3, None)
-    assert decode_control(struct.pack("<i", 3) + b"C" + frames.encode_control(("ok",))[1:]) == (3, ("ok",))
+def test_undecodable_control_frames_are_named():
+    with pytest.raises(ValueError, match="does not unpickle"):
+        wire.decode_control(b"C\x80zz")
+    assert wire.decode_control(wire.encode_control(("ok",))) == ("ok",)
 
 
 def test_reader_sees_eof_when_every_writer_closed(inboxes):

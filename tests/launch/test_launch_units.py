@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import random
 import multiprocessing
+import random
 import os
 import pickle
 import signal
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from localrref import control_messages as cm
 from localrref import world
 from localrref.launch import errorfile, paused_gc
 from localrref.launch.bootstrap import ChildPlan, RunScript, Stream
@@ -20,7 +22,7 @@ from localrref.launch.control import ControlDispatcher, format_leak_line
 from localrref.launch.launcher import main
 from localrref.launch.stdio import Std, line_prefix, parse_std
 from localrref.launch.supervisor import RunOptions
-from localrref.transport.segment import sweep_world_segments
+from localrref.transport.segment import segment_prefix, sweep_world_segments
 
 
 # ------------------------------------------------------------------------ world.py
@@ -35,7 +37,7 @@ def _spec(**overrides):
 def test_worldspec_views_and_pickling():
     spec = _spec()
     assert (spec.inbox, spec.supervisor_inbox, spec.supervisor_rank) == ("q1", "qs", 2)
-    assert spec.shm_prefix == "lrr_abc123_"
+    assert segment_prefix(spec.world_id) == "lrr_abc123_"
     assert pickle.loads(pickle.dumps(spec)) == spec
 
 
@@ -60,15 +62,11 @@ def test_the_spawn_command_line_pauses_the_collector_before_spawn_main():
     assert paused_gc.process_class(fork_ctx) is fork_ctx.Process
 
 
-def test_peer_exited_message_round_trip():
-    message = world.peer_exited_message(3, 1234, -9)
-    assert message == ("__peer_exited__", 3, 1234, -9)
-    decoded = world.PeerExited.from_message(message)
-    assert decoded == world.PeerExited(rank=3, pid=1234, exitcode=-9)
-    assert decoded.describe() == "worker rank 3 (pid 1234) was killed by signal SIGKILL"
-    assert world.PeerExited.from_message(("__peer_exited__", 3)) is None
-    assert world.PeerExited.from_message(b"frame bytes") is None
-    assert world.describe_exitcode(2) == "exited with code 2"
+def test_peer_exited_describes_the_death():
+    exited = cm.PeerExited(rank=3, pid=1234, exitcode=-9)
+    assert exited.describe() == "worker rank 3 (pid 1234) was killed by signal SIGKILL"
+    assert cm.describe_exitcode(2) == "exited with code 2"
+    assert cm.describe_exitcode(-200) == "was killed by signal <unknown signal 200>"
 
 
 def test_install_and_current():
@@ -94,16 +92,20 @@ class _Sent:
 
 def test_dispatcher_collects_and_extends(capsys):
     dispatcher = ControlDispatcher(2, _Sent())
-    dispatcher.dispatch(0, world.leak_report_message(0, [{"rref_id": "0:1", "state": "OWNER"}]))
+    dispatcher.dispatch(0, cm.LeakReport(rank=0, leaks=[{"rref_id": "0:1", "state": "OWNER"}]))
     seen = []
-    dispatcher.register("__custom__", lambda src, message: seen.append((src, message)))
-    dispatcher.dispatch(1, ("__custom__", 5))
+
+    @dataclasses.dataclass(frozen=True)
+    class Custom:
+        value: int
+
+    dispatcher.register(Custom, lambda src, message: seen.append((src, message)))
+    dispatcher.dispatch(1, Custom(5))
     dispatcher.dispatch(1, ("__nope__", 1))
-    dispatcher.dispatch(1, "not a tuple")
     assert dispatcher.leaks == [{"rref_id": "0:1", "state": "OWNER", "reporting_rank": 0}]
-    assert seen == [(1, ("__custom__", 5))]
+    assert seen == [(1, Custom(5))]
     err = capsys.readouterr().err
-    assert "unknown tag '__nope__' from rank 1" in err and "not a (tag, ...) tuple" in err
+    assert "unknown type tuple from rank 1" in err
     assert format_leak_line(dispatcher.leaks[0]) == (
         "localrref: leaked RRef rref_id=0:1 fork_id=? owner_rank=? holder_rank=? state=OWNER "
         "value_type=? tensor_bytes=? creation_site=?")
@@ -112,36 +114,40 @@ def test_dispatcher_collects_and_extends(capsys):
 def test_shutdown_barrier_proceeds_three_times_then_can_run_again():
     send = _Sent()
     dispatcher = ControlDispatcher(2, send)
-    dispatcher.dispatch(1, world.shutdown_arrived_message(1))
+    dispatcher.dispatch(1, cm.ShutdownArrived(rank=1))
     assert send.sent == []
-    dispatcher.dispatch(0, world.shutdown_arrived_message(0))
+    dispatcher.dispatch(0, cm.ShutdownArrived(rank=0))
     assert send.sent == PROCEED
     for _ in range(2):  # the drain: a first round, then one that proves it
-        dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
-        dispatcher.dispatch(1, world.shutdown_drained_message(1, 0, 0))
+        dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=0, received=0))
+        dispatcher.dispatch(1, cm.ShutdownDrained(rank=1, sent=0, received=0))
     assert send.sent[2:] == AGAIN + PROCEED
     del send.sent[2:4]
-    dispatcher.dispatch(0, world.shutdown_done_message(0, [{"rref_id": "0:3"}]))
-    dispatcher.dispatch(1, world.shutdown_done_message(1, []))
+    dispatcher.dispatch(0, cm.ShutdownDone(rank=0, leaks=[{"rref_id": "0:3"}]))
+    dispatcher.dispatch(1, cm.ShutdownDone(rank=1, leaks=[]))
     assert send.sent[4:] == PROCEED
     assert dispatcher.leaks == [{"rref_id": "0:3", "reporting_rank": 0}]
-    dispatcher.dispatch(1, world.shutdown_finished_message(1))
+    dispatcher.dispatch(1, cm.ShutdownFinished(rank=1))
     assert len(send.sent) == 6
-    dispatcher.dispatch(0, world.shutdown_finished_message(0))
+    dispatcher.dispatch(0, cm.ShutdownFinished(rank=0))
     assert send.sent[6:] == PROCEED
-    dispatcher.dispatch(1, world.shutdown_arrived_message(1))  # a later init_rpc/shutdown
-    dispatcher.dispatch(0, world.shutdown_arrived_message(0))
+    dispatcher.dispatch(1, cm.ShutdownArrived(rank=1))  # a later init_rpc/shutdown
+    dispatcher.dispatch(0, cm.ShutdownArrived(rank=0))
     assert len(send.sent) == 10
     assert dispatcher.shutdown_arrived == [1, 0, 1, 0]
 
 
-PROCEED = [(0, ("__shutdown_proceed__",)), (1, ("__shutdown_proceed__",))]
-AGAIN = [(0, ("__shutdown_again__",)), (1, ("__shutdown_again__",))]
+PROCEED = [(0, cm.ShutdownProceed()), (1, cm.ShutdownProceed())]
+AGAIN = [(0, cm.ShutdownAgain()), (1, cm.ShutdownAgain())]
+
+
+def _failed(reason):
+    return [(0, cm.ShutdownFailed(reason=reason)), (1, cm.ShutdownFailed(reason=reason))]
 
 
 def _arrived(dispatcher, send, n=2):
     for rank in range(n):
-        dispatcher.dispatch(rank, world.shutdown_arrived_message(rank))
+        dispatcher.dispatch(rank, cm.ShutdownArrived(rank=rank))
     send.sent.clear()
 
 
@@ -149,20 +155,20 @@ def test_the_drain_proceeds_once_a_rounds_sends_equal_the_previous_rounds_receip
     send = _Sent()
     dispatcher = ControlDispatcher(2, send)
     _arrived(dispatcher, send)
-    dispatcher.dispatch(1, world.shutdown_drained_message(1, 2, 3))
+    dispatcher.dispatch(1, cm.ShutdownDrained(rank=1, sent=2, received=3))
     assert send.sent == []
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 5, 3))
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=5, received=3))
     assert send.sent == AGAIN  # a first round proves nothing (received 6)
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 7, 5))
-    dispatcher.dispatch(1, world.shutdown_drained_message(1, 3, 5))
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=7, received=5))
+    dispatcher.dispatch(1, cm.ShutdownDrained(rank=1, sent=3, received=5))
     assert send.sent[2:] == AGAIN  # sent 10, but 6 received before: work moved on
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 7, 5))
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 7, 5))  # twice: ignored
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=7, received=5))
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=7, received=5))  # twice: ignored
     assert send.sent[4:] == []
-    dispatcher.dispatch(1, world.shutdown_drained_message(1, 3, 5))
+    dispatcher.dispatch(1, cm.ShutdownDrained(rank=1, sent=3, received=5))
     assert send.sent[4:] == PROCEED and dispatcher.drain_rounds == 3
-    dispatcher.dispatch(0, world.shutdown_done_message(0, []))
-    dispatcher.dispatch(1, world.shutdown_done_message(1, []))
+    dispatcher.dispatch(0, cm.ShutdownDone(rank=0, leaks=[]))
+    dispatcher.dispatch(1, cm.ShutdownDone(rank=1, leaks=[]))
     assert send.sent[6:] == PROCEED
 
 
@@ -205,15 +211,15 @@ def _drain_model(seed):
                     send_from(dst)
             continue
         rank = to_report.pop()
-        dispatcher.dispatch(rank, world.shutdown_drained_message(rank, sent[rank], received[rank]))
+        dispatcher.dispatch(rank, cm.ShutdownDrained(rank=rank, sent=sent[rank], received=received[rank]))
         if send.sent:
-            (_, (tag,)), *_ = send.sent
+            (_, message), *_ = send.sent
             send.sent.clear()
-            if tag == "__shutdown_proceed__":
+            if isinstance(message, cm.ShutdownProceed):
                 assert not in_flight, \
                     f"seed {seed}: proceeded with {len(in_flight)} message(s) in flight"
                 return
-            assert tag == "__shutdown_again__"
+            assert isinstance(message, cm.ShutdownAgain)
             to_report = rng.sample(range(n), n)
     raise AssertionError(f"seed {seed}: the drain never proceeded")
 
@@ -222,27 +228,27 @@ def test_the_drain_fails_naming_a_rank_that_dies_or_never_finishes():
     send = _Sent()
     dispatcher = ControlDispatcher(3, send)
     _arrived(dispatcher, send, 3)
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=0, received=0))
     dispatcher.on_worker_exit(2, 1)
     reason = "worker rank 2 exited with code 1 before it reached the shutdown barrier (drain phase)"
-    assert send.sent == [(0, ("__shutdown_failed__", reason)), (1, ("__shutdown_failed__", reason))]
+    assert send.sent == _failed(reason)
 
     clock = [100.0]
     send = _Sent()
     dispatcher = ControlDispatcher(2, send, arrive_timeout=5.0, clock=lambda: clock[0])
     _arrived(dispatcher, send)
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
-    dispatcher.dispatch(1, world.shutdown_drained_message(1, 3, 0))
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=0, received=0))
+    dispatcher.dispatch(1, cm.ShutdownDrained(rank=1, sent=3, received=0))
     assert send.sent == AGAIN
     clock[0] = 104.0
-    dispatcher.dispatch(0, world.shutdown_drained_message(0, 0, 0))
+    dispatcher.dispatch(0, cm.ShutdownDrained(rank=0, sent=0, received=0))
     dispatcher.check_deadline(clock[0])
     assert send.sent[2:] == []
     clock[0] = 105.5  # the drain as a whole is bounded, whatever its rounds
     dispatcher.check_deadline(clock[0])
     reason = ("worker rank(s) [1] did not finish the calls it had in flight within 5 s "
               "(--shutdown-timeout); the others gave up waiting")
-    assert send.sent[2:] == [(0, ("__shutdown_failed__", reason)), (1, ("__shutdown_failed__", reason))]
+    assert send.sent[2:] == _failed(reason)
 
 
 # -------------------------------------------------------------------- errorfile.py

@@ -10,8 +10,9 @@ import torch
 
 import localrref as rpc
 from localrref import world
-from localrref.codec import frames
+from localrref.control_messages import Hello
 from localrref.errors import WorkerGoneError
+from localrref.transport import wire
 from localrref.transport.mpqueue import Endpoint
 
 _FOREVER = threading.Event()
@@ -110,8 +111,7 @@ def restart_while_the_peer_still_reads(rank, results, hello_sent):
 
         def send_and_tell(self, dst, frame):
             send(self, dst, frame)
-            kind, control = frames.decode(frame)
-            if kind == "control" and control[0] == "__hello__":
+            if frame[:1] == wire.CONTROL_TAG and isinstance(wire.decode_control(frame), Hello):
                 hello_sent.set()
 
         Endpoint.send = send_and_tell

@@ -22,7 +22,8 @@ from transport_workers import (STORM, Peers, check_flood_frame, check_storm_fram
                                flood, send_storm)
 
 from localrref.errors import WorkerClosedError, WorkerGoneError
-from localrref.launch.inbox import bounded_send, decode_control, encode_control
+from localrref.launch.inbox import bounded_send
+from localrref.transport import wire
 from localrref.transport.mpqueue import (MAX_INLINE, PIPE_BUF, Endpoint, close_inboxes,
                                          make_inboxes)
 from localrref.transport.shm import (ShmMapper, ShmPool, new_world_id, sweep_world_segments,
@@ -108,12 +109,11 @@ def test_the_queue_lock_left_taken_by_a_dead_writer_blocks_nobody(inboxes, blob_
         ep = Endpoint(1, inboxes, blob_pool=blob_pool)
         ep.send(1, b"small")
         ep.send(1, b"big" * 10_000)
-        assert bounded_send(inboxes[1], encode_control(0, ("__peer_exited__", 0, 1, -9)), 1)
+        notice = wire.encode_control(("__peer_exited__", 0, 1, -9))
+        assert bounded_send(inboxes[1], wire.pack(0, notice), 1)
         assert ep.recv(5) == (1, b"small")
         assert ep.recv(5) == (1, b"big" * 10_000)
-        src, frame = ep.recv(5)
-        assert decode_control(struct.pack("<i", src) + frame) == \
-            (0, ("__peer_exited__", 0, 1, -9))
+        assert ep.recv(5) == (0, notice)
         ep.close()
     finally:
         inboxes[1]._wlock.release()
@@ -367,12 +367,12 @@ def test_writers_sigkilled_mid_send_never_block_other_writers_or_the_reader(echo
             victim.join(30)
             assert victim.exitcode == -signal.SIGKILL
             victim.close()
-            control = encode_control(me, ("after", round_))
-            assert bounded_send(echo_peers.inboxes[me], control, timeout=10)
+            control = wire.encode_control(("after", round_))
+            assert bounded_send(echo_peers.inboxes[me], wire.pack(me, control), timeout=10)
             small, big = b"s%d" % round_, bytes([round_]) * 70_000
             ep.send(0, small)
             ep.send(0, big)
-            receive({(0, small), (0, big), (me, control[4:])})
+            receive({(0, small), (0, big), (me, control)})
     finally:
         gc.collect()
         swept = sweep_world_segments(victim_world)

@@ -1,0 +1,160 @@
+"""Jobs: the user functions peers ask this worker to run, and their replies.
+
+An ``Execute`` effect of the core is a job: a call (``rpc_sync``/
+``rpc_async`` from a peer), a ``remote()`` whose result becomes an
+OwnerRRef's value, or a fetch of such a value (``to_here()`` from a peer).
+:meth:`Jobs.run` unpickles the function and its arguments (RRefs among them
+arrive as records the core prepared), runs it, pickles the result (forking
+its RRefs) and reports to the core, which answers the caller. A function
+decorated with ``@rpc.functions.async_execution`` returns a future; the job
+finishes when that future does, on whichever thread completes it.
+
+Which thread touches what: the inbox's reader runs the jobs it reads itself
+(see ``reader.py`` for why); jobs that arrive while a caller reads its own
+reply, and effects handed off that way, run on the pool
+(:class:`~localrref.agent.pool.ElasticPool`, or inline in a test world
+without threads). A job touches the core only under the agent's lock, and
+never holds the lock while user code or pickling runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codec.pickler import dumps_exception, loads, wrap_exception
+from ..core import effects as fx
+from ..errors import AsyncExecutionError
+from .pool import ElasticPool
+
+__all__ = ["Jobs", "InlineExecutor"]
+
+
+class InlineExecutor:
+    """Runs each job at once on the submitting thread: the executor of a test
+    world without threads (``Agent(driver=...)``)."""
+
+    thread_count = 0
+
+    def submit(self, fn, *args) -> None:
+        fn(*args)
+
+    def shutdown(self, timeout: float = 0.0) -> list[str]:
+        return []
+
+
+class Jobs:
+    """Runs peers' requests on this worker (see the module docstring)."""
+
+    def __init__(self, agent, *, threads: bool) -> None:
+        self.agent = agent
+        self.executor = (ElasticPool(agent.options.num_worker_threads) if threads
+                         else InlineExecutor())
+
+    def submit(self, job: fx.Execute) -> None:
+        """Run ``job`` on the pool (a job that cannot start fails its caller)."""
+        try:
+            self.executor.submit(self.run, job)
+        except Exception as exc:
+            self._fail(job, exc)
+
+    def run(self, job: fx.Execute) -> None:
+        if job.kind is fx.JobKind.FETCH:
+            self._serve_fetch(job)
+            return
+        agent = self.agent
+        wrappers = [agent.rref_type._adopt(agent, record) for record in job.rrefs]
+        load_error = None
+        try:
+            func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=agent.mapper)[0]
+        except BaseException as exc:
+            load_error = exc
+        del wrappers
+        if load_error is not None:
+            self._fail(job, load_error)
+            return
+        is_async = getattr(func, "_wrapped_async_rpc_function", None) is not None
+        name = getattr(func, "__qualname__", repr(func))
+        error = None
+        try:
+            result = func(*args, **(kwargs or {}))
+        except BaseException as exc:
+            error, result = exc, None
+        # The RRefs among the arguments are dropped before the reply leaves:
+        # once the caller has its answer, nothing of this call may still hold
+        # them (a shutdown that follows would report them as leaked).
+        del func, args, kwargs
+        if error is not None:
+            self._fail(job, error)
+            return
+        if is_async:
+            if not isinstance(result, torch._C.Future):
+                self._fail(job, AsyncExecutionError(
+                    f"Functions decorated with @rpc.async_function must return a "
+                    f"torch.futures.Future object, but got {type(result).__module__}."
+                    f"{type(result).__qualname__} ({name} is decorated with "
+                    f"@rpc.functions.async_execution)"))
+                return
+            result.add_done_callback(lambda f: self._finish_async(job, f))
+            return
+        self._finish(job, result)
+
+    def _finish_async(self, job, future) -> None:
+        try:
+            value = future.value()
+        except BaseException as exc:
+            self._fail(job, exc)
+            return
+        self._finish(job, value)
+
+    def _finish(self, job, result) -> None:
+        agent = self.agent
+        if job.kind is fx.JobKind.REMOTE:
+            with agent.lock:
+                effects = agent.core.finish_remote(job.job_id, result)
+            # Fetches that waited for this value are served right here: the
+            # value is hot, and a hand-off would add a wake-up to to_here().
+            agent.run(effects, inline_jobs=True)
+            agent.calls.owner_ready(job.owner)
+            agent.signal_progress()
+            return
+        self._reply_with(job, result)
+
+    def _reply_with(self, job, value) -> None:
+        """Pickle ``value`` (forking its RRefs) and send it as the job's reply."""
+        agent = self.agent
+        try:
+            encoded = agent.encode(value)
+        except BaseException as exc:
+            self._fail(job, exc)
+            return
+        with agent.lock:
+            effects = agent.core.finish_call(job.job_id, encoded.data, encoded.forks)
+        agent.run(effects)
+        agent.signal_progress()
+
+    def _fail(self, job, exc: BaseException) -> None:
+        agent = self.agent
+        payload = dumps_exception(wrap_exception(exc, agent.worker_info_text()))
+        # The formatted traceback travels; the frames (and the arguments they
+        # hold) are let go before the reply is sent.
+        exc.__traceback__ = None
+        with agent.lock:
+            effects = agent.core.fail_job(job.job_id, payload)
+        agent.run(effects, inline_jobs=True)
+        if job.kind is fx.JobKind.REMOTE:
+            agent.calls.owner_ready(job.owner)
+        agent.signal_progress()
+
+    def _serve_fetch(self, job) -> None:
+        owner = job.owner
+        if owner.error is not None:
+            agent = self.agent
+            with agent.lock:
+                effects = agent.core.fail_job(job.job_id, owner.error)
+            agent.run(effects)
+            agent.signal_progress()
+            return
+        self._reply_with(job, owner.value)
+
+    def close(self, timeout: float) -> None:
+        self.executor.shutdown(timeout)
