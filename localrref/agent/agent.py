@@ -152,12 +152,7 @@ class Agent:
 
     def start(self, init_timeout: float) -> None:
         """Start the threads and meet every peer (init_rpc's handshake)."""
-        self.reader.start()
-        self.housekeeper.start()
-        hello = self._handshake.hello()
-        for rank in range(self.world_size):
-            if rank != self.rank:
-                self.send_control(rank, hello)
+        self.say_hello()
         met = self.block_until(lambda: self._handshake.complete or self.dead or self.closing,
                                init_timeout, "every peer to call init_rpc")
         if not met:
@@ -174,6 +169,15 @@ class Agent:
             ranks = sorted(p.rank for p in self._handshake.peers.values() if p.name == name)
             raise RuntimeError(f"worker name {name!r} is not unique: ranks {ranks} all use it; "
                                f"give every worker its own name")
+
+    def say_hello(self) -> None:
+        """Start the threads and say hello to every peer (start() then waits for answers)."""
+        self.reader.start()
+        self.housekeeper.start()
+        hello = self._handshake.hello()
+        for rank in range(self.world_size):
+            if rank != self.rank:
+                self.send_control(rank, hello)
 
     def _on_hello(self, src: int, message: Hello | HelloBack) -> None:
         with self.lock:

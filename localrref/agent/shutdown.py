@@ -1,29 +1,37 @@
 """The worker's half of graceful shutdown, and the leak records it reports.
 
-The supervisor drives the barrier (``launch/control.py``); each worker, in
-the application thread that called ``shutdown()``:
+The supervisor drives the barrier (``launch/control.py``); each worker runs
+this machine, one phase after another::
 
-1. sends :class:`ShutdownArrived` and waits for every worker to arrive;
-2. drains (:meth:`GracefulShutdown._drain`): rounds in which it waits until
-   it has no call or job of its own in flight and reports how many calls
-   and replies it has sent and received, until the supervisor has proof
-   that nothing is in flight anywhere (torch's ``join``);
-3. reports what it still holds (:meth:`GracefulShutdown.leak_records`) and
-   waits for every report, taken before anyone deletes anything;
-4. runs the seed's ``delAllUsersAndUnforkedOwners``
-   (``core/shutdown.py``) until its deletes are acknowledged;
-5. the last barrier: nobody stops serving while a peer still deletes.
+    ARRIVING        sent ShutdownArrived; waits for every worker to arrive
+    DRAINING        waits until it has no call or job of its own in flight,
+                    then reports its message counts (ShutdownDrained)
+    DRAIN_REPORTED  waits: ShutdownAgain -> DRAINING again, until the
+                    supervisor has proof that nothing is in flight anywhere
+                    (torch's join); ShutdownProceed -> reports what it holds
+    REPORTING       sent ShutdownDone(leaks), taken before anyone deletes
+                    anything; waits for every report
+    DELETING        runs the seed's delAllUsersAndUnforkedOwners
+                    (core/shutdown.py) until its deletes are acknowledged,
+                    then sends ShutdownFinished
+    FINISHING       the last barrier: nobody stops serving while a peer
+                    still deletes
+    DONE / FAILED   a ShutdownFailed, a dead peer or the backstop -> FAILED
+
+:meth:`GracefulShutdown.advance` takes every step it can without waiting;
+:meth:`GracefulShutdown.run` (the application thread in ``shutdown()``)
+calls it again after every progress signal of the agent. A test world
+without threads advances every worker's machine itself.
 
 Meanwhile the inbox is served as always: by IO threads, never by the thread
 in ``shutdown()``. Messages from the supervisor land in :attr:`inbox`
-(appended by the reader, under :attr:`_lock`); the application thread waits
-on the agent's progress signal. A peer's death, a ``ShutdownFailed`` or the
-worker's own backstop ends any wait with a named error.
+(appended by the reader, under :attr:`_lock`).
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import gc
 import threading
 
@@ -35,7 +43,30 @@ from ..control_messages import (
 )
 from ..core.shutdown import DelAllUsersAndUnforkedOwners
 
-__all__ = ["GracefulShutdown"]
+__all__ = ["GracefulShutdown", "Phase"]
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    ARRIVING = "arriving"
+    DRAINING = "draining"
+    DRAIN_REPORTED = "drain reported"
+    REPORTING = "reporting"
+    DELETING = "deleting"
+    FINISHING = "finishing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# What a worker waits for in each phase, for error messages.
+_WAITING_FOR = {
+    Phase.ARRIVING: "every worker to reach shutdown()",
+    Phase.DRAINING: "this worker's calls in flight to finish",
+    Phase.DRAIN_REPORTED: "every worker to finish the calls it had in flight",
+    Phase.REPORTING: "every worker to report its RRefs",
+    Phase.DELETING: "this worker's RRef deletes to be acknowledged",
+    Phase.FINISHING: "every worker to finish deleting RRefs",
+}
 
 
 class GracefulShutdown:
@@ -46,6 +77,11 @@ class GracefulShutdown:
         self.inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self.machine: DelAllUsersAndUnforkedOwners | None = None
+        self.phase = Phase.IDLE
+        self.error: BaseException | None = None
+        self.leaks: list[dict] = []
+        self._timeout = 0.0
+        self._deadline: float | None = None
 
     def deliver(self, message) -> None:
         """A control message from the supervisor (called by the reader)."""
@@ -58,125 +94,141 @@ class GracefulShutdown:
         return self.machine.poll(now) if self.machine is not None else []
 
     def run(self, timeout: float) -> list[dict]:
-        """The whole shutdown (see the module docstring); returns the leak records."""
+        """The whole shutdown, in this thread; returns the leak records.
+
+        Raises:
+            RuntimeError: a peer died (``WorkerGoneError``), the supervisor
+                failed the barrier (naming who and why), or the backstop passed.
+        """
+        self.begin(timeout)
+        # The machine has deadlines of its own: look at least every 50 ms.
+        self.agent.block_until(self.advance, None, "graceful shutdown", poll=0.05)
+        if self.phase is Phase.FAILED:
+            raise self.error
+        return self.leaks
+
+    def begin(self, timeout: float) -> None:
+        """Arrive at the barrier (``timeout`` bounds the deletes, and backs the supervisor up)."""
         agent = self.agent
         agent.reader.release_inbox()
-        supervisor = agent.world_size
-        # The supervisor bounds each phase and names who is missing; this
-        # worker's own bound is only a backstop should the supervisor vanish.
-        backstop = 2 * timeout + 10
+        self._timeout = max(timeout, 1.0)
         # Young cyclic garbage (RRefs in fresh reference cycles) is freed
         # first; a full collection would cost ~40 ms with torch loaded, more
         # than the whole shutdown should, so older cycles are the
         # application's to break (torch's leak warning says the same).
         gc.collect(1)
         agent.housekeeper.pass_()
-        agent.send_control(supervisor, ShutdownArrived(rank=agent.rank))
+        self.phase = Phase.ARRIVING
+        self._deadline = None
         # Unbounded here: other workers may legitimately still be working
         # (torch's shutdown waits for them too). A peer that dies, or the
         # supervisor's --shutdown-timeout, ends the wait with a named error.
-        self._wait_for((ShutdownProceed,), None, "every worker to reach shutdown()")
-        self._drain()
-        agent.housekeeper.pass_()
-        # Every application has stopped making RPCs: what is still held, and
-        # what every owner keeps, is the leak report. It is taken before any
-        # worker deletes anything (the next barrier), or an early delete
-        # could free an owner before its value was described.
-        held = self.leak_records()
-        agent.send_control(supervisor, ShutdownDone(rank=agent.rank, leaks=held))
-        self._wait_for((ShutdownProceed,), backstop, "every worker to report its RRefs")
-        self._delete_all(timeout)
-        # The last barrier: nobody stops serving while a peer still deletes.
-        agent.send_control(supervisor, ShutdownFinished(rank=agent.rank))
-        self._wait_for((ShutdownProceed,), backstop, "every worker to finish deleting RRefs")
-        return held
+        agent.send_control(agent.world_size, ShutdownArrived(rank=agent.rank))
 
-    # -- waiting for the supervisor -------------------------------------------------
+    def advance(self) -> bool:
+        """Take every step that needs no waiting; True once DONE or FAILED."""
+        while self.phase not in (Phase.DONE, Phase.FAILED, Phase.IDLE):
+            if not self._step():
+                break
+        return self.phase in (Phase.DONE, Phase.FAILED)
 
-    def _wait_for(self, kinds: tuple[type, ...], timeout: float | None, what: str):
+    def _step(self) -> bool:
+        """One step of the current phase; False if it must wait."""
         agent = self.agent
-        agent.reader.release_inbox()
-        found = []
-
-        def arrived() -> bool:
-            with self._lock:
-                for i, message in enumerate(self.inbox):
-                    if isinstance(message, (ShutdownFailed, *kinds)):
-                        del self.inbox[i]
-                        found.append(message)
-                        return True
-            return bool(agent.dead)
-
-        if not agent.block_until(arrived, timeout, what):
-            raise RuntimeError(f"graceful shutdown timed out after {timeout:.0f} s "
-                               f"waiting for {what}")
-        if not found:
-            raise next(iter(agent.dead.values()))
-        message = found[0]
-        if isinstance(message, ShutdownFailed):
-            raise RuntimeError(f"graceful shutdown failed: {message.reason}")
-        return message
-
-    def _failed_waiting(self) -> bool:
-        with self._lock:
-            return any(isinstance(m, ShutdownFailed) for m in self.inbox)
-
-    # -- the drain --------------------------------------------------------------------
-
-    def _drain(self) -> None:
-        """Rounds of the drain barrier (launch/control.py): until no worker has work in flight.
-
-        Each round this worker waits until it has no call or job of its own
-        in flight, then reports the calls and replies it has sent and
-        received; the supervisor decides when the rounds prove the world idle.
-
-        Unbounded here, as the arrive phase: calls may run as long as they
-        need (torch's join waits too); a peer's death or the supervisor's
-        --shutdown-timeout ends it with a named error.
-        """
-        agent = self.agent
-        while True:
-            agent.block_until(
-                lambda: not agent.active_work() or agent.dead or self._failed_waiting(),
-                None, "this worker's calls in flight to finish")
+        failure = self._take(ShutdownFailed)
+        if failure is not None:
+            return self._fail(RuntimeError(f"graceful shutdown failed: {failure.reason}"))
+        if agent.dead:
+            return self._fail(next(iter(agent.dead.values())))
+        if self._deadline is not None and agent.clock() > self._deadline:
+            return self._fail(RuntimeError(
+                f"graceful shutdown timed out after {self._timeout * 2 + 10:.0f} s waiting for "
+                f"{_WAITING_FOR[self.phase]}"))
+        phase = self.phase
+        if phase is Phase.ARRIVING:
+            if self._take(ShutdownProceed) is None:
+                return False
+            self.phase = Phase.DRAINING
+        elif phase is Phase.DRAINING:
+            if agent.active_work():
+                return False
             sent, received = agent.message_counts()
             agent.send_control(agent.world_size, ShutdownDrained(
                 rank=agent.rank, sent=sent, received=received))
-            reply = self._wait_for((ShutdownProceed, ShutdownAgain), None,
-                                   "every worker to finish the calls it had in flight")
-            if isinstance(reply, ShutdownProceed):
-                return
+            self.phase = Phase.DRAIN_REPORTED
+        elif phase is Phase.DRAIN_REPORTED:
+            if self._take(ShutdownAgain) is not None:
+                self.phase = Phase.DRAINING
+                return True
+            if self._take(ShutdownProceed) is None:
+                return False
+            agent.housekeeper.pass_()
+            # Every application has stopped making RPCs: what is still held,
+            # and what every owner keeps, is the leak report. It is taken
+            # before any worker deletes anything (the next barrier), or an
+            # early delete could free an owner before its value was described.
+            self.leaks = self.leak_records()
+            agent.send_control(agent.world_size, ShutdownDone(rank=agent.rank, leaks=self.leaks))
+            self._backstop()
+            self.phase = Phase.REPORTING
+        elif phase is Phase.REPORTING:
+            if self._take(ShutdownProceed) is None:
+                return False
+            self._start_deleting()
+            self.phase = Phase.DELETING
+        elif phase is Phase.DELETING:
+            if not self._deletes_settled():
+                return False
+            with agent.lock:
+                # torch's checkRRefLeaks, as a warning in the seed's wording.
+                agent.core.check_rref_leaks(ignore_rref_leak=True)
+                effects = agent.core.take_effects()
+            agent.run(effects)
+            agent.send_control(agent.world_size, ShutdownFinished(rank=agent.rank))
+            self._backstop()
+            self.phase = Phase.FINISHING
+        elif phase is Phase.FINISHING:
+            if self._take(ShutdownProceed) is None:
+                return False
+            self.phase = Phase.DONE
+        return True
 
-    # -- deleting every RRef ------------------------------------------------------------
+    def _take(self, kind: type):
+        """The first message of type ``kind`` in the inbox, removed; None if there is none."""
+        with self._lock:
+            for i, message in enumerate(self.inbox):
+                if isinstance(message, kind):
+                    del self.inbox[i]
+                    return message
+        return None
 
-    def _delete_all(self, timeout: float) -> None:
+    def _fail(self, error: BaseException) -> bool:
+        self.error = error
+        self.phase = Phase.FAILED
+        return True
+
+    def _backstop(self) -> None:
+        # The supervisor bounds each phase and names who is missing; this
+        # worker's own bound is only a backstop should the supervisor vanish.
+        self._deadline = self.agent.clock() + 2 * self._timeout + 10
+
+    def _start_deleting(self) -> None:
         agent = self.agent
-        limit = max(timeout, 1.0)
         now = agent.clock()
-        machine = DelAllUsersAndUnforkedOwners(agent.core, now=now, timeout=limit)
+        machine = DelAllUsersAndUnforkedOwners(agent.core, now=now, timeout=self._timeout)
         with agent.lock:
             self.machine = machine
             effects = machine.poll(now)
         agent.run(effects)
-        deadline = agent.clock() + 2 * limit
+        self._delete_deadline = now + 2 * self._timeout
 
-        def settled() -> bool:
-            with agent.lock:
-                effects = machine.poll(agent.clock())
-                done = machine.done and agent.core.num_pending_futures == 0
-            agent.run(effects)
-            return done or bool(agent.dead) or agent.clock() > deadline
-
-        # The machine has deadlines of its own: look at least every 50 ms.
-        agent.block_until(settled, None, "this worker's RRef deletes to be acknowledged",
-                          poll=0.05)
-        if agent.dead:
-            raise next(iter(agent.dead.values()))
+    def _deletes_settled(self) -> bool:
+        agent = self.agent
         with agent.lock:
-            # torch's checkRRefLeaks, as a warning in the seed's wording.
-            agent.core.check_rref_leaks(ignore_rref_leak=True)
-            effects = agent.core.take_effects()
+            effects = self.machine.poll(agent.clock())
+            done = self.machine.done and agent.core.num_pending_futures == 0
         agent.run(effects)
+        return done or agent.clock() > self._delete_deadline
 
     # -- the leak report ------------------------------------------------------------------
 

@@ -1,0 +1,230 @@
+"""Real agents in one process, without threads or processes (see agent_world.py).
+
+Each test runs a seeded world in milliseconds; the same seed gives the same
+schedule. Functions sent between agents live in this module.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import localrref
+from localrref.agent import current
+from localrref.agent.futures import expose, wait
+from localrref.core.rref import UserRRef
+from localrref.errors import RPCTimeoutError, UnknownWorkerError, WorkerGoneError
+
+from agent_world import AgentWorld, Stuck
+
+
+# ------------------------------------------------------------ functions the agents run
+
+def add(a, b):
+    return a + b
+
+
+def raise_value_error(text):
+    raise ValueError(text)
+
+
+def nested_add(dst, a, b):
+    return localrref.rpc_sync(dst, add, args=(a, b)) * 10
+
+
+def sum_of_fetched(*rrefs):
+    return sum(r.to_here() for r in rrefs)
+
+
+def keep_forever(x):
+    return x
+
+
+_KEPT = []
+
+
+def keep_rref(rref):
+    _KEPT.append(rref)
+    return rref.to_here()
+
+
+def name_of(worker):
+    return localrref.get_worker_info(worker).name
+
+
+def fire_and_forget_hops(left, origin):
+    if left == 0:
+        _CHAIN_ENDS.append(origin)
+        return
+    me = localrref.get_worker_info().id
+    localrref.rpc_async((me + 1) % 3, fire_and_forget_hops, args=(left - 1, origin))
+
+
+_CHAIN_ENDS = []
+
+
+# ------------------------------------------------------------ helpers
+
+def call(world, src, dst, func, *args, timeout=-1.0):
+    """``rpc_async`` from agent ``src``: the internal future."""
+    agent = world.agents[src]
+    with current.using(agent):
+        return agent.calls.rpc_async(dst, func, args, {}, timeout)
+
+
+def result(world, future):
+    world.run_until(future.done, None, "a reply")
+    return wait(future)
+
+
+@pytest.fixture
+def world3():
+    with AgentWorld(3, seed=7) as world:
+        yield world
+
+
+# ------------------------------------------------------------ calls
+
+def test_calls_return_values_and_remote_errors_keep_their_type(world3):
+    assert result(world3, call(world3, 0, 1, add, 2, 3)) == 5
+    future = call(world3, 0, 2, raise_value_error, "nope")
+    with pytest.raises(ValueError, match="(?s)On WorkerInfo\\(id=2, name=worker2\\).*nope"):
+        result(world3, future)
+    # The future the application gets fails in C++, naming the type.
+    exposed = expose(call(world3, 0, 2, raise_value_error, "again"))
+    world3.run_until(exposed.done)
+    with pytest.raises(RuntimeError, match="(?s)ValueError.*again"):
+        exposed.wait()
+
+
+def test_a_job_may_make_a_nested_rpc_sync(world3):
+    assert result(world3, call(world3, 0, 1, nested_add, 2, 3, 4)) == 70
+
+
+def test_tensors_travel_inline_without_a_pool(world3):
+    t = torch.arange(12.0).reshape(3, 4).t()
+    back = result(world3, call(world3, 0, 1, keep_forever, t))
+    assert torch.equal(back, t) and back.stride() == t.stride()
+
+
+# ------------------------------------------------------------ remote, to_here, forks
+
+def test_remote_then_to_here_and_rrefs_passed_to_a_third_worker(world3):
+    a0 = world3.agents[0]
+    with current.using(a0):
+        a = a0.calls.remote(1, add, (torch.ones(2), 1), {}, -1.0)
+        b = a0.calls.remote(1, add, (torch.ones(2), 2), {}, -1.0)
+        fetched = a0.calls.fetch(a._record, -1.0)
+    torch.testing.assert_close(result(world3, fetched), torch.ones(2) * 2)
+    # torch's test_py_rref_args_user_share, at the agent level: two RRefs of
+    # worker 1 go to worker 2, whose job fetches both.
+    total = result(world3, call(world3, 0, 2, sum_of_fetched, a, b))
+    torch.testing.assert_close(total, torch.ones(2) * 5)
+    del a, b, fetched
+    gc.collect()
+    world3.run_until(lambda: all(agent.core.tables_empty() for agent in world3.agents),
+                     None, "every table to empty")
+
+
+def test_an_rref_kept_by_its_receiver_is_reported_at_shutdown(world3):
+    a0 = world3.agents[0]
+    with current.using(a0):
+        rref = a0.calls.remote(1, add, (torch.ones(2), 1), {}, -1.0)
+    result(world3, call(world3, 0, 2, keep_rref, rref))
+    del rref
+    gc.collect()
+    leaks = world3.shutdown()
+    held = [r for r in leaks[2] if r["state"] == "confirmed_user"]
+    assert len(held) == 1 and held[0]["owner_rank"] == 1 and held[0]["holder_rank"] == 2
+    _KEPT.clear()
+
+
+# ------------------------------------------------------------ timeouts, deaths
+
+def test_a_call_that_gets_no_reply_times_out_with_torchs_text(world3):
+    world3.delay(1, 0)  # worker 1's reply would come only once nothing else can happen
+    future = call(world3, 0, 1, add, 1, 1, timeout=5.0)
+    world3.network.route = lambda src, dst, frame: (src, dst) != (1, 0)  # ... and never does
+    started = world3.clock.now
+    with pytest.raises(RPCTimeoutError, match="RPC ran for more than set timeout \\(5000 ms\\)"):
+        result(world3, future)
+    assert world3.clock.now - started == pytest.approx(5.0)
+
+
+def test_a_dead_peer_fails_pending_calls_at_once_naming_it(world3):
+    world3.network.route = lambda src, dst, frame: dst != 1  # worker 1 hangs, then dies
+    future = call(world3, 0, 1, add, 1, 1)
+    world3.settle()
+    assert not future.done()
+    started = world3.clock.now
+    world3.kill(1)
+    with pytest.raises(WorkerGoneError, match="worker rank 1 \\('worker1'\\), pid 10001, was "
+                                              "killed by signal SIGKILL") as info:
+        result(world3, future)
+    assert info.value.rank == 1 and world3.clock.now == started  # no timeout involved
+    with pytest.raises(WorkerGoneError):
+        result(world3, call(world3, 2, 1, add, 1, 1))
+    assert result(world3, call(world3, 2, 0, add, 1, 1)) == 2  # the survivors go on
+
+
+# ------------------------------------------------------------ the handshake and shutdown
+
+def test_a_name_resolves_once_the_handshake_completes():
+    # Worker 2 hears from worker 0 last; worker 1 calls it first, and the
+    # function names worker 0 (before the fix: UnknownWorkerError).
+    world = AgentWorld(3, seed=3)
+    try:
+        world.delay(0, 2)
+        world.say_hello()
+        world.settle()
+        assert world.agents[1]._handshake.complete and not world.agents[2]._handshake.complete
+        assert result(world, call(world, 1, 2, name_of, "worker0")) == "worker0"
+    finally:
+        world.close()
+
+
+def test_graceful_shutdown_lets_fire_and_forget_chains_finish(world3):
+    for origin in range(3):
+        call(world3, origin, (origin + 1) % 3, fire_and_forget_hops, 12, origin)
+    world3.shutdown()
+    assert sorted(_CHAIN_ENDS) == [0, 1, 2]
+    _CHAIN_ENDS.clear()
+
+
+def test_unknown_names_are_still_refused(world3):
+    with current.using(world3.agents[0]):
+        with pytest.raises(UnknownWorkerError, match="unknown worker name 'nobody'"):
+            localrref.rpc_async("nobody", add, args=(1, 2))
+
+
+def test_a_schedule_is_a_pure_function_of_its_seed():
+    def run(seed):
+        with AgentWorld(3, seed=seed) as world:
+            futures = [call(world, s, d, add, s, d) for s in range(3) for d in range(3)]
+            world.run_until(lambda: all(f.done() for f in futures))
+            return world.trace
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_a_wait_that_nothing_can_end_is_named():
+    world = AgentWorld(2, seed=0)
+    try:
+        world.network.route = lambda src, dst, frame: False  # every frame is lost
+        world.say_hello()
+        with pytest.raises(Stuck, match="every peer to call init_rpc"):
+            world.agents[0].block_until(lambda: world.agents[0]._handshake.complete, None,
+                                        "every peer to call init_rpc")
+    finally:
+        world.close()
+
+
+def test_user_rrefs_are_user_records(world3):
+    a0 = world3.agents[0]
+    with current.using(a0):
+        rref = a0.calls.remote(1, add, (1, 2), {}, -1.0)
+    assert isinstance(rref._record, UserRRef)
+    assert result(world3, a0.calls.fetch(rref._record, -1.0)) == 3
