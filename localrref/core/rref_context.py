@@ -39,6 +39,9 @@ Theory of operation (the seed's protocol, in one page):
   owner, once; the owner drops the fork and, with the last fork, the value.
 * The three control messages travel with retries (torch's ``sendWithRetries``)
   and their handlers are idempotent, so a message delivered twice is harmless.
+  Every outgoing request, its state, timer and retries live in
+  ``requests.py`` (a table of transitions); this file says what each outcome
+  means for the protocol (:meth:`RRefContext._step`).
 
 localrref departs from the seed in a few places, each marked ``NB(localrref)``
 where it happens: the owner of a ``remote()`` is created when the call
@@ -50,8 +53,6 @@ timed out still has its RRefs accounted for.
 
 from __future__ import annotations
 
-import enum
-import heapq
 from dataclasses import dataclass, field
 
 from ..errors import RPCTimeoutError, RRefCreationError, RRefInternalError, RRefLeakError
@@ -59,6 +60,7 @@ from .effects import (
     Complete, CreationSettled, Execute, Fail, JobKind, Log, Released, RemoteFailure, Send,
 )
 from .ids import GloballyUniqueId, IdGenerator
+from .requests import RETRYABLE_KINDS, Event, Outcome, Request, RequestKind, RequestTable
 from .messages import (
     ExceptionMessage, Message, PythonCall, PythonRemoteCall, PythonRet, PythonRRefFetchCall,
     PythonRRefFetchRet, RemoteRet, RRefAck, RRefChildAccept, RRefForkRequest, RRefUserDelete,
@@ -116,36 +118,6 @@ class RetryPolicy:
 
     def delay(self, retry_count: int) -> float:
         return self.retry_duration * self.backoff ** retry_count
-
-
-class RequestKind(enum.Enum):
-    CALL = "CALL"                  # rpc_sync / rpc_async
-    REMOTE = "REMOTE"              # remote() from a user: confirmPendingUser on reply
-    REMOTE_SELF = "REMOTE_SELF"    # remote() to self: finishCreatingOwnerRRef on reply
-    FETCH = "FETCH"                # to_here() on a user
-    FORK_REQUEST = "FORK_REQUEST"  # sendWithRetries(RREF_FORK_REQUEST)
-    CHILD_ACCEPT = "CHILD_ACCEPT"  # sendWithRetries(RREF_CHILD_ACCEPT)
-    USER_DELETE = "USER_DELETE"    # sendWithRetries(RREF_USER_DELETE)
-
-
-_RETRYABLE_KINDS = frozenset({RequestKind.FORK_REQUEST, RequestKind.CHILD_ACCEPT,
-                              RequestKind.USER_DELETE})
-
-
-@dataclass(slots=True, kw_only=True)
-class _Request:
-    request_id: int
-    kind: RequestKind
-    dst: int
-    message: Message
-    rref: object = None           # the UserRRef / OwnerRRef a REMOTE*, FETCH is about
-    fork_id: GloballyUniqueId | None = None
-    parent: int | None = None     # FORK_REQUEST: who gets RREF_CHILD_ACCEPT afterwards
-    timeout: float = 0.0
-    retries: int = 0
-    waiting_retry: bool = False   # a control message between a failure and its resend
-    abandoned: bool = False       # a FETCH the application stopped waiting for
-    timer_generation: int = 0
 
 
 @dataclass(slots=True)
@@ -224,11 +196,8 @@ class RRefContext:
         self._user_table: list[PendingUserState] = []
         # Fetches waiting for an owner's value, by rref id.
         self._value_waiters: dict[GloballyUniqueId, list[tuple[int, int]]] = {}
-        # Outgoing requests and their timers.
-        self._next_request_id = 0
-        self.requests: dict[int, _Request] = {}
-        self._timers: list[tuple[float, int, int, int]] = []
-        self._timer_seq = 0
+        # Outgoing requests, their states and timers (requests.py).
+        self.requests = RequestTable(max_retries=self.retry.max_retries, delay=self.retry.delay)
         self._next_job_id = 0
         self.jobs: dict[int, _Job] = {}
         self._now = 0.0
@@ -721,10 +690,11 @@ class RRefContext:
             # NB(localrref): a to_here() already waiting on this RRef wakes
             # now with the creation error (open in torch: #39411, #44771).
             for request in list(self.requests.values()):
-                if request.kind is RequestKind.FETCH and request.rref is rref \
-                        and not request.abandoned:
-                    self._abandon_fetch(request)
-                    self._emit(Fail(request_id=request.request_id, error=_creation_error_for(rref)))
+                if request.kind is RequestKind.FETCH and request.rref is rref:
+                    outcome = self.requests.step(request, Event.CREATION_FAILED, now=self._now)
+                    if outcome is Outcome.FAILED:
+                        self._emit(Fail(request_id=request.request_id,
+                                        error=_creation_error_for(rref)))
 
     def finish_fork_request(self, fork_id: GloballyUniqueId, parent: int) -> None:
         """Seed: ``finishForkRequest``: the owner knows the fork; release the parent."""
@@ -744,11 +714,11 @@ class RRefContext:
         driver serialised ``payload``. ``timeout`` 0 means no limit.
         """
         self._advance(now)
-        request_id = self._new_request_id()
-        message = PythonCall(request_id=request_id, payload=payload, rrefs=tuple(rrefs))
-        self._start_request(_Request(request_id=request_id, kind=RequestKind.CALL, dst=dst,
-                                     message=message, timeout=timeout))
-        return request_id
+        request = self._start_request(
+            RequestKind.CALL, dst,
+            lambda rid: PythonCall(request_id=rid, payload=payload, rrefs=tuple(rrefs)),
+            timeout=timeout)
+        return request.request_id
 
     def remote(self, dst: int, payload: object, rrefs: tuple = (), *, now: float,
                timeout: float = 0.0, type_name: str = PyObjectType):
@@ -759,22 +729,23 @@ class RRefContext:
         ``pyRemotePythonUdf``).
         """
         self._advance(now)
-        request_id = self._new_request_id()
         if dst == self.worker_id:
             owner = self.create_owner_rref(type_name)
             self.add_self_as_fork(owner)
-            message = PythonRemoteCall(request_id=request_id, payload=payload,
-                                       rref_id=owner.rref_id, fork_id=owner.rref_id,
-                                       type_name=type_name, rrefs=tuple(rrefs))
-            self._start_request(_Request(request_id=request_id, kind=RequestKind.REMOTE_SELF,
-                                         dst=dst, message=message, rref=owner, timeout=timeout))
+            self._start_request(
+                RequestKind.REMOTE_SELF, dst,
+                lambda rid: PythonRemoteCall(request_id=rid, payload=payload,
+                                             rref_id=owner.rref_id, fork_id=owner.rref_id,
+                                             type_name=type_name, rrefs=tuple(rrefs)),
+                rref=owner, timeout=timeout)
             return owner
         user = self.create_user_rref(dst, type_name)
-        message = PythonRemoteCall(request_id=request_id, payload=payload, rref_id=user.rref_id,
-                                   fork_id=user.fork_id, type_name=type_name, rrefs=tuple(rrefs))
-        self._start_request(_Request(request_id=request_id, kind=RequestKind.REMOTE, dst=dst,
-                                     message=message, rref=user, fork_id=user.fork_id,
-                                     timeout=timeout))
+        self._start_request(
+            RequestKind.REMOTE, dst,
+            lambda rid: PythonRemoteCall(request_id=rid, payload=payload, rref_id=user.rref_id,
+                                         fork_id=user.fork_id, type_name=type_name,
+                                         rrefs=tuple(rrefs)),
+            rref=user, fork_id=user.fork_id, timeout=timeout)
         self.add_pending_user(user.fork_id, user)
         user.holds += 1
         return user
@@ -790,27 +761,19 @@ class RRefContext:
         if rref.deleted_on_owner:
             raise ValueError(f"UserRRef {rref.fork_id} of RRef {rref.rref_id} was deleted; it "
                              f"cannot be fetched")
-        request_id = self._new_request_id()
         if rref.creation_failed:
+            request_id = self.requests.reserve_id()
             self._emit(Fail(request_id=request_id, error=_creation_error_for(rref)))
             return request_id
-        message = PythonRRefFetchCall(request_id=request_id, rref_id=rref.rref_id)
-        self._start_request(_Request(request_id=request_id, kind=RequestKind.FETCH,
-                                     dst=rref.owner, message=message, rref=rref, timeout=timeout))
+        request = self._start_request(
+            RequestKind.FETCH, rref.owner,
+            lambda rid: PythonRRefFetchCall(request_id=rid, rref_id=rref.rref_id),
+            rref=rref, timeout=timeout)
         # NB(localrref): the fetch holds the user until the owner answers,
         # even if the caller stops waiting: otherwise the user's
         # RREF_USER_DELETE could overtake the fetch and free the value first.
         rref.holds += 1
-        return request_id
-
-    def _abandon_fetch(self, request: _Request) -> None:
-        # Keep the entry (and its hold) until the owner's reply arrives.
-        request.abandoned = True
-        request.timer_generation += 1
-
-    def _finish_fetch(self, request: _Request) -> None:
-        del self.requests[request.request_id]
-        self._drop_hold(request.rref)
+        return request.request_id
 
     def cancel(self, request_id: int) -> None:
         """Forget a CALL or FETCH the application no longer waits for.
@@ -819,61 +782,30 @@ class RRefContext:
         for and released.
         """
         request = self.requests.get(request_id)
-        if request is None or request.abandoned:
-            return
-        if request.kind is RequestKind.CALL:
-            del self.requests[request_id]
-        elif request.kind is RequestKind.FETCH:
-            self._abandon_fetch(request)
+        if request is not None:
+            self._step(request, Event.CANCELLED)
 
-    def _new_request_id(self) -> int:
-        request_id = self._next_request_id
-        self._next_request_id += 1
-        return request_id
-
-    def _start_request(self, request: _Request) -> None:
-        self.requests[request.request_id] = request
-        self._emit(Send(dst=request.dst, message=request.message))
-        if request.timeout and request.timeout > 0:
-            self._arm_timer(request, self._now + request.timeout)
+    def _start_request(self, kind: RequestKind, dst: int, make, *, timeout: float = 0.0,
+                       **fields) -> Request:
+        request = self.requests.new(kind, dst, make, now=self._now, timeout=timeout, **fields)
+        self._emit(Send(dst=dst, message=request.message))
+        return request
 
     def _send_with_retries(self, dst: int, kind: RequestKind, make, **extra) -> None:
         # torch's RpcAgent::sendWithRetries plus the ++/-- of numPendingFutures
         # around it in the seed.
-        request_id = self._new_request_id()
-        request = _Request(request_id=request_id, kind=kind, dst=dst, message=make(request_id),
-                           timeout=self.retry.ack_timeout, **extra)
         self.num_pending_futures += 1
-        self._start_request(request)
-
-    def _arm_timer(self, request: _Request, when: float) -> None:
-        request.timer_generation += 1
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, request.request_id,
-                                      request.timer_generation))
+        self._start_request(kind, dst, make, timeout=self.retry.ack_timeout, **extra)
 
     def next_deadline(self) -> float | None:
         """When the driver must call :meth:`on_tick` next (None: no timer armed)."""
-        while self._timers:
-            when, _, request_id, generation = self._timers[0]
-            request = self.requests.get(request_id)
-            if request is not None and request.timer_generation == generation:
-                return when
-            heapq.heappop(self._timers)
-        return None
+        return self.requests.next_deadline()
 
     def on_tick(self, now: float) -> list:
         """Fire timers due at ``now``: retries of control messages and timeouts."""
         self._advance(now)
-        while self._timers and self._timers[0][0] <= now:
-            _, _, request_id, generation = heapq.heappop(self._timers)
-            request = self.requests.get(request_id)
-            if request is None or request.timer_generation != generation:
-                continue
-            if request.kind in _RETRYABLE_KINDS:
-                self._retry_or_resend(request)
-            else:
-                self._time_out(request)
+        for request in self.requests.due(now):
+            self._step(request, Event.TIMER)
         return self.take_effects()
 
     def on_send_failed(self, request_id: int, error: object = None, *, now: float) -> list:
@@ -884,71 +816,11 @@ class RRefContext:
         """
         self._advance(now)
         request = self.requests.get(request_id)
-        if request is None:
-            return self.take_effects()
-        if request.kind in _RETRYABLE_KINDS:
-            self._schedule_retry(request, error)
-        else:
-            self._fail_request(request, error if error is not None else RRefInternalError(
-                f"send of request {request_id} to worker {request.dst} failed"))
+        if request is not None:
+            self._step(request, Event.SEND_FAILED, error if error is not None else
+                       RRefInternalError(f"send of request {request_id} to worker "
+                                         f"{request.dst} failed"))
         return self.take_effects()
-
-    # Retry state machine for one control message:
-    #   SENT --ack--> done;  SENT --send failed / ack timeout--> WAITING_RETRY
-    #   WAITING_RETRY --timer--> SENT (same request id: handlers are idempotent)
-    #   after max_retries failures: abandoned (seed: the future errors and
-    #   handleExceptionSilent logs it).
-    def _schedule_retry(self, request: _Request, error: object) -> None:
-        if request.retries >= self.retry.max_retries:
-            del self.requests[request.request_id]
-            self.num_pending_futures -= 1
-            self.counters["abandoned_requests"] += 1
-            self._log("error", f"Giving up on {request.message.type.value} to worker "
-                               f"{request.dst} after {request.retries} retries"
-                               f"{'' if error is None else ': ' + _describe(error)}")
-            return
-        delay = self.retry.delay(request.retries)
-        request.retries += 1
-        request.waiting_retry = True
-        self._arm_timer(request, self._now + delay)
-
-    def _retry_or_resend(self, request: _Request) -> None:
-        if request.waiting_retry:
-            self.counters["retries"] += 1
-            request.waiting_retry = False
-            self._emit(Send(dst=request.dst, message=request.message))
-            self._arm_timer(request, self._now + request.timeout)
-        else:
-            self._schedule_retry(request, RPCTimeoutError(rpc_timeout_message(request.timeout)))
-
-    def _time_out(self, request: _Request) -> None:
-        self._fail_request(request, None, timed_out=True)
-
-    def _fail_request(self, request: _Request, error: object, *, timed_out: bool = False) -> None:
-        if request.kind is RequestKind.FETCH:
-            if request.abandoned:
-                self._finish_fetch(request)
-                return
-            if timed_out:
-                self._abandon_fetch(request)
-            else:
-                self._finish_fetch(request)
-        else:
-            del self.requests[request.request_id]
-        if timed_out:
-            error = RPCTimeoutError(rpc_timeout_message(request.timeout))
-        if request.kind is RequestKind.REMOTE:
-            self.confirm_pending_user(request.fork_id, error=error, timed_out=timed_out)
-        elif request.kind is RequestKind.REMOTE_SELF:
-            self.finish_creating_owner_rref(request.rref.rref_id, error=error,
-                                            timed_out=timed_out)
-        elif request.kind in _RETRYABLE_KINDS:
-            # Seed: handleException / handleExceptionSilent in the callback.
-            self.num_pending_futures -= 1
-            self._log("error", f"{request.message.type.value} to worker {request.dst} failed: "
-                               f"{_describe(error)}")
-        else:
-            self._emit(Fail(request_id=request.request_id, error=error))
 
     def on_peer_gone(self, rank: int, error: object, *, now: float) -> list:
         """Worker ``rank`` died: fail at once everything that waited on it.
@@ -959,16 +831,50 @@ class RRefContext:
         """
         self._advance(now)
         for request in list(self.requests.values()):
-            if request.dst != rank:
-                continue
-            if request.kind in _RETRYABLE_KINDS:
-                del self.requests[request.request_id]
-                self.num_pending_futures -= 1
-            elif request.kind is RequestKind.FETCH and request.abandoned:
-                self._finish_fetch(request)
-            else:
-                self._fail_request(request, error)
+            if request.dst == rank:
+                self._step(request, Event.PEER_GONE, error)
         return self.take_effects()
+
+    def _step(self, request: Request, event: Event, error: object = None) -> Outcome:
+        """Move ``request`` on (requests.py) and carry out what the outcome means here."""
+        outcome = self.requests.step(request, event, now=self._now)
+        kind = request.kind
+        if kind in RETRYABLE_KINDS:
+            if outcome is Outcome.RESEND:
+                self.counters["retries"] += 1
+                self._emit(Send(dst=request.dst, message=request.message))
+            elif outcome is Outcome.GIVE_UP:
+                # Seed: the future errors and handleExceptionSilent logs it.
+                self.num_pending_futures -= 1
+                self.counters["abandoned_requests"] += 1
+                reason = error if event is not Event.TIMER else RPCTimeoutError(
+                    rpc_timeout_message(request.timeout))
+                self._log("error", f"Giving up on {request.message.type.value} to worker "
+                                   f"{request.dst} after {request.retries} retries"
+                                   f"{'' if reason is None else ': ' + _describe(reason)}")
+            elif outcome is Outcome.DROPPED:
+                self.num_pending_futures -= 1
+            return outcome
+        if kind is RequestKind.FETCH and outcome in (Outcome.DONE, Outcome.DROPPED,
+                                                      Outcome.FAILED) \
+                and request.request_id not in self.requests:
+            self._drop_hold(request.rref)  # the fetch's hold (see fetch)
+        if outcome is Outcome.TIMED_OUT:
+            self._tell_caller(request, None, timed_out=True)
+        elif outcome is Outcome.FAILED:
+            self._tell_caller(request, error)
+        return outcome
+
+    def _tell_caller(self, request: Request, error: object, *, timed_out: bool = False) -> None:
+        if timed_out:
+            error = RPCTimeoutError(rpc_timeout_message(request.timeout))
+        if request.kind is RequestKind.REMOTE:
+            self.confirm_pending_user(request.fork_id, error=error, timed_out=timed_out)
+        elif request.kind is RequestKind.REMOTE_SELF:
+            self.finish_creating_owner_rref(request.rref.rref_id, error=error,
+                                            timed_out=timed_out)
+        else:
+            self._emit(Fail(request_id=request.request_id, error=error))
 
     # ------------------------------------------------------------------
     # Jobs: the driver runs user functions and reports back
@@ -1179,50 +1085,45 @@ class RRefContext:
         rrefs = self._receive_rrefs(src, message.rrefs)
         expected = RequestKind.CALL if isinstance(message, PythonRet) else RequestKind.FETCH
         request = self.requests.get(message.request_id)
-        if request is not None and request.kind is RequestKind.FETCH and request.abandoned:
-            self._finish_fetch(request)
-            request = None
-        if request is None or request.kind is not expected:
-            # NB(localrref): the caller gave up on this reply (timeout or
-            # cancel). torch drops it, leaking every RRef inside; here they
-            # are notified like any other and released at once.
-            self.counters["late_replies"] += 1
-            for rref in rrefs:
-                if not rref.is_owner:
-                    self._drop_hold_if_unheld(rref)
-            return
+        if request is not None and request.kind is expected:
+            if self._step(request, Event.ANSWERED) is Outcome.DONE:
+                for rref in rrefs:
+                    if not rref.is_owner:
+                        rref.holds += 1  # the driver's hold
+                self._emit(Complete(request_id=message.request_id, payload=message.payload,
+                                    rrefs=rrefs))
+                return
+        # NB(localrref): the caller gave up on this reply (timeout or
+        # cancel). torch drops it, leaking every RRef inside; here they
+        # are notified like any other and released at once.
+        self.counters["late_replies"] += 1
         for rref in rrefs:
             if not rref.is_owner:
-                rref.holds += 1  # the driver's hold
-        if request.kind is RequestKind.FETCH:
-            self._finish_fetch(request)
-        else:
-            del self.requests[message.request_id]
-        self._emit(Complete(request_id=message.request_id, payload=message.payload, rrefs=rrefs))
+                self._drop_hold_if_unheld(rref)
 
     def _on_remote_ret(self, message: RemoteRet) -> None:
-        request = self.requests.pop(message.request_id, None)
+        request = self.requests.get(message.request_id)
         if request is None:
             self.counters["late_replies"] += 1
             return
-        if request.kind is RequestKind.REMOTE:
-            self.confirm_pending_user(request.fork_id, reply=message)
-        elif request.kind is RequestKind.REMOTE_SELF:
-            self.finish_creating_owner_rref(request.rref.rref_id, reply=message)
-        else:
-            self.requests[message.request_id] = request
+        if request.kind not in (RequestKind.REMOTE, RequestKind.REMOTE_SELF):
             raise RRefInternalError(f"REMOTE_RET answers request {message.request_id}, a "
                                     f"{request.kind.value} request")
+        self._step(request, Event.ANSWERED)
+        if request.kind is RequestKind.REMOTE:
+            self.confirm_pending_user(request.fork_id, reply=message)
+        else:
+            self.finish_creating_owner_rref(request.rref.rref_id, reply=message)
 
     def _on_ack(self, message: RRefAck) -> None:
-        request = self.requests.pop(message.request_id, None)
+        request = self.requests.get(message.request_id)
         if request is None:
             self.counters["late_replies"] += 1
             return
-        if request.kind not in _RETRYABLE_KINDS:
-            self.requests[message.request_id] = request
+        if not request.is_control:
             raise RRefInternalError(f"RREF_ACK answers request {message.request_id}, a "
                                     f"{request.kind.value} request")
+        self.requests.step(request, Event.ANSWERED, now=self._now)
         if request.kind is RequestKind.FORK_REQUEST:
             self.finish_fork_request(request.fork_id, request.parent)
         # Decrease after finishForkRequest, which sends a new message, so the
@@ -1234,7 +1135,8 @@ class RRefContext:
         if request is None:
             self.counters["late_replies"] += 1
             return
-        self._fail_request(request, RemoteFailure(message.payload))
+        if self._step(request, Event.ANSWERED) is Outcome.DONE:
+            self._tell_caller(request, RemoteFailure(message.payload))
 
     # ------------------------------------------------------------------
     # Shutdown and leak checks
