@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..transport.shm import DTYPE_CODES, DTYPES, TensorHandle
+from ..dtypes import DTYPE_CODES, DTYPES
 
 __all__ = ["Encoded", "dumps", "loads", "RemoteException", "wrap_exception",
            "rebuild_exception", "describe_unpicklable"]
@@ -206,7 +206,7 @@ def _load_tensor(pid: bytes, mapper):
     """The tensor a bytes persistent id describes (see _tensor_pid)."""
     tag = pid[:1]
     if tag == _HANDLE_TAG or tag == _PARAM_HANDLE:
-        tensor = mapper.import_(TensorHandle.unpack(memoryview(pid)[1:]))
+        tensor = mapper.import_packed(memoryview(pid)[1:])
         if tag == _PARAM_HANDLE:
             return torch.nn.Parameter(tensor, tensor.requires_grad)
         return tensor

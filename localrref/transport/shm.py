@@ -111,6 +111,7 @@ from dataclasses import dataclass
 
 import torch
 
+from localrref.dtypes import DTYPES, dtype_code
 from localrref.transport.copier import ParallelCopier
 from localrref.errors import WorkerClosedError
 from localrref.transport.segment import BUSY as _BUSY
@@ -145,24 +146,9 @@ __all__ = [
 
 DEFAULT_THRESHOLD = 64 * 1024
 
-# The dtypes a packed handle names by index. Append only: the index is the wire code.
-DTYPES = tuple(dtype for dtype in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
-    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
-    torch.complex32, getattr(torch, "uint16", None), getattr(torch, "uint32", None),
-    getattr(torch, "uint64", None), getattr(torch, "float8_e4m3fn", None),
-    getattr(torch, "float8_e5m2", None)) if dtype is not None)
-DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
 # offset, nbytes, storage_offset, slot, private, dtype code, requires_grad, ndim
 _HANDLE = struct.Struct("<QQQI?B?B")
 
-
-def dtype_code(dtype: torch.dtype) -> int:
-    """The wire code of ``dtype``; ValueError if it has none."""
-    try:
-        return DTYPE_CODES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} has no wire code in localrref.transport.shm.DTYPES")
 
 # A new pooled segment holds as many blocks as the class already has (the
 # pool doubles), but no less than _MIN_SEGMENT and no more than _MAX_SEGMENT
@@ -760,6 +746,10 @@ class ShmMapper:
             view = mapping.buffer(handle.offset, handle.nbytes, _free_block, handle.slot)
         return _tensor_over(view, handle.dtype, handle.storage_offset, handle.shape,
                             handle.stride, handle.requires_grad)
+
+    def import_packed(self, data) -> torch.Tensor:
+        """:meth:`import_` of a handle as :meth:`TensorHandle.pack` packed it."""
+        return self.import_(TensorHandle.unpack(data))
 
     def import_bytes(self, handle: BlobHandle) -> bytes:
         """Copy out the bytes :meth:`ShmPool.export_bytes` placed; the block is freed at once.

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from localrref.codec.pickler import dumps, loads
-from localrref.transport.shm import DTYPES, ShmMapper, ShmPool, new_world_id, \
+from localrref.dtypes import DTYPES
+from localrref.transport.shm import ShmMapper, ShmPool, new_world_id, \
     sweep_world_segments, world_segments
 
 
