@@ -5,7 +5,9 @@
 Checks ``--against`` out into a temporary git worktree and runs
 ``tools/bench.py --backends localrref`` (this checkout's benchmark code) R
 times for each side, alternating (before, after, after, before, ...), with
-``PYTHONPATH`` pointing at one side's package. Prints each row's median for
+``PYTHONPATH`` pointing at one side's package (under ``python -S``, which
+every worker inherits: an editable install's import hook would otherwise
+give both sides this checkout's package). Prints each row's median for
 both sides and the ratio after/before, and how far apart each side's own
 runs were (its spread), so a change can be told from noise.
 """
@@ -18,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,11 +30,13 @@ REPO = os.path.dirname(HERE)
 def run_bench(package_root: str, rows: str | None, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
         path = out.name
-    command = [sys.executable, os.path.join(HERE, "bench.py"), "--backends", "localrref",
-               "--json", path, *extra]
+    command = [sys.executable, "-S", os.path.join(HERE, "bench.py"), "--backends",
+               "localrref", "--json", path, *extra]
     if rows:
         command += ["--rows", rows]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, HERE])}
+    paths = sysconfig.get_paths()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [package_root, HERE, paths["purelib"], paths["platlib"]])}
     subprocess.run(command, check=True, env=env, cwd=package_root, stdout=subprocess.DEVNULL)
     with open(path) as f:
         data = json.load(f)
