@@ -2,12 +2,13 @@
 
     python tools/bench_commits.py --against HEAD~5 --repeat 3 [--rows sync,async,...]
 
-Checks ``--against`` out into a temporary git worktree and runs
-``tools/bench.py --backends localrref`` (this checkout's benchmark code) R
-times for each side, alternating (before, after, after, before, ...), with
-``PYTHONPATH`` pointing at one side's package (under ``python -S``, which
-every worker inherits: an editable install's import hook would otherwise
-give both sides this checkout's package). Prints each row's median for
+Checks ``--against`` out into a temporary git worktree and runs each side's
+own ``tools/bench.py --backends localrref`` R times, alternating (before,
+after, after, before, ...). Each runs under ``python -S``, which every
+worker inherits, with ``PYTHONPATH`` naming only that side's tree and
+torch's site-packages: an editable install's import hook would otherwise
+hand both sides this checkout's package. (Compare commits whose benchmark
+code measures the same things.) Prints each row's median for
 both sides and the ratio after/before, and how far apart each side's own
 runs were (its spread), so a change can be told from noise.
 """
@@ -30,13 +31,14 @@ REPO = os.path.dirname(HERE)
 def run_bench(package_root: str, rows: str | None, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
         path = out.name
-    command = [sys.executable, "-S", os.path.join(HERE, "bench.py"), "--backends",
+    tools = os.path.join(package_root, "tools")
+    command = [sys.executable, "-S", os.path.join(tools, "bench.py"), "--backends",
                "localrref", "--json", path, *extra]
     if rows:
         command += ["--rows", rows]
     paths = sysconfig.get_paths()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_root, HERE, paths["purelib"], paths["platlib"]])}
+        [package_root, tools, paths["purelib"], paths["platlib"]])}
     subprocess.run(command, check=True, env=env, cwd=package_root, stdout=subprocess.DEVNULL)
     with open(path) as f:
         data = json.load(f)
