@@ -398,6 +398,7 @@ class Agent:
             # futures' callbacks are user code, and must not run on it.
             self.reader.run_on_pool(effects)
         self.signal_progress()
+        self.shutdown.wake()
 
     # ------------------------------------------------------------------
     # Waiting
@@ -486,6 +487,7 @@ class Agent:
             return
         self.closing = True
         self.signal_progress()
+        self.shutdown.wake()
         self.housekeeper.wake(b"x")
         self.reader.lead.close()
         self.transport.wake()

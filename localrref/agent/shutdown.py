@@ -18,10 +18,15 @@ this machine, one phase after another::
                     still deletes
     DONE / FAILED   a ShutdownFailed, a dead peer or the backstop -> FAILED
 
-:meth:`GracefulShutdown.advance` takes every step it can without waiting;
+:meth:`GracefulShutdown.advance` takes every step it can without waiting.
 :meth:`GracefulShutdown.run` (the application thread in ``shutdown()``)
-calls it again after every progress signal of the agent. A test world
-without threads advances every worker's machine itself.
+calls it again whenever it may go further: in the phases that wait for the
+supervisor, when a control message arrives (or a peer dies); in DRAINING
+and DELETING, after the agent's progress signals. Waking at every message
+handled in the phases that wait for the supervisor would cost a thread
+wake-up per message for as long as a worker that called shutdown() early
+waits for the others, stealing the CPU from the thread serving them. A
+test world without threads advances every worker's machine itself.
 
 Meanwhile the inbox is served as always: by IO threads, never by the thread
 in ``shutdown()``. Messages from the supervisor land in :attr:`inbox`
@@ -76,6 +81,7 @@ class GracefulShutdown:
         self.agent = agent
         self.inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self.machine: DelAllUsersAndUnforkedOwners | None = None
         self.phase = Phase.IDLE
         self.error: BaseException | None = None
@@ -87,7 +93,13 @@ class GracefulShutdown:
         """A control message from the supervisor (called by the reader)."""
         with self._lock:
             self.inbox.append(message)
+            self._arrived.notify_all()
         self.agent.signal_progress()
+
+    def wake(self) -> None:
+        """Look again (a peer died, or the agent is closing)."""
+        with self._lock:
+            self._arrived.notify_all()
 
     def poll_locked(self, now: float) -> list:
         """The machine's effects due at ``now`` (agent lock held; see Housekeeper.pass_)."""
@@ -100,12 +112,26 @@ class GracefulShutdown:
             RuntimeError: a peer died (``WorkerGoneError``), the supervisor
                 failed the barrier (naming who and why), or the backstop passed.
         """
+        agent = self.agent
         self.begin(timeout)
-        # The machine has deadlines of its own: look at least every 50 ms.
-        self.agent.block_until(self.advance, None, "graceful shutdown", poll=0.05)
+        while not self.advance():
+            if agent.driver is not None or self.phase in (Phase.DRAINING, Phase.DELETING):
+                # The machine has deadlines of its own: look at least every 50 ms.
+                agent.block_until(self.advance, None, _WAITING_FOR[self.phase], poll=0.05)
+            else:
+                self._wait_for_a_message()
         if self.phase is Phase.FAILED:
             raise self.error
         return self.leaks
+
+    def _wait_for_a_message(self) -> None:
+        agent = self.agent
+        with self._arrived:
+            if self.inbox or agent.dead or agent.closing:
+                return
+            left = None if self._deadline is None else self._deadline - agent.clock()
+            if left is None or left > 0:
+                self._arrived.wait(left)
 
     def begin(self, timeout: float) -> None:
         """Arrive at the barrier (``timeout`` bounds the deletes, and backs the supervisor up)."""

@@ -27,7 +27,7 @@ class Send:
     message: Message
 
 
-class JobKind(enum.Enum):
+class JobKind(str, enum.Enum):
     CALL = "CALL"          # PYTHON_CALL: run payload, reply with finish_call / fail_job
     REMOTE = "REMOTE"      # PYTHON_REMOTE_CALL: run payload, keep result: finish_remote / fail_job
     FETCH = "FETCH"        # PYTHON_RREF_FETCH_CALL: serialise owner's value: finish_call / fail_job

@@ -34,7 +34,9 @@ __all__ = [
 ]
 
 
-class MessageType(enum.Enum):
+# str first: its C hash, not Enum's Python-level __hash__, is what sets and
+# dicts keyed by message types (the faults, USER_LEVEL_TYPES) pay per message.
+class MessageType(str, enum.Enum):
     PYTHON_CALL = "PYTHON_CALL"
     PYTHON_RET = "PYTHON_RET"
     PYTHON_REMOTE_CALL = "PYTHON_REMOTE_CALL"

@@ -58,7 +58,9 @@ __all__ = ["RequestKind", "State", "Event", "Outcome", "Request", "RequestTable"
            "RETRYABLE_KINDS", "TRANSITIONS"]
 
 
-class RequestKind(enum.Enum):
+# The enums here mix in str: every step looks a (family, state, event) key up
+# in TRANSITIONS, and str's hash is C where Enum's __hash__ is Python.
+class RequestKind(str, enum.Enum):
     CALL = "CALL"                  # rpc_sync / rpc_async
     REMOTE = "REMOTE"              # remote() from a user: confirmPendingUser on reply
     REMOTE_SELF = "REMOTE_SELF"    # remote() to self: finishCreatingOwnerRRef on reply
@@ -72,13 +74,13 @@ RETRYABLE_KINDS = frozenset({RequestKind.FORK_REQUEST, RequestKind.CHILD_ACCEPT,
                              RequestKind.USER_DELETE})
 
 
-class State(enum.Enum):
+class State(str, enum.Enum):
     SENT = "SENT"                    # waiting for its answer
     WAITING_RETRY = "WAITING_RETRY"  # a control message between a failure and its resend
     ABANDONED = "ABANDONED"          # a fetch nobody waits for, kept until the owner answers
 
 
-class Event(enum.Enum):
+class Event(str, enum.Enum):
     ANSWERED = "ANSWERED"                # its reply (or ack) arrived
     SEND_FAILED = "SEND_FAILED"          # the transport could not deliver it
     TIMER = "TIMER"                      # its timer fired
@@ -87,7 +89,7 @@ class Event(enum.Enum):
     PEER_GONE = "PEER_GONE"              # its destination died
 
 
-class Outcome(enum.Enum):
+class Outcome(str, enum.Enum):
     DONE = "DONE"                # answered: hand the answer over
     RESEND = "RESEND"            # send the message again (its ack timer is armed)
     RETRY_LATER = "RETRY_LATER"  # wait for the backoff timer
@@ -99,7 +101,7 @@ class Outcome(enum.Enum):
     IGNORED = "IGNORED"          # nothing changes
 
 
-class _Family(enum.Enum):
+class _Family(str, enum.Enum):
     CONTROL = "control"
     CALL = "call"
     CREATION = "creation"
