@@ -175,7 +175,7 @@ class Housekeeper:
                 if outcome is None:
                     next_watch = None
                 else:
-                    period = _WATCH_PERIOD_S if outcome == DEPOSED else min(
+                    period = _WATCH_PERIOD_S if outcome is DEPOSED else min(
                         2 * period, _WATCH_PERIOD_MAX_S)
                     next_watch = now + period
             if woken.strip(b"w") or (deadline is not None and now >= deadline):

@@ -41,19 +41,30 @@ through the locked path that decides again.
 
 from __future__ import annotations
 
+import enum
 import threading
 from typing import Callable
 
-__all__ = ["Leadership", "LEAD", "REQUESTED", "DECLINED", "DEPOSED", "WATCHING"]
+__all__ = ["Leadership", "Claim", "Watch", "LEAD", "REQUESTED", "DECLINED", "DEPOSED",
+           "WATCHING"]
 
-# claim() outcomes
-LEAD = "lead"            # the caller leads now
-REQUESTED = "requested"  # the leader will hand over at its next turn
-DECLINED = "declined"    # let the current reader bring the reply
+class Claim(enum.Enum):
+    """What :meth:`Leadership.claim` decided."""
 
-# watch_tick() outcomes (None: quiet, the watch may sleep)
-DEPOSED = "deposed"
-WATCHING = "watching"
+    LEAD = "lead"            # the caller leads now
+    REQUESTED = "requested"  # the leader will hand over at its next turn
+    DECLINED = "declined"    # let the current reader bring the reply
+
+
+class Watch(enum.Enum):
+    """What a tick of the watch found (:meth:`Leadership.watch_tick`; None: quiet)."""
+
+    DEPOSED = "deposed"      # the leader was away: a follower reads now
+    WATCHING = "watching"    # something may still need the watch
+
+
+LEAD, REQUESTED, DECLINED = Claim.LEAD, Claim.REQUESTED, Claim.DECLINED
+DEPOSED, WATCHING = Watch.DEPOSED, Watch.WATCHING
 
 
 class Leadership:

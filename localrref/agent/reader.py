@@ -237,8 +237,8 @@ class Reader:
     def _claim_inbox(self, me: int) -> bool:
         """Become the inbox's reader for this wait; False: another thread brings the reply."""
         outcome = self.lead.claim(me)
-        if outcome != REQUESTED:
-            return outcome == LEAD
+        if outcome is not REQUESTED:
+            return outcome is LEAD
         transport = self.agent.transport
         if not transport.nudge():
             # The IO thread sleeps in poll: waking it to hand over would cost

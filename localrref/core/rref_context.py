@@ -144,12 +144,29 @@ class PendingRRefsWaiter:
         return self.remaining == 0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaitingFetch:
+    """A PYTHON_RREF_FETCH_CALL that arrived before its OwnerRRef existed."""
+
+    src: int
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaitingForkRequest:
+    """An RREF_FORK_REQUEST that arrived before its OwnerRRef existed."""
+
+    src: int
+    request_id: int
+    fork_id: GloballyUniqueId
+
+
 @dataclass(slots=True)
 class PendingOwner:
     """An OwnerRRef asked for before it exists (seed: the ``pendingOwners_`` future).
 
-    ``waiters`` are ``(kind, src, request_id, fork_id)`` tuples replayed once
-    ``getOrCreateOwnerRRef`` creates the owner.
+    ``waiters`` (:class:`WaitingFetch`, :class:`WaitingForkRequest`) are
+    replayed once ``getOrCreateOwnerRRef`` creates the owner.
     """
 
     rref_id: GloballyUniqueId
@@ -1057,7 +1074,7 @@ class RRefContext:
         # Seed (callee side): processPythonRRefFetchCall via getOwnerRRef.
         found = self.get_owner_rref(message.rref_id)
         if isinstance(found, PendingOwner):
-            found.waiters.append(("fetch", src, message.request_id, None))
+            found.waiters.append(WaitingFetch(src=src, request_id=message.request_id))
         else:
             self._serve_fetch(found, src, message.request_id)
 
@@ -1068,18 +1085,20 @@ class RRefContext:
         # registering a fork of an RRef this worker has never heard of.
         found = self.get_owner_rref(message.rref_id)
         if isinstance(found, PendingOwner):
-            found.waiters.append(("fork", src, message.request_id, message.fork_id))
+            found.waiters.append(WaitingForkRequest(src=src, request_id=message.request_id,
+                                                    fork_id=message.fork_id))
             return
         self.add_fork_of_owner_if_not_present(message.rref_id, message.fork_id)
         self._ack(src, message)
 
-    def _replay_owner_waiter(self, owner: OwnerRRef, waiter: tuple) -> None:
-        kind, src, request_id, fork_id = waiter
-        if kind == "fetch":
-            self._serve_fetch(owner, src, request_id)
-        else:
-            self.add_fork_of_owner_if_not_present(owner.rref_id, fork_id)
-            self._emit(Send(dst=src, message=RRefAck(request_id=request_id)))
+    def _replay_owner_waiter(self, owner: OwnerRRef,
+                             waiter: WaitingFetch | WaitingForkRequest) -> None:
+        match waiter:
+            case WaitingFetch():
+                self._serve_fetch(owner, waiter.src, waiter.request_id)
+            case WaitingForkRequest():
+                self.add_fork_of_owner_if_not_present(owner.rref_id, waiter.fork_id)
+                self._emit(Send(dst=waiter.src, message=RRefAck(request_id=waiter.request_id)))
 
     def _on_value_reply(self, src: int, message: PythonRet | PythonRRefFetchRet) -> None:
         rrefs = self._receive_rrefs(src, message.rrefs)
