@@ -287,6 +287,9 @@ class BatchAgent(Agent):
                     log_probs = m.log_prob(actions)
                 for i in range(self.n_obs):
                     self.saved_log_probs[i + 1].append(log_probs[i:i + 1])
+                # The policy saved these states for the backward pass: the next
+                # step's go into a new tensor.
+                self.states = torch.zeros_like(self.states)
                 ready, self.future_actions = self.future_actions, torch.futures.Future()
                 ready.set_result(actions)
         return answer
@@ -306,7 +309,8 @@ def _rl_driver(agent_type):
                 agent.finish_episode()
 
         result = _measure(plan, run, lambda: agent.steps)
-        del agent
+        agent.ob_rrefs.clear()
+        agent.agent_rref = None  # it points back at the agent: a cycle
         return result
     return drive
 
@@ -354,7 +358,7 @@ class BatchUpdateParameterServer:
                         p.grad /= self.batch_update_size
                     self.curr_update_size = 0
                     self.optimizer.step()
-                    self.optimizer.zero_grad()
+                    self.optimizer.zero_grad(set_to_none=False)
                 fut.set_result(self.model)
                 self.future_model = torch.futures.Future()
         return fut

@@ -99,10 +99,12 @@ log = logging.getLogger("localrref")
 # not block its senders; 1 MiB is Linux's default pipe-max-size for users.
 PIPE_CAPACITY = 1 << 20
 
-# Spin while at most this many tasks beyond the CPUs want to run. 0 was too
-# strict where workers outnumber cores but mostly wait on one another (fork
-# churn, 3 workers on 2 cores: 1,960 against 2,260 ops/s with 1).
-_SPIN_SLACK = 1
+# Spin while at most this many tasks beyond the CPUs want to run. With 1, a
+# spin took a core from workers that compute: a synchronous parameter server
+# with two trainers on two cores ran at 378 steps/s against 710 with 0 (and
+# 607 with no spinning at all); microbenchmarks that only ping-pong (fork
+# churn, 3 workers on 2 cores) barely notice.
+_SPIN_SLACK = 0
 
 # One read takes up to this many bytes: every whole frame waiting, typically.
 _READ_SIZE = 1 << 16
