@@ -145,14 +145,37 @@ def _on_all(plan: Plan, fn, *args) -> list:
     return [fn(*args)] + [f.wait() for f in futures]
 
 
+def profile(action: str) -> None:
+    """With BENCH_APPS_PROFILE=<dir>: yappi over every thread of this process
+    during the measured run, written to <dir>/rank<k>.txt (for where the CPU goes)."""
+    out = os.environ.get("BENCH_APPS_PROFILE")
+    if not out:
+        return
+    import yappi
+    if action == "start":
+        yappi.set_clock_type("cpu")
+        yappi.start()
+        return
+    yappi.stop()
+    stats = yappi.get_func_stats()
+    stats.sort("ttot")
+    rank = RPC.get_worker_info().id
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        for s in list(stats)[:80]:
+            f.write(f"{s.ttot * 1e3:10.1f} ms {s.tsub * 1e3:10.1f} ms {s.ncall:8d} "
+                    f"{s.module.split('/')[-1]}:{s.name}\n")
+
+
 def _measure(plan: Plan, run, steps_of) -> dict:
     """Warm up, then time ``run()`` with every process's CPU marked around it."""
     run(warmup=True)
     _on_all(plan, reset_phases)
     _on_all(plan, mark, "start")
+    _on_all(plan, profile, "start")
     started = time.perf_counter()
     run(warmup=False)
     wall = time.perf_counter() - started
+    _on_all(plan, profile, "stop")
     _on_all(plan, mark, "end")
     reports = _on_all(plan, report)
     steps = steps_of()

@@ -213,6 +213,10 @@ class RRefContext:
         self._user_table: list[PendingUserState] = []
         # Fetches waiting for an owner's value, by rref id.
         self._value_waiters: dict[GloballyUniqueId, list[tuple[int, int]]] = {}
+        # request id -> (its destination, the forks of RRefs it owns that the
+        # request carries): their parent is released by the reply (see
+        # notify_owner_and_parent_of_fork), late or not.
+        self._children_in_requests: dict[int, tuple[int, tuple]] = {}
         # Outgoing requests, their states and timers (requests.py).
         self.requests = RequestTable(max_retries=self.retry.max_retries, delay=self.retry.delay)
         self._next_job_id = 0
@@ -408,11 +412,12 @@ class RRefContext:
             self.del_pending_child(fork_data.fork_id)
 
     def notify_owner_and_parent_of_fork(self, fork_id: GloballyUniqueId, parent: int,
-                                        rref) -> None:
+                                        rref, *, in_request: bool = False) -> None:
         """Seed: ``notifyOwnerAndParentOfFork``, run while deserialising a fork.
 
         The four cases: owner to self, owner to user, user to owner, user to
-        user.
+        user. ``in_request``: the fork came in a call or ``remote()`` from its
+        parent, which will get a reply.
         """
         if parent == rref.owner:
             if parent == self.worker_id:
@@ -432,6 +437,13 @@ class RRefContext:
         if rref.is_owner:
             # A user sent the RRef to its owner: the fork id is a phantom
             # (no UserRRef is made), but the parent waits for our accept.
+            if in_request:
+                # NB(localrref): the reply to the request is the accept (see
+                # _release_children_of): the parent keeps its RRef alive
+                # until the function has run and answered, and two messages
+                # (RREF_CHILD_ACCEPT and its ack) are saved per call; an RRef
+                # proxy passes its RRef to the owner on every call.
+                return
             self._send_with_retries(parent, RequestKind.CHILD_ACCEPT,
                                     lambda rid: RRefChildAccept(request_id=rid, fork_id=fork_id))
         else:
@@ -735,6 +747,7 @@ class RRefContext:
             RequestKind.CALL, dst,
             lambda rid: PythonCall(request_id=rid, payload=payload, rrefs=tuple(rrefs)),
             timeout=timeout)
+        self._note_children(request.request_id, dst, rrefs)
         return request.request_id
 
     def remote(self, dst: int, payload: object, rrefs: tuple = (), *, now: float,
@@ -757,12 +770,13 @@ class RRefContext:
                 rref=owner, timeout=timeout)
             return owner
         user = self.create_user_rref(dst, type_name)
-        self._start_request(
+        request = self._start_request(
             RequestKind.REMOTE, dst,
             lambda rid: PythonRemoteCall(request_id=rid, payload=payload, rref_id=user.rref_id,
                                          fork_id=user.fork_id, type_name=type_name,
                                          rrefs=tuple(rrefs)),
             rref=user, fork_id=user.fork_id, timeout=timeout)
+        self._note_children(request.request_id, dst, rrefs)
         self.add_pending_user(user.fork_id, user)
         user.holds += 1
         return user
@@ -808,6 +822,18 @@ class RRefContext:
         self._emit(Send(dst=dst, message=request.message))
         return request
 
+    def _note_children(self, request_id: int, dst: int, rrefs: tuple) -> None:
+        forks = tuple(f.fork_id for f in rrefs if f.owner == dst and f.owner != self.worker_id)
+        if forks:
+            self._children_in_requests[request_id] = (dst, forks)
+
+    def _release_children_of(self, request_id: int) -> None:
+        """The reply to ``request_id`` came: its owner has every fork it carried."""
+        entry = self._children_in_requests.pop(request_id, None)
+        if entry is not None:
+            for fork_id in entry[1]:
+                self.del_pending_child(fork_id)
+
     def _send_with_retries(self, dst: int, kind: RequestKind, make, **extra) -> None:
         # torch's RpcAgent::sendWithRetries plus the ++/-- of numPendingFutures
         # around it in the seed.
@@ -834,6 +860,11 @@ class RRefContext:
         self._advance(now)
         request = self.requests.get(request_id)
         if request is not None:
+            if not request.is_control:
+                # The message never left: nobody will accept its forks.
+                self._children_in_requests.pop(request_id, None)
+                for fork_data in getattr(request.message, "rrefs", ()):
+                    self.abandon_child_fork(fork_data)
             self._step(request, Event.SEND_FAILED, error if error is not None else
                        RRefInternalError(f"send of request {request_id} to worker "
                                          f"{request.dst} failed"))
@@ -850,6 +881,9 @@ class RRefContext:
         for request in list(self.requests.values()):
             if request.dst == rank:
                 self._step(request, Event.PEER_GONE, error)
+        for request_id, (dst, _) in list(self._children_in_requests.items()):
+            if dst == rank:
+                self._release_children_of(request_id)
         return self.take_effects()
 
     def _step(self, request: Request, event: Event, error: object = None) -> Outcome:
@@ -1008,19 +1042,20 @@ class RRefContext:
     def _ack(self, src: int, message: Message) -> None:
         self._emit(Send(dst=src, message=RRefAck(request_id=message.request_id)))
 
-    def _receive_rrefs(self, src: int, fork_datas: tuple) -> tuple:
+    def _receive_rrefs(self, src: int, fork_datas: tuple, *, in_request: bool = False) -> tuple:
         # The deserialisation side of every fork that rode in a message.
         received = []
         for fork_data in fork_datas:
             rref = self.get_or_create_rref(fork_data)
-            self.notify_owner_and_parent_of_fork(fork_data.fork_id, src, rref)
+            self.notify_owner_and_parent_of_fork(fork_data.fork_id, src, rref,
+                                                 in_request=in_request)
             received.append(rref)
         return tuple(received)
 
     def _receive_request_rrefs(self, src: int, fork_datas: tuple) -> tuple[tuple, PendingRRefsWaiter]:
         self.record_thread_local_pending_rrefs()
         try:
-            rrefs = self._receive_rrefs(src, fork_datas)
+            rrefs = self._receive_rrefs(src, fork_datas, in_request=True)
         except BaseException:
             self.clear_recorded_pending_rrefs_on_error()
             raise
@@ -1101,6 +1136,7 @@ class RRefContext:
                 self._emit(Send(dst=waiter.src, message=RRefAck(request_id=waiter.request_id)))
 
     def _on_value_reply(self, src: int, message: PythonRet | PythonRRefFetchRet) -> None:
+        self._release_children_of(message.request_id)
         rrefs = self._receive_rrefs(src, message.rrefs)
         expected = RequestKind.CALL if isinstance(message, PythonRet) else RequestKind.FETCH
         request = self.requests.get(message.request_id)
@@ -1121,6 +1157,7 @@ class RRefContext:
                 self._drop_hold_if_unheld(rref)
 
     def _on_remote_ret(self, message: RemoteRet) -> None:
+        self._release_children_of(message.request_id)
         request = self.requests.get(message.request_id)
         if request is None:
             self.counters["late_replies"] += 1
@@ -1150,6 +1187,7 @@ class RRefContext:
         self.num_pending_futures -= 1
 
     def _on_exception(self, message: ExceptionMessage) -> None:
+        self._release_children_of(message.request_id)
         request = self.requests.get(message.request_id)
         if request is None:
             self.counters["late_replies"] += 1
@@ -1232,7 +1270,8 @@ class RRefContext:
         """True when this worker holds no protocol state at all."""
         return not (self.owners or self.pending_owners or self.forks or self.pending_users
                     or self.pending_children or self.confirmed_users or self.requests
-                    or self.jobs or self._value_waiters or self.num_pending_futures)
+                    or self.jobs or self._value_waiters or self.num_pending_futures
+                    or self._children_in_requests)
 
 
 def _creation_error_for(rref) -> object:

@@ -223,6 +223,56 @@ def test_notifyOwnerAndParentOfFork_user_to_owner_sends_child_accept(world):
     assert owner_ctx.num_pending_futures == 1
 
 
+def _call_owner_with_its_rref(world):
+    """User 0 passes an RRef owned by 1 to worker 1 in a call; it arrives."""
+    user, owner, reply = remote_from_user(world)
+    user_ctx, owner_ctx = world[0], world[1]
+    user_ctx.handle(1, reply.message, now=0.0)
+    data = user_ctx.prepare_child_fork(user)
+    request_id = user_ctx.rpc(1, "call", (data,), now=0.0)
+    call = only(sends(user_ctx.take_effects(), "PYTHON_CALL"))
+    execute = only(of(deliver(user_ctx, owner_ctx, call), fx.Execute))
+    assert execute.rrefs == (owner,)
+    return user, data, request_id, execute
+
+
+@pytest.mark.parametrize("answer", ["reply", "exception", "late reply"])
+def test_a_users_rref_sent_to_its_owner_in_a_call_is_accepted_by_the_reply(world, answer):
+    # NB(localrref): no RREF_CHILD_ACCEPT (nor its ack) for a fork that rode
+    # in a request: the parent stays held until the function has answered.
+    user_ctx, owner_ctx = world[0], world[1]
+    user, data, request_id, execute = _call_owner_with_its_rref(world)
+    assert sends(owner_ctx.take_effects()) == []
+    assert user_ctx.pending_children == {data.fork_id: user}
+    if answer == "late reply":
+        user_ctx.cancel(request_id)
+    effects = (owner_ctx.fail_job(execute.job_id, b"boom") if answer == "exception"
+               else owner_ctx.finish_call(execute.job_id, "result"))
+    deliver(owner_ctx, user_ctx, only(sends(effects)))
+    assert user_ctx.pending_children == {} and user.holds == 1  # the application's, only
+    assert user_ctx.get_debug_info()["num_pending_children"] == 0
+
+
+def test_a_users_rref_sent_to_an_owner_that_dies_is_let_go(world):
+    user_ctx = world[0]
+    user, data, request_id, execute = _call_owner_with_its_rref(world)
+    user_ctx.on_peer_gone(1, RuntimeError("gone"), now=1.0)
+    assert user_ctx.pending_children == {}
+
+
+def test_a_call_that_was_never_sent_abandons_every_fork_it_carried(world):
+    user, owner, reply = remote_from_user(world)
+    user_ctx = world[0]
+    user_ctx.handle(1, reply.message, now=0.0)
+    to_owner, to_third = user_ctx.prepare_child_fork(user), user_ctx.prepare_child_fork(user)
+    request_id = user_ctx.rpc(1, "call", (to_owner, to_third), now=0.0)
+    user_ctx.take_effects()
+    assert len(user_ctx.pending_children) == 2
+    effects = user_ctx.on_send_failed(request_id, OSError("pipe"), now=0.0)
+    assert user_ctx.pending_children == {} and user.holds == 1
+    assert only(of(effects, fx.Fail)).request_id == request_id
+
+
 def test_notifyOwnerAndParentOfFork_user_to_user_sends_fork_request(world):
     user, owner, reply = remote_from_user(world)
     world[0].handle(1, reply.message, now=0.0)
