@@ -64,17 +64,15 @@ def raise_copy(error: BaseException):
 
 def wait(future: torch.futures.Future):
     """Wait for an internal future; its value, or a copy of its error raised."""
-    value = future.wait()
-    if type(value) is Failed:
-        del future
-        raise_copy(value.error)
-    return value
+    return _outcome(future.wait())
 
 
 def _settle(future: torch.futures.Future):
-    value = future.value()
+    return _outcome(future.value())
+
+
+def _outcome(value):
     if type(value) is Failed:
-        del future
         raise_copy(value.error)
     return value
 

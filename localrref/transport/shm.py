@@ -422,21 +422,12 @@ class ShmPool:
                 return handle
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
-        with self._lock:
-            self._check_open()
-            seg, block = self._take_block(nbytes)
-            target = seg.storage
-        start = block * seg.block_size
-        try:
+
+        def copy(target, start):
             self._copier.memmove(target.data_ptr() + start, storage.data_ptr(), nbytes)
-        except BaseException:
-            seg.set_slot(block, _FREE)
-            raise
-        return TensorHandle(segment=seg.name, offset=_DATA_OFFSET + start, nbytes=nbytes,
-                            slot=block, private=False, dtype=tensor.dtype,
-                            shape=tuple(tensor.shape), stride=tuple(tensor.stride()),
-                            storage_offset=tensor.storage_offset(),
-                            requires_grad=tensor.requires_grad)
+
+        return self._into_block(nbytes, copy, tensor, tuple(tensor.stride()),
+                                tensor.storage_offset())
 
     def share(self, tensor: torch.Tensor) -> torch.Tensor:
         """Return a copy of ``tensor`` that lives in shared memory; sending it copies nothing.
@@ -561,21 +552,28 @@ class ShmPool:
         src = tensor.detach()
         dense = _is_dense(src.shape, src.stride())
         stride = src.stride() if dense else _contiguous_stride(src.shape)
-        nbytes = src.numel() * src.element_size()
+
+        def copy(target, start):
+            _copy_into(target, start, src, stride, dense, self._copier)
+
+        return self._into_block(src.numel() * src.element_size(), copy, tensor, tuple(stride), 0)
+
+    def _into_block(self, nbytes: int, copy, tensor, stride, storage_offset) -> TensorHandle:
+        """Take a block of ``nbytes``, fill it with ``copy(storage, start)``, describe it."""
         with self._lock:
             self._check_open()
             seg, block = self._take_block(nbytes)
             storage = seg.storage
         start = block * seg.block_size
         try:
-            _copy_into(storage, start, src, stride, dense, self._copier)
+            copy(storage, start)
         except BaseException:
             seg.set_slot(block, _FREE)
             raise
         return TensorHandle(segment=seg.name, offset=_DATA_OFFSET + start, nbytes=nbytes,
-                            slot=block, private=False, dtype=src.dtype, shape=tuple(src.shape),
-                            stride=tuple(stride), storage_offset=0,
-                            requires_grad=tensor.requires_grad)
+                            slot=block, private=False, dtype=tensor.dtype,
+                            shape=tuple(tensor.shape), stride=stride,
+                            storage_offset=storage_offset, requires_grad=tensor.requires_grad)
 
     def _export_shared(self, tensor: torch.Tensor) -> TensorHandle | None:
         storage = tensor.untyped_storage()
