@@ -18,6 +18,7 @@ from . import constants
 from .agent import current
 from .agent.agent import Agent
 from .agent.futures import expose
+from .control_messages import ShutdownFailed
 from .errors import RPCNotInitializedError, UnknownWorkerError
 from .options import RpcBackendOptions
 from .rref import RRef, worker_info
@@ -42,8 +43,7 @@ def _close_at_exit():
     """
     agent = current.get()
     if agent is not None:
-        current.set(None)
-        agent.close()
+        _close(agent, graceful=False)
 
 
 def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=None):
@@ -52,17 +52,24 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     Args:
         name: this worker's name, unique in the world ("ps", "trainer3", ...).
         backend: accepted for compatibility and ignored (there is one backend).
-        rank: this worker's rank; -1 takes it from the world the supervisor
-            (``localrref.spawn`` or ``python -m localrref.launch``) started,
-            or from the ``RANK`` environment variable.
+        rank: this worker's rank; -1 takes it from the world a localrref
+            launcher (``localrref.spawn``, ``python -m localrref.launch``)
+            started, else from the ``RANK`` environment variable.
         world_size: number of workers; None takes it from the world / ``WORLD_SIZE``.
         rpc_backend_options: :class:`localrref.RpcBackendOptions` (torch's
-            ``TensorPipeRpcBackendOptions`` fields are accepted too).
+            ``TensorPipeRpcBackendOptions`` fields are accepted too). In a
+            process no localrref launcher started, its ``init_method`` is
+            where the world meets, as in torch: ``env://`` (the default:
+            ``MASTER_ADDR``/``MASTER_PORT``), ``tcp://host:port`` or
+            ``file:///path``; the first process to arrive starts the
+            world's supervisor (``localrref.launch.join``).
 
     Raises:
-        RuntimeError: already initialized, not started by a localrref
-            supervisor, a rank or world size that disagrees with the world,
-            a duplicate name, or peers that never called ``init_rpc``.
+        RuntimeError: already initialized, a rank or world size that
+            disagrees with the world, two processes claiming one rank, a
+            duplicate name, or peers that never called ``init_rpc`` (named).
+        ValueError: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` or
+            ``WORLD_SIZE`` needed and not set.
     """
     from .world import current as current_world
     if not isinstance(name, str) or not name:
@@ -71,29 +78,78 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         if current.get() is not None:
             raise RuntimeError("RPC is already initialized: call localrref.shutdown() before "
                                "calling init_rpc again")
-        spec = current_world()
-        if spec is None:
-            raise RuntimeError(
-                "localrref workers must be started by localrref.spawn(...) or "
-                "`python -m localrref.launch`; this process was not (no world to join)")
-        rank = _resolve_int("rank", rank, os.environ.get("RANK"), spec.rank, unset=-1)
-        world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"),
-                                  spec.world_size, unset=None)
-        if rank != spec.rank:
-            raise RuntimeError(f"rank {rank} does not match this worker's rank {spec.rank} in "
-                               f"its world; pass rank=-1 (the default) to use the world's")
-        if world_size != spec.world_size:
-            raise RuntimeError(f"world size mismatch: init_rpc(world_size={world_size}) but the "
-                               f"world has {spec.world_size} workers")
         options = _options(rpc_backend_options)
-        agent = Agent.for_world(spec, name, options, rref_type=RRef)
+        spec = current_world()
+        membership = None
+        if spec is None:
+            membership = _join(name, rank, world_size, options)
+            spec = membership.spec
+        else:
+            rank = _resolve_int("rank", rank, os.environ.get("RANK"), spec.rank, unset=-1)
+            world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"),
+                                      spec.world_size, unset=None)
+            if rank != spec.rank:
+                raise RuntimeError(f"rank {rank} does not match this worker's rank {spec.rank} "
+                                   f"in its world; pass rank=-1 (the default) to use the world's")
+            if world_size != spec.world_size:
+                raise RuntimeError(f"world size mismatch: init_rpc(world_size={world_size}) but "
+                                   f"the world has {spec.world_size} workers")
+        try:
+            agent = Agent.for_world(spec, name, options, rref_type=RRef)
+        except BaseException:
+            if membership is not None:
+                membership.leave(graceful=False)
+            raise
+        global _membership
+        _membership = membership
+        if membership is not None:
+            membership.watch_supervisor(
+                lambda reason: agent.on_control(spec.world_size, ShutdownFailed(reason=reason)))
         current.set(agent)
         try:
             agent.start(options.init_timeout)
         except BaseException:
-            current.set(None)
-            agent.close()
+            _close(agent, graceful=False)
             raise
+
+
+# The rendezvous world this process joined (launch/join.py); None under a
+# localrref launcher, whose supervisor started this process with its world.
+_membership = None
+
+
+def _join(name, rank, world_size, options):
+    """Join a world through ``options.init_method``, as torch's init_rpc does."""
+    from .launch.join import join
+    from .launch.rendezvous import parse_init_method
+    from .launch.supervisor import RunOptions
+    rendezvous = parse_init_method(options.init_method, os.environ)
+    for what, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
+        unset = -1 if what == "RANK" else None
+        if (value is unset or value is None) and not os.environ.get(what, "").strip():
+            raise ValueError(f"Error initializing torch.distributed using {rendezvous.init_method} "
+                             f"rendezvous: environment variable {what} expected, but not set "
+                             f"(pass {what.lower()}= to init_rpc, or set {what})")
+    rank = _resolve_int("rank", rank, os.environ.get("RANK"), None, unset=-1)
+    world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"), None,
+                              unset=None)
+    run = RunOptions.resolve()
+    return join(rendezvous, rank=rank, world_size=world_size, name=name,
+                shutdown_timeout=run.shutdown_timeout, timeout=options.init_timeout,
+                strict_leaks=run.strict_leaks,
+                record_creation_sites=run.record_creation_sites)
+
+
+def _close(agent: Agent, *, graceful: bool) -> None:
+    """Stop this process's agent and, in a rendezvous world, leave it."""
+    global _membership
+    current.set(None)
+    membership, _membership = _membership, None
+    try:
+        agent.close()
+    finally:
+        if membership is not None:
+            membership.leave(graceful)
 
 
 def _resolve_int(what, given, env, world_value, *, unset):
@@ -203,13 +259,14 @@ def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
     if agent is None:
         raise RPCNotInitializedError(
             "RPC has not been initialized. Call localrref.init_rpc first.")
+    completed = False
     try:
         if graceful:
             limit = timeout if timeout and timeout > 0 else agent.shutdown_timeout
             agent.graceful_shutdown(limit)
+            completed = True
     finally:
-        current.set(None)
-        agent.close()
+        _close(agent, graceful=completed)
 
 
 def get_rpc_timeout() -> float:

@@ -12,6 +12,9 @@ Who sends what::
     worker -> supervisor  ShutdownArrived, ShutdownDrained, ShutdownDone, ShutdownFinished
     supervisor -> worker  ShutdownProceed, ShutdownAgain, ShutdownFailed
     worker -> supervisor  LeakReport                       leaks found outside a graceful shutdown
+    worker -> supervisor  Joined, Leaving                  a world met through a rendezvous
+                                                           (launch/join.py): who to watch, and
+                                                           which exits are not deaths
 
 The graceful-shutdown barrier (``launch/control.py`` drives it)::
 
@@ -35,7 +38,7 @@ from typing import Any
 __all__ = [
     "Hello", "HelloBack", "PeerExited", "ShutdownArrived", "ShutdownDrained", "ShutdownDone",
     "ShutdownFinished", "ShutdownProceed", "ShutdownAgain", "ShutdownFailed", "LeakReport",
-    "Control", "CONTROL_TYPES", "describe_exitcode",
+    "Joined", "Leaving", "Control", "CONTROL_TYPES", "describe_exitcode",
 ]
 
 _RECORD = dict(frozen=True, slots=True, kw_only=True)
@@ -77,18 +80,31 @@ class HelloBack:
 
 @dataclass(**_RECORD)
 class PeerExited:
-    """Worker ``rank`` (pid ``pid``) exited abnormally; ``exitcode`` < 0 is a signal."""
+    """Worker ``rank`` (pid ``pid``) exited abnormally; ``exitcode`` < 0 is a signal.
+
+    In a world met through a rendezvous the supervisor is not the workers'
+    parent: ``exitcode`` is then None (unknown), and ``left`` says the
+    worker left the world without a graceful shutdown (its process may
+    still run) rather than vanished.
+    """
 
     rank: int
     pid: int
-    exitcode: int
+    exitcode: int | None
+    left: bool = False
 
     def __post_init__(self) -> None:
         _rank(self.rank)
 
+    def how(self) -> str:
+        """``was killed by signal SIGKILL``, ``left the world without a graceful shutdown``..."""
+        if self.left:
+            return "left the world without a graceful shutdown"
+        return describe_exitcode(self.exitcode)
+
     def describe(self) -> str:
         """``worker rank 1 (pid 42) was killed by signal SIGKILL``."""
-        return f"worker rank {self.rank} (pid {self.pid}) {describe_exitcode(self.exitcode)}"
+        return f"worker rank {self.rank} (pid {self.pid}) {self.how()}"
 
 
 @dataclass(**_RECORD)
@@ -167,14 +183,45 @@ class LeakReport:
         object.__setattr__(self, "leaks", tuple(dict(leak) for leak in self.leaks))
 
 
+@dataclass(**_RECORD)
+class Joined:
+    """Worker ``rank`` is process ``pid``, started at ``started`` (clock ticks since boot)."""
+
+    rank: int
+    pid: int
+    started: int
+
+    def __post_init__(self) -> None:
+        _rank(self.rank)
+
+
+@dataclass(**_RECORD)
+class Leaving:
+    """Worker ``rank`` leaves the world now; ``graceful``: after a graceful shutdown.
+
+    Its exit is then no death: peers are told only if it left without a
+    graceful shutdown while they still run (their calls to it must fail).
+    """
+
+    rank: int
+    graceful: bool
+
+    def __post_init__(self) -> None:
+        _rank(self.rank)
+
+
 Control = (Hello | HelloBack | PeerExited | ShutdownArrived | ShutdownDrained | ShutdownDone
-           | ShutdownFinished | ShutdownProceed | ShutdownAgain | ShutdownFailed | LeakReport)
+           | ShutdownFinished | ShutdownProceed | ShutdownAgain | ShutdownFailed | LeakReport
+           | Joined | Leaving)
 CONTROL_TYPES = (Hello, HelloBack, PeerExited, ShutdownArrived, ShutdownDrained, ShutdownDone,
-                 ShutdownFinished, ShutdownProceed, ShutdownAgain, ShutdownFailed, LeakReport)
+                 ShutdownFinished, ShutdownProceed, ShutdownAgain, ShutdownFailed, LeakReport,
+                 Joined, Leaving)
 
 
-def describe_exitcode(exitcode: int) -> str:
+def describe_exitcode(exitcode: int | None) -> str:
     """``"exited with code 3"`` or ``"was killed by signal SIGKILL"`` (negative = signal)."""
+    if exitcode is None:
+        return "is gone (it exited or was killed before a graceful shutdown)"
     if exitcode >= 0:
         return f"exited with code {exitcode}"
     try:

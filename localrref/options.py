@@ -16,7 +16,10 @@ class RpcBackendOptions:
 
     Attributes:
         rpc_timeout: default timeout of every call, in seconds (0: no limit).
-        init_method: accepted for compatibility; localrref needs no rendezvous.
+        init_method: where processes that no localrref launcher started
+            meet (``env://``, ``tcp://host:port``, ``file:///path``), as in
+            torch; workers of ``localrref.spawn`` and ``python -m
+            localrref.launch`` ignore it (their world is handed to them).
         num_worker_threads: threads kept alive to run user functions; more are
             started while all are busy (nested calls never starve the pool).
         shm_threshold: tensors of at least this many bytes travel through

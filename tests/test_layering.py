@@ -4,8 +4,9 @@ Every ``import`` of ours, at module level or inside a function, must go
 downwards in this map (the README's "Where to make a change" shows it)::
 
     api.py ──► rref.py ──► agent/ ──► core/ (pure)      testing/ ──► core/
-                             ├──► codec/ ──► core/
-                             └──► transport/             launch/ ──► transport/
+      │                      ├──► codec/ ──► core/
+      │                      └──► transport/             launch/ ──► transport/
+      └──► launch/ (join a world through a rendezvous)
 
     leaves, importable by every layer but core/: errors, constants, options,
     world, control_messages, dtypes, functions (core/ may import errors only)
@@ -33,7 +34,7 @@ ALLOWED = {
     "localrref.launch": {"localrref.transport", *LEAVES},
     "localrref.agent": {"localrref.core", "localrref.codec", "localrref.transport", *LEAVES},
     "localrref.rref": {"localrref.agent", *LEAVES},
-    "localrref.api": {"localrref.agent", "localrref.rref", *LEAVES},
+    "localrref.api": {"localrref.agent", "localrref.rref", "localrref.launch", *LEAVES},
     # Programs written against the public API, as users write them.
     "localrref.examples": {"localrref"},
     "localrref.options": {"localrref.constants"},

@@ -77,6 +77,10 @@ def test_calls_before_init_rpc_say_what_to_do():
             call()
 
 
-def test_init_rpc_outside_a_localrref_world_says_how_to_start_one():
-    with pytest.raises(RuntimeError, match="must be started by localrref.spawn"):
-        localrref.init_rpc("lonely")
+def test_init_rpc_outside_a_localrref_world_says_how_to_meet(monkeypatch):
+    # As torch: env:// needs MASTER_ADDR and MASTER_PORT; the message says so
+    # in torch's words, and how else to start a world.
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="environment variable MASTER_ADDR expected, but not "
+                                         "set.*localrref.spawn"):
+        localrref.init_rpc("lonely", rank=0, world_size=2)

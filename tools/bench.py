@@ -53,7 +53,7 @@ for _path in (os.path.dirname(_TOOLS), _TOOLS):
 
 import bench_workloads as wl  # noqa: E402
 
-GROUPS = wl.IN_WORLD_GROUPS + ("world", "world_forkserver")
+GROUPS = wl.IN_WORLD_GROUPS + ("world", "world_mpspawn", "world_forkserver")
 # What a forkserver imports once, before it forks any worker (opt-in fast start).
 FORKSERVER_PRELOAD = ["torch", "torch.distributed.rpc", "localrref.api", "bench_workloads"]
 GROUP_ALIASES = {"tensor": ("tensor_return", "tensor_arg"), "threads": ("idle",),
@@ -228,17 +228,20 @@ def free_port() -> int:
 
 
 def launch(backend: str, entry: Callable, plan: wl.WorldPlan,
-           start_method: str = "spawn") -> None:
+           start_method: str = "spawn", torch_launcher: bool = False) -> None:
     """Start ``plan.world_size`` workers running ``entry(rank, plan)`` and wait for all.
 
     ``start_method="forkserver"``: both backends fork their workers from one
     server that imported :data:`FORKSERVER_PRELOAD` once (it starts with the
     first such world of the run and serves every later one).
+    ``torch_launcher``: localrref's workers too are started by
+    ``torch.multiprocessing`` and meet through MASTER_ADDR/MASTER_PORT, as an
+    unmodified torch program starts them.
     """
     if start_method == "forkserver":
         import multiprocessing
         multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
-    if backend == "torch":
+    if backend == "torch" or torch_launcher:
         import torch.multiprocessing as mp
 
         os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -261,18 +264,19 @@ class WorldRun:
 
 
 def run_world(cfg: Config, backend: str, entry: Callable, *, world_size: int,
-              groups: tuple[str, ...], start_method: str = "spawn") -> WorldRun:
+              groups: tuple[str, ...], start_method: str = "spawn",
+              torch_launcher: bool = False) -> WorldRun:
     outdir = tempfile.mkdtemp(prefix=f"bench-{backend}-")
     try:
         plan = wl.WorldPlan(backend=backend, world_size=world_size, outdir=outdir,
                             groups=groups, iters=cfg.iters,
-                            port=free_port() if backend == "torch" else 0,
+                            port=free_port() if backend == "torch" or torch_launcher else 0,
                             tp_transports=cfg.tp_transports, tp_channels=cfg.tp_channels,
                             watchdog_s=cfg.watchdog_s)
         error = None
         t_spawn = time.monotonic()
         try:
-            launch(backend, entry, plan, start_method)
+            launch(backend, entry, plan, start_method, torch_launcher)
         except Exception as exc:  # noqa: BLE001 -- a failed world is reported, not fatal
             error = f"world died: {_last_line(exc)}"
             _progress(f"[{backend}] world of {world_size} failed:\n{exc}")
@@ -296,16 +300,17 @@ def run_main_world(cfg: Config, backend: str) -> dict:
     return out
 
 
-def run_start_worlds(cfg: Config, backend: str, start_method: str = "spawn") -> dict:
+def run_start_worlds(cfg: Config, backend: str, start_method: str = "spawn",
+                     torch_launcher: bool = False) -> dict:
     """K worlds per size: spawn -> every init_rpc returned, and last shutdown call -> all done."""
     by_size: dict[str, dict] = {}
     for size in cfg.world_sizes:
         starts, stops, errors = [], [], []
         for k in range(cfg.worlds):
             _progress(f"[{backend}] start/shutdown world {k + 1}/{cfg.worlds}, {size} workers "
-                      f"({start_method})")
+                      f"({start_method}{', torch.multiprocessing' if torch_launcher else ''})")
             run = run_world(cfg, backend, wl.start_world_entry, world_size=size, groups=(),
-                            start_method=start_method)
+                            start_method=start_method, torch_launcher=torch_launcher)
             if run.error or len(run.ranks) != size:
                 errors.append(run.error or f"only {len(run.ranks)} of {size} ranks reported")
                 continue
@@ -323,6 +328,10 @@ def run_backend(cfg: Config, backend: str) -> dict:
         results.update(run_main_world(cfg, backend))
     if "world" in cfg.groups:
         results["world"] = run_start_worlds(cfg, backend)
+    if "world_mpspawn" in cfg.groups:
+        # torch's workers always start this way: its "world" rows are these.
+        results["world_mpspawn"] = (results["world"] if backend == "torch" and "world" in results
+                                    else run_start_worlds(cfg, backend, torch_launcher=True))
     if "world_forkserver" in cfg.groups:
         results["world_forkserver"] = run_start_worlds(cfg, backend, "forkserver")
     return results
@@ -419,6 +428,11 @@ def build_rows(cfg: Config) -> list[Row]:
                 pick=_world_median(n, "shutdown_ms")),
         ]
     rows += [
+        Row(key=f"world_mp_start_{n}", group="world_mpspawn",
+            label=f"world start, {n} workers, plain torch.multiprocessing.spawn + MASTER_ADDR",
+            unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_mpspawn"))
+        for n in cfg.world_sizes]
+    rows += [
         Row(key=f"world_fs_start_{n}", group="world_forkserver",
             label=f"world start, {n} workers, opt-in forkserver, torch preloaded",
             unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_forkserver"))
@@ -442,7 +456,7 @@ def cell(row: Row, res: dict | None) -> object:
         group_result = res.get(row.group)
         error = group_result.get("error") if isinstance(group_result, dict) else None
         error = error or res.get("errors", {}).get(row.group)
-        if row.group in ("world", "world_forkserver"):
+        if row.group in ("world", "world_mpspawn", "world_forkserver"):
             size = row.key.rsplit("_", 1)[-1]
             error = error or next(iter(_get(row.group, size, "errors")(res) or []), None)
         if error:

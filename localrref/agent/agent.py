@@ -52,7 +52,6 @@ from ..codec import frames
 from ..codec.pickler import dumps, dumps_exception, wrap_exception
 from ..control_messages import (
     Hello, HelloBack, PeerExited, ShutdownAgain, ShutdownFailed, ShutdownProceed,
-    describe_exitcode,
 )
 from ..core import effects as fx
 from ..core.messages import REQUEST_TYPES, USER_LEVEL_TYPES, ExceptionMessage
@@ -385,7 +384,7 @@ class Agent:
         desc = self._handshake.peers.get(rank)
         who = f"rank {rank}" + (f" ({desc.name!r})" if desc else "")
         error = WorkerGoneError(
-            f"worker {who}, pid {exited.pid}, {describe_exitcode(exited.exitcode)}; every "
+            f"worker {who}, pid {exited.pid}, {exited.how()}; every "
             f"call that depended on it fails", name=desc.name if desc else None, rank=rank,
             pid=exited.pid, exitcode=exited.exitcode)
         with self.lock:
