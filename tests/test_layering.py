@@ -35,6 +35,8 @@ ALLOWED = {
     "localrref.agent": {"localrref.core", "localrref.codec", "localrref.transport", *LEAVES},
     "localrref.rref": {"localrref.agent", *LEAVES},
     "localrref.api": {"localrref.agent", "localrref.rref", "localrref.launch", *LEAVES},
+    # The runner: the public API under torch's names, and the launcher.
+    "localrref.run": {"localrref", "localrref.api", "localrref.rref", "localrref.launch", *LEAVES},
     # Programs written against the public API, as users write them.
     "localrref.examples": {"localrref"},
     "localrref.options": {"localrref.constants"},

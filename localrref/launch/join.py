@@ -51,6 +51,8 @@ from localrref.transport.segment import new_world_id, sweep_world_segments
 __all__ = ["Membership", "join", "check_local", "NotThisHostError"]
 
 _NOTIFY_TIMEOUT = 5.0
+# How long a graceful leave waits for the supervisor to finish the world.
+_DEPART_WAIT = 10.0
 _SUPERVISOR_START_TIMEOUT = 60.0
 
 
@@ -71,6 +73,7 @@ class Membership:
     _left: bool = field(default=False)
     _watcher: threading.Thread | None = None
     _stop: tuple[int, int] = (-1, -1)  # leave() wakes the watcher through this pipe
+    _pidfd: int = -1  # the supervisor's, open from watch_supervisor() to the end of leave()
 
     def watch_supervisor(self, on_gone: Callable[[str], None]) -> None:
         """Call ``on_gone(reason)`` from a daemon thread if the supervisor dies before we leave.
@@ -80,22 +83,18 @@ class Membership:
         wait for a barrier that will never come.
         """
         try:
-            pidfd = os.pidfd_open(self.spec.supervisor_pid)
+            self._pidfd = pidfd = os.pidfd_open(self.spec.supervisor_pid)
         except ProcessLookupError:
             pidfd = -1
         self._stop = stop_r, _ = os.pipe2(os.O_CLOEXEC)
 
         def watch() -> None:
-            try:
-                ready = select.select([stop_r] + ([pidfd] if pidfd >= 0 else []), [], [])[0]
-                if stop_r not in ready:
-                    on_gone(f"the localrref supervisor of this world (pid "
-                            f"{self.spec.supervisor_pid}) died: nobody reports deaths or "
-                            f"drives the shutdown barrier any more; call "
-                            f"shutdown(graceful=False)")
-            finally:
-                if pidfd >= 0:
-                    os.close(pidfd)
+            ready = select.select([stop_r] + ([pidfd] if pidfd >= 0 else []), [], [])[0]
+            if stop_r not in ready:
+                on_gone(f"the localrref supervisor of this world (pid "
+                        f"{self.spec.supervisor_pid}) died: nobody reports deaths or "
+                        f"drives the shutdown barrier any more; call "
+                        f"shutdown(graceful=False)")
 
         self._watcher = threading.Thread(target=watch, name="localrref-supervisor-watch",
                                          daemon=True)
@@ -131,6 +130,15 @@ class Membership:
                     _remove_locked(self.key_dir, record)
                 else:
                     rendezvous_dir.write_record(self.key_dir, record)
+        if self._pidfd >= 0:
+            if graceful:
+                # Every member passed the shutdown barrier and is leaving too:
+                # the supervisor prints the leak report, cleans up and exits at
+                # once. Waiting for it means that when the program ends its
+                # world is gone and the report came before the program's end.
+                select.select([self._pidfd], [], [], _DEPART_WAIT)
+            os.close(self._pidfd)
+            self._pidfd = -1
         if self.supervisor is not None:
             self.supervisor.poll()  # reap it if it is done (else init will)
 

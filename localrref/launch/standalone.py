@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from localrref.control_messages import Control, Joined, Leaving, PeerExited
 from localrref.launch import rendezvous_dir
-from localrref.launch.control import ControlDispatcher
+from localrref.launch.control import ControlDispatcher, format_leak_line
 from localrref.launch.inbox import InboxReader, send_control
 from localrref.transport import wire
 from localrref.transport.fifo import open_fifos
@@ -140,6 +140,8 @@ class _Supervisor:
                 if not self.roster.pids and time.monotonic() >= first_deadline:
                     break
             self._dispatch_all(reader)
+            for leak in self.dispatcher.leaks:  # the launcher's report, on the founder's stderr
+                print(format_leak_line(leak), file=sys.stderr, flush=True)
         finally:
             reader.close()
             for fd in self.pidfds:

@@ -1,0 +1,44 @@
+"""localrref's API under the names of ``torch.distributed.rpc``, for ``python -m localrref.run``.
+
+What a program written for torch's RPC reaches through ``torch.distributed.rpc``
+once the runner swapped this module in (``alias.py``). Names localrref does
+not provide raise an ``AttributeError`` that names them and says why, rather
+than a bare "module has no attribute".
+"""
+
+from __future__ import annotations
+
+# Imported while the real torch.distributed.rpc is still in place.
+from torch.distributed.rpc.backend_registry import BackendType
+
+import localrref
+from localrref import constants, functions
+from localrref.api import (WorkerInfo, get_debug_info, get_rpc_timeout, get_worker_info,
+                           init_rpc, remote, rpc_async, rpc_sync, set_rpc_timeout, shutdown)
+from localrref.options import RpcBackendOptions, TensorPipeRpcBackendOptions
+from localrref.rref import RRef
+
+__all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
+           "WorkerInfo", "RRef", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
+           "BackendType", "functions", "is_available", "get_rpc_timeout"]
+
+_set_rpc_timeout = set_rpc_timeout
+_get_debug_info = get_debug_info
+_DEFAULT_INIT_METHOD = constants.DEFAULT_INIT_METHOD
+_DEFAULT_RPC_TIMEOUT_SEC = constants.DEFAULT_RPC_TIMEOUT_SEC
+_UNSET_RPC_TIMEOUT = constants.UNSET_RPC_TIMEOUT
+_DEFAULT_NUM_WORKER_THREADS = constants.DEFAULT_NUM_WORKER_THREADS
+share_tensor = localrref.share_tensor
+
+
+def is_available() -> bool:
+    return True
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise AttributeError(
+        f"torch.distributed.rpc.{name} is not provided by localrref: this program runs under "
+        f"`python -m localrref.run`, which puts localrref in place of torch.distributed.rpc. "
+        f"Run it without the runner (plain torch) to use torch.distributed.rpc.{name}")

@@ -1,0 +1,188 @@
+"""``python -m localrref.run``: unmodified torch RPC programs on localrref.
+
+The program under test (``scripts/torch_rpc_program.py``) is written for
+``torch.distributed.rpc`` as torch's tutorials write them: it imports
+``torch.distributed.rpc``, starts its workers with
+``torch.multiprocessing.spawn`` and meets through ``MASTER_ADDR``/
+``MASTER_PORT``. Its rank 0 records which module and RRef class it really
+used, so each test sees whether it ran on localrref or on torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lrr_launch_helpers import SCRIPTS, launcher_env
+from localrref.launch import rendezvous_dir
+from localrref.run.runner import NOTICE, SITE_DIR, Plan, UsageError, child_environment, plan
+
+PROGRAM = os.path.join(SCRIPTS, "torch_rpc_program.py")
+TIMEOUT = 120
+EXPECTED = {"batches": [[6.0] * 3] * 3, "squared": [0.0, 1.0, 4.0, 9.0], "peer": "worker1"}
+
+
+# -- the plan, without processes ---------------------------------------------
+
+def test_without_nproc_the_program_runs_here():
+    assert plan(["train.py", "--lr", "0.1"], {}) == Plan("train.py", ("--lr", "0.1"), False, None)
+    assert plan(["-m", "pkg.train", "x"], {}) == Plan("pkg.train", ("x",), True, None)
+
+
+def test_nproc_hands_the_whole_command_line_to_the_launcher():
+    argv = ["--nproc-per-node", "1", "--max-restarts", "2", "train.py", "x"]
+    assert plan(argv, {}).launch_argv == tuple(argv)  # 1 is a request too, not "unset"
+    assert plan(["train.py"], {"PET_NPROC_PER_NODE": "3"}).launch_argv == ("train.py",)
+
+
+def test_launcher_options_without_nproc_are_refused_naming_them():
+    with pytest.raises(UsageError, match=r"--max-restarts, --redirects: .*--nproc-per-node N"):
+        plan(["--max-restarts", "1", "--redirects", "3", "train.py"], {})
+
+
+def test_no_python_is_refused():
+    with pytest.raises(UsageError, match="--no-python"):
+        plan(["--nproc-per-node", "2", "--no-python", "echo"], {})
+
+
+def test_children_find_the_alias_first_on_their_path_once():
+    env = child_environment({"PYTHONPATH": os.pathsep.join(["/a", SITE_DIR, "/b"])})
+    assert env == {"LOCALRREF_AS_TORCH_RPC": "1",
+                   "PYTHONPATH": os.pathsep.join([SITE_DIR, "/a", "/b"])}
+    assert child_environment({})["PYTHONPATH"] == SITE_DIR
+
+
+# -- real programs -------------------------------------------------------------
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "rt"
+    root.mkdir(mode=0o700)
+    return launcher_env(**{rendezvous_dir.RUNTIME_DIR_ENV: str(root), "MASTER_ADDR": "localhost",
+                           "MASTER_PORT": "29500"})
+
+
+def run(args, env, cwd=SCRIPTS):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def assert_ran_on_localrref(done, outfile):
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(outfile.read_text())
+    assert {k: seen[k] for k in EXPECTED} == EXPECTED
+    # In a process torch.multiprocessing.spawn started, not only in the runner's.
+    assert seen["rpc_module"] == "localrref.run.as_torch_rpc"
+    assert seen["rref_class"] == "localrref.rref.RRef" and seen["is_rref"]
+    assert done.stderr.count(NOTICE) == 1
+
+
+@pytest.mark.processes
+def test_an_unmodified_torch_program_runs_on_localrref(env, tmp_path):
+    outfile = tmp_path / "seen.json"
+    done = run(["-m", "localrref.run", "torch_rpc_program.py", str(outfile)], env)
+    assert_ran_on_localrref(done, outfile)
+    # The world is gone when the program returns: its supervisor printed the
+    # leak report (rank 0 still held the accumulator at shutdown) and left.
+    assert "localrref: leaked RRef" in done.stderr and "value_type=Accumulator" in done.stderr
+    assert os.listdir(env[rendezvous_dir.RUNTIME_DIR_ENV]) in ([], ["rendezvous.lock"])
+
+
+@pytest.mark.processes
+def test_the_runner_starts_the_workers_with_nproc(env, tmp_path):
+    outfile = tmp_path / "seen.json"
+    done = run(["-m", "localrref.run", "--nproc-per-node", "2", "torch_rpc_program.py",
+                str(outfile)], env)
+    assert_ran_on_localrref(done, outfile)
+
+
+@pytest.mark.processes
+def test_the_same_program_with_only_its_import_changed_runs_without_the_runner(env, tmp_path):
+    source = open(PROGRAM).read()
+    assert source.count("import torch.distributed.rpc as rpc\n") == 1
+    changed = tmp_path / "program.py"
+    changed.write_text(source.replace("import torch.distributed.rpc as rpc\n",
+                                      "import localrref as rpc\n")
+                             .replace("from torch.distributed.rpc import RRef\n",
+                                      "from localrref import RRef\n"))
+    outfile = tmp_path / "seen.json"
+    done = run([str(changed), str(outfile)], env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(outfile.read_text())
+    assert {k: seen[k] for k in EXPECTED} == EXPECTED
+    assert seen["rpc_module"] == "localrref" and seen["rref_class"] == "localrref.rref.RRef"
+
+
+@pytest.mark.processes
+@pytest.mark.torch_compat
+def test_the_program_is_a_torch_program(env, tmp_path):
+    outfile = tmp_path / "seen.json"
+    env["MASTER_PORT"] = "29631"
+    done = run([PROGRAM, str(outfile)], env)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(outfile.read_text())
+    assert {k: seen[k] for k in EXPECTED} == EXPECTED
+    assert seen["rpc_module"] == "torch.distributed.rpc" and not seen["is_rref"]
+
+
+MISSING = """\
+import sys
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+assert not dist_autograd.is_available()  # what torch.jit probes
+try:
+    getattr(rpc, sys.argv[1])
+except AttributeError as exc:
+    print(exc)
+try:
+    with dist_autograd.context():
+        pass
+except AttributeError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.processes
+def test_what_localrref_lacks_fails_naming_it(env, tmp_path):
+    script = tmp_path / "missing.py"
+    script.write_text(MISSING)
+    done = run(["-m", "localrref.run", str(script), "_get_current_rpc_agent"], env)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("torch.distributed.rpc._get_current_rpc_agent is not provided by "
+                            "localrref")
+    assert second.startswith("torch.distributed.autograd.context is not provided by localrref")
+
+
+SITE = """\
+import os, subprocess, sys
+import torch.distributed.rpc as rpc
+child = ("import sys, torch.distributed.rpc as rpc; "
+         "print(rpc.__name__, getattr(sys, 'own_site_ran', 'no'))")
+print(rpc.__name__, getattr(sys, "own_site_ran", "no"))
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                     check=True).stdout.strip())
+"""
+
+
+@pytest.mark.processes
+def test_every_python_child_gets_the_alias_and_the_environments_own_sitecustomize(env, tmp_path):
+    own = tmp_path / "own_site"
+    own.mkdir()
+    (own / "sitecustomize.py").write_text("import sys\nsys.own_site_ran = 'yes'\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(own), env["PYTHONPATH"]])
+    script = tmp_path / "site_check.py"
+    script.write_text(SITE)
+    done = run(["-m", "localrref.run", str(script)], env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["localrref.run.as_torch_rpc", "yes"] * 2
+
+
+def test_a_missing_script_is_an_error(env):
+    done = run(["-m", "localrref.run", "no_such_program.py"], env)
+    assert done.returncode == 2 and "can't open file 'no_such_program.py'" in done.stderr
