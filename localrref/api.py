@@ -14,7 +14,7 @@ import threading
 
 from torch.distributed.rpc import WorkerInfo
 
-from . import constants
+from . import constants, handover
 from .agent import current
 from .agent.agent import Agent
 from .agent.futures import expose
@@ -51,7 +51,11 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
 
     Args:
         name: this worker's name, unique in the world ("ps", "trainer3", ...).
-        backend: accepted for compatibility and ignored (there is one backend).
+        backend: None (or torch's ``BackendType.TENSORPIPE``): localrref
+            chooses; ``"torch"``: run this world on ``torch.distributed.rpc``
+            (TensorPipe); ``"localrref"``: never hand over. A world that
+            spans machines (torchrun with several nodes, a rendezvous on
+            another host) runs on torch: see :mod:`localrref.handover`.
         rank: this worker's rank; -1 takes it from the world a localrref
             launcher (``localrref.spawn``, ``python -m localrref.launch``)
             started, else from the ``RANK`` environment variable.
@@ -75,11 +79,19 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     with _init_lock:
-        if current.get() is not None:
+        if current.get() is not None or handover.active() is not None:
             raise RuntimeError("RPC is already initialized: call localrref.shutdown() before "
                                "calling init_rpc again")
-        options = _options(rpc_backend_options)
         spec = current_world()
+        choice = handover.choose(backend, os.environ, launcher_world=spec is not None,
+                                 remote_host=_remote_host(rpc_backend_options))
+        if choice.engine is handover.Engine.TORCH:
+            rank = _resolve_int("rank", rank, os.environ.get("RANK"), -1, unset=-1)
+            world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"),
+                                      None, unset=None)
+            handover.start(name, rank, world_size, rpc_backend_options, choice.reason)
+            return
+        options = _options(rpc_backend_options)
         membership = None
         if spec is None:
             membership = _join(name, rank, world_size, options)
@@ -138,6 +150,18 @@ def _join(name, rank, world_size, options):
                 shutdown_timeout=run.shutdown_timeout, timeout=options.init_timeout,
                 strict_leaks=run.strict_leaks,
                 record_creation_sites=run.record_creation_sites)
+
+
+def _remote_host(options) -> str | None:
+    """The host of the rendezvous ``options`` names, if it is not this machine."""
+    from .launch.join import remote_host
+    from .launch.rendezvous import parse_init_method
+    init_method = getattr(options, "init_method", None)
+    try:
+        rendezvous = parse_init_method(init_method, os.environ)
+    except ValueError:
+        return None  # the local path reports it, in torch's words
+    return remote_host(rendezvous)
 
 
 def _close(agent: Agent, *, graceful: bool) -> None:
@@ -202,9 +226,23 @@ def _names(agent: Agent) -> str:
     return ", ".join(f"{d.rank}={d.name!r}" for d in agent.peers())
 
 
+def _handed_over():
+    """``torch.distributed.rpc`` if this world was handed over to it, else not initialized.
+
+    Called only when there is no agent, so localrref's calls never pay for
+    the hand-over.
+    """
+    torch_rpc = handover.active()
+    if torch_rpc is None:
+        current.require()  # raises RPCNotInitializedError (or finds an agent set meanwhile)
+    return torch_rpc
+
+
 def get_worker_info(worker_name=None):
     """The ``WorkerInfo`` of ``worker_name`` (a name or rank), or of this worker."""
-    agent = current.require()
+    agent = current.get()
+    if agent is None:
+        return _handed_over().get_worker_info(worker_name)
     if worker_name is None:
         return worker_info(agent, agent.rank)
     return worker_info(agent, _to_rank(agent, worker_name))
@@ -221,29 +259,37 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
         ValueError: unknown worker.
         TypeError: an argument cannot be pickled (the message names it).
     """
-    agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
+    agent = current.get()
+    if agent is None:
+        return _handed_over().rpc_async(to, func, args, kwargs, timeout)
+    rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
     return expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout))
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):
     """As :func:`rpc_async`, waiting for the result (remote exceptions re-raised)."""
-    agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
+    agent = current.get()
+    if agent is None:
+        return _handed_over().rpc_sync(to, func, args, kwargs, timeout)
+    rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
     return agent.reader.wait_reply(agent.calls.rpc_async(rank, func, args, kwargs, timeout,
                                                          will_wait=True))
 
 
 def remote(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT):
     """Run ``func`` on ``to`` and keep the result there; return an ``RRef`` to it at once."""
-    agent, rank, args, kwargs = _call_args(to, func, args, kwargs)
+    agent = current.get()
+    if agent is None:
+        return _handed_over().remote(to, func, args, kwargs, timeout)
+    rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
     return agent.calls.remote(rank, func, args, kwargs, timeout)
 
 
-def _call_args(to, func, args, kwargs) -> tuple[Agent, int, tuple, dict]:
-    """The agent, the destination rank and the normalised arguments of a call."""
-    agent = current.require()
+def _call_args(agent: Agent, to, func, args, kwargs) -> tuple[int, tuple, dict]:
+    """The destination rank and the normalised arguments of a call."""
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
-    return agent, _to_rank(agent, to), tuple(args or ()), dict(kwargs or {})
+    return _to_rank(agent, to), tuple(args or ()), dict(kwargs or {})
 
 
 def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
@@ -257,8 +303,15 @@ def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
     """
     agent = current.get()
     if agent is None:
-        raise RPCNotInitializedError(
-            "RPC has not been initialized. Call localrref.init_rpc first.")
+        torch_rpc = handover.active()
+        if torch_rpc is None:
+            raise RPCNotInitializedError(
+                "RPC has not been initialized. Call localrref.init_rpc first.")
+        try:
+            torch_rpc.shutdown(graceful=graceful, timeout=timeout)
+        finally:
+            handover.stop()
+        return
     completed = False
     try:
         if graceful:
@@ -271,14 +324,19 @@ def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
 
 def get_rpc_timeout() -> float:
     """The default timeout of calls made from now on, in seconds (0: no limit)."""
-    return current.require().default_timeout
+    agent = current.get()
+    return _handed_over().get_rpc_timeout() if agent is None else agent.default_timeout
 
 
 def set_rpc_timeout(seconds: float) -> None:
     """Change the default timeout of later calls (0: no limit); calls in flight keep theirs."""
     if seconds < 0:
         raise ValueError(f"timeout must be >= 0 seconds (0: no limit), got {seconds}")
-    current.require().default_timeout = float(seconds)
+    agent = current.get()
+    if agent is None:
+        _handed_over()._set_rpc_timeout(float(seconds))
+    else:
+        agent.default_timeout = float(seconds)
 
 
 def share_tensor(tensor):
@@ -289,8 +347,13 @@ def share_tensor(tensor):
     the sender can still change). A tensor made here is sent as-is instead:
     receivers map it copy-on-write, so their writes never reach you, but
     **your later writes reach them**: do not mutate it after sending it.
+    On a world handed over to torch, the tensor itself (TensorPipe copies).
     """
-    return current.require().shm_pool.share(tensor)
+    agent = current.get()
+    if agent is None:
+        _handed_over()
+        return tensor
+    return agent.shm_pool.share(tensor)
 
 
 def _wait_until_tables_empty(timeout: float = 30.0) -> bool:
@@ -299,7 +362,11 @@ def _wait_until_tables_empty(timeout: float = 30.0) -> bool:
 
 
 def get_debug_info() -> dict[str, str]:
-    """torch's four RRef counters, localrref's own protocol counters and the agent's figures."""
-    return current.require().debug_info()
+    """torch's four RRef counters, localrref's own protocol counters and the agent's figures.
+
+    On a world handed over to torch: torch's ``_get_debug_info()``.
+    """
+    agent = current.get()
+    return _handed_over()._get_debug_info() if agent is None else agent.debug_info()
 
 

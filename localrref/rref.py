@@ -14,7 +14,7 @@ import functools
 import torch
 from torch.distributed.rpc import WorkerInfo
 
-from . import constants, functions
+from . import constants, functions, handover
 from .agent import current
 from .agent.futures import Failed, expose, fail, raise_copy, wait
 from .errors import WorkerClosedError
@@ -37,6 +37,12 @@ class RRef:
 
     __slots__ = ("_agent", "_record", "_creation", "_type", "__weakref__")
 
+    def __new__(cls, value=None, type_hint=None):
+        torch_rpc = handover.active()
+        if torch_rpc is not None:  # this world runs on torch: its RRef, not ours
+            return torch_rpc.RRef(value, type_hint)
+        return object.__new__(cls)
+
     def __init__(self, value, type_hint=None) -> None:
         agent = current.require()
         self._agent = agent
@@ -46,7 +52,7 @@ class RRef:
 
     @classmethod
     def _adopt(cls, agent, record, creation=None) -> "RRef":
-        rref = cls.__new__(cls)
+        rref = object.__new__(cls)
         rref._agent = agent
         rref._record = record
         rref._creation = creation

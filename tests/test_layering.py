@@ -24,7 +24,8 @@ import localrref
 ROOT = pathlib.Path(localrref.__file__).parent
 
 LEAVES = {"localrref.errors", "localrref.constants", "localrref.options", "localrref.world",
-          "localrref.control_messages", "localrref.dtypes", "localrref.functions"}
+          "localrref.control_messages", "localrref.dtypes", "localrref.functions",
+          "localrref.handover"}
 # Each layer and what, of ours, it may import (besides itself).
 ALLOWED = {
     "localrref.core": {"localrref.errors"},

@@ -23,9 +23,9 @@ from localrref.launch.stdio import Std, parse_std
 __all__ = ["get_args_parser", "parse_args", "LaunchConfig", "config_from_args", "UsageError"]
 
 SINGLE_NODE_HINT = (
-    "localrref runs every worker on this one machine; for several nodes use "
-    "torchrun with torch.distributed.rpc instead (same API: replace "
-    "`import localrref as rpc` with `import torch.distributed.rpc as rpc`)."
+    "localrref's launcher runs every worker on this one machine; for several nodes start "
+    "the same script with torchrun: its workers then run on torch.distributed.rpc "
+    "(localrref hands the world over, see localrref.handover)."
 )
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
 

@@ -48,7 +48,7 @@ from localrref.launch.rendezvous import (Arrival, Create, Join, Reclaim, Refuse,
 from localrref.transport.fifo import make_fifos, open_fifos
 from localrref.transport.segment import new_world_id, sweep_world_segments
 
-__all__ = ["Membership", "join", "check_local", "NotThisHostError"]
+__all__ = ["Membership", "join", "check_local", "remote_host", "NotThisHostError"]
 
 _NOTIFY_TIMEOUT = 5.0
 # How long a graceful leave waits for the supervisor to finish the world.
@@ -143,15 +143,22 @@ class Membership:
             self.supervisor.poll()  # reap it if it is done (else init will)
 
 
+def remote_host(rendezvous: Rendezvous) -> str | None:
+    """The rendezvous host if it is another machine, else None."""
+    if rendezvous.host is None or is_local_host(rendezvous.host, (), ()):
+        return None  # loopback: no need to look up this machine's names
+    return None if is_local_host(rendezvous.host, *_this_host()) else rendezvous.host
+
+
 def check_local(rendezvous: Rendezvous) -> None:
     """Raise NotThisHostError if the rendezvous is on another machine."""
-    if rendezvous.host is None or is_local_host(rendezvous.host, *_this_host()):
+    if remote_host(rendezvous) is None:
         return
     raise NotThisHostError(
         f"init_method {rendezvous.describe()} names another host: this world spans machines, "
-        f"and localrref runs worlds of one machine. Run it on torch.distributed.rpc "
-        f"(TensorPipe): use `import torch.distributed.rpc as rpc`, or set MASTER_ADDR to this "
-        f"machine for a world of one machine")
+        f"and localrref runs worlds of one machine, but LOCALRREF_BACKEND=localrref (or "
+        f"init_rpc(backend='localrref')) keeps it here. Unset it and init_rpc hands the world "
+        f"over to torch.distributed.rpc (TensorPipe); or set MASTER_ADDR to this machine")
 
 
 def _this_host() -> tuple[set[str], set[str]]:

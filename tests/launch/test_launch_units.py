@@ -364,7 +364,8 @@ def test_flags_and_values():
 def test_multi_node_flags_point_to_torchrun(argv, message):
     with pytest.raises(UsageError, match=message) as info:
         _config(*argv)
-    assert "torchrun with torch.distributed.rpc" in str(info.value)
+    assert "start the same script with torchrun" in str(info.value)
+    assert "torch.distributed.rpc" in str(info.value)
 
 
 def test_local_rendezvous_settings_are_accepted():
@@ -388,7 +389,7 @@ def test_main_turns_usage_errors_into_exit_2(capsys):
         main(["--nnodes", "2", "train.py"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "localrref runs every worker on this one machine" in err and "torchrun" in err
+    assert "runs every worker on this one machine" in err and "torchrun" in err
 
 
 def test_std_parsing_and_prefix(monkeypatch):

@@ -258,10 +258,14 @@ def test_ranks_that_never_arrive_are_named_by_init_rpc(root):
     assert record is None or record.member(0).left
 
 
-def test_an_init_method_naming_another_host_points_to_torch(root):
+def test_another_host_kept_on_localrref_is_refused_pointing_to_the_hand_over(root, monkeypatch):
     import localrref
+    from localrref import api
     options = localrref.RpcBackendOptions(init_method="tcp://192.0.2.1:29615")
-    with pytest.raises(NotThisHostError, match="torch.distributed.rpc"):
+    # Left to choose, init_rpc would hand this world over to torch (test_handover).
+    assert api._remote_host(options) == "192.0.2.1"
+    monkeypatch.setenv("LOCALRREF_BACKEND", "localrref")
+    with pytest.raises(NotThisHostError, match="hands the world over to torch.distributed.rpc"):
         localrref.init_rpc("far", rank=0, world_size=2, rpc_backend_options=options)
 
 

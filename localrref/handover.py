@@ -1,0 +1,138 @@
+"""When a world outgrows this machine: the whole API hands over to ``torch.distributed.rpc``.
+
+localrref runs worlds of one machine; across machines the engine is torch's
+own RPC (TensorPipe), not a second implementation. :func:`choose` decides,
+from what ``init_rpc`` was given and the environment, which engine a world
+runs on; it is pure, so every rule is tested without processes:
+
+* ``init_rpc(backend="torch")`` or ``LOCALRREF_BACKEND=torch``: torch, asked for.
+* ``backend="localrref"`` or ``LOCALRREF_BACKEND=localrref``: localrref, even
+  where it would hand over (a rendezvous on another host then fails, naming it).
+* A worker started by ``localrref.spawn`` / ``python -m localrref.launch``: localrref.
+* torchrun with several nodes (``GROUP_WORLD_SIZE`` > 1, or fewer local
+  workers than workers, ``LOCAL_WORLD_SIZE`` < ``WORLD_SIZE``): torch.
+* An ``init_method`` (or ``MASTER_ADDR``) naming another host: torch.
+* Otherwise localrref.
+
+Once :func:`start` ran, :func:`active` returns the ``torch.distributed.rpc``
+module and every public function of localrref forwards to it until
+:func:`stop`. What only localrref has degrades to what torch offers:
+``get_debug_info()`` is torch's ``_get_debug_info()``, ``share_tensor`` returns
+the tensor itself, and there is no leak report (torch's graceful shutdown
+deletes every RRef without one).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Mapping
+
+__all__ = ["ENV", "Engine", "Choice", "choose", "active", "start", "stop"]
+
+ENV = "LOCALRREF_BACKEND"
+
+
+class Engine(enum.Enum):
+    LOCALRREF = "localrref"
+    TORCH = "torch"
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    engine: Engine
+    reason: str
+
+
+def _asked(backend: object, environ: Mapping[str, str]) -> tuple[Engine, str] | None:
+    if isinstance(backend, str):
+        try:
+            return Engine(backend.lower()), f"init_rpc(backend={backend!r})"
+        except ValueError:
+            raise ValueError(f"init_rpc(backend={backend!r}): localrref knows the backends "
+                             f"'localrref' (this machine) and 'torch' (torch.distributed.rpc "
+                             f"with TensorPipe, for worlds across machines)") from None
+    # None or torch's BackendType.TENSORPIPE (torch programs pass it routinely): no preference.
+    value = environ.get(ENV, "").strip().lower()
+    if not value:
+        return None
+    try:
+        return Engine(value), f"{ENV}={value}"
+    except ValueError:
+        raise ValueError(f"{ENV}={environ[ENV]!r}: set it to 'localrref' or 'torch' "
+                         f"(or unset it to let localrref choose)") from None
+
+
+def _int(environ: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def choose(backend: object, environ: Mapping[str, str], *, launcher_world: bool,
+           remote_host: str | None) -> Choice:
+    """Which engine runs this world.
+
+    Args:
+        backend: ``init_rpc``'s ``backend`` argument.
+        environ: the process environment.
+        launcher_world: a localrref launcher started this worker.
+        remote_host: the rendezvous host if it is not this machine, else None.
+    """
+    asked = _asked(backend, environ)
+    if asked is not None:
+        engine, why = asked
+        return Choice(engine, f"{why} asks for it")
+    if launcher_world:
+        return Choice(Engine.LOCALRREF, "started by a localrref launcher")
+    nodes = _int(environ, "GROUP_WORLD_SIZE")
+    if nodes is not None and nodes > 1:
+        return Choice(Engine.TORCH, f"torchrun started {nodes} nodes (GROUP_WORLD_SIZE={nodes})")
+    local, world = _int(environ, "LOCAL_WORLD_SIZE"), _int(environ, "WORLD_SIZE")
+    if local is not None and world is not None and local < world:
+        return Choice(Engine.TORCH, f"{local} of the {world} workers run on this machine "
+                                    f"(LOCAL_WORLD_SIZE={local}, WORLD_SIZE={world})")
+    if remote_host is not None:
+        return Choice(Engine.TORCH, f"the rendezvous is on another host ({remote_host})")
+    return Choice(Engine.LOCALRREF, "every worker is on this machine")
+
+
+# -- the shell: this process's hand-over, if any ---------------------------
+
+_torch_rpc: ModuleType | None = None
+
+
+def active() -> ModuleType | None:
+    """``torch.distributed.rpc`` while this process's world runs on torch, else None."""
+    return _torch_rpc
+
+
+def torch_options(options) -> object:
+    """torch's ``TensorPipeRpcBackendOptions`` for localrref's (torch's own pass through)."""
+    import torch.distributed.rpc as torch_rpc
+    if options is None or isinstance(options, torch_rpc.TensorPipeRpcBackendOptions):
+        return options
+    return torch_rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=options.num_worker_threads, rpc_timeout=options.rpc_timeout,
+        init_method=options.init_method, device_maps=options.device_maps or None,
+        devices=options.devices or None)
+
+
+def start(name: str, rank: int, world_size: int | None, options, reason: str) -> None:
+    """Start torch's RPC in this process for this world; localrref's API forwards to it."""
+    global _torch_rpc
+    import torch.distributed.rpc as torch_rpc
+    print(f"localrref: this world runs on torch.distributed.rpc (TensorPipe): {reason}",
+          file=sys.stderr, flush=True)
+    torch_rpc.init_rpc(name, backend=torch_rpc.BackendType.TENSORPIPE, rank=rank,
+                       world_size=world_size, rpc_backend_options=torch_options(options))
+    _torch_rpc = torch_rpc
+
+
+def stop() -> None:
+    global _torch_rpc
+    _torch_rpc = None
+
