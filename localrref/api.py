@@ -84,7 +84,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
                                "calling init_rpc again")
         spec = current_world()
         choice = handover.choose(backend, os.environ, launcher_world=spec is not None,
-                                 remote_host=_remote_host(rpc_backend_options))
+                                 remote_host=lambda: _remote_host(rpc_backend_options))
         if choice.engine is handover.Engine.TORCH:
             rank = _resolve_int("rank", rank, os.environ.get("RANK"), -1, unset=-1)
             world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"),

@@ -28,7 +28,7 @@ import enum
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Mapping
+from typing import Callable, Mapping
 
 __all__ = ["ENV", "Engine", "Choice", "choose", "active", "start", "stop"]
 
@@ -73,14 +73,16 @@ def _int(environ: Mapping[str, str], name: str) -> int | None:
 
 
 def choose(backend: object, environ: Mapping[str, str], *, launcher_world: bool,
-           remote_host: str | None) -> Choice:
+           remote_host: Callable[[], str | None]) -> Choice:
     """Which engine runs this world.
 
     Args:
         backend: ``init_rpc``'s ``backend`` argument.
         environ: the process environment.
         launcher_world: a localrref launcher started this worker.
-        remote_host: the rendezvous host if it is not this machine, else None.
+        remote_host: returns the rendezvous host if it is not this machine,
+            else None; called only when nothing else decided (finding out
+            imports the rendezvous code and may look up this host's names).
     """
     asked = _asked(backend, environ)
     if asked is not None:
@@ -95,8 +97,9 @@ def choose(backend: object, environ: Mapping[str, str], *, launcher_world: bool,
     if local is not None and world is not None and local < world:
         return Choice(Engine.TORCH, f"{local} of the {world} workers run on this machine "
                                     f"(LOCAL_WORLD_SIZE={local}, WORLD_SIZE={world})")
-    if remote_host is not None:
-        return Choice(Engine.TORCH, f"the rendezvous is on another host ({remote_host})")
+    host = remote_host()
+    if host is not None:
+        return Choice(Engine.TORCH, f"the rendezvous is on another host ({host})")
     return Choice(Engine.LOCALRREF, "every worker is on this machine")
 
 

@@ -20,7 +20,7 @@ TORCHRUN_2_NODES = {"GROUP_WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZ
 
 def engine(backend=None, environ=None, *, launcher_world=False, remote_host=None):
     return choose(backend, environ or {}, launcher_world=launcher_world,
-                  remote_host=remote_host).engine
+                  remote_host=lambda: remote_host).engine
 
 
 def test_one_machine_stays_on_localrref():
@@ -33,12 +33,12 @@ def test_one_machine_stays_on_localrref():
 
 
 def test_a_world_across_machines_hands_over_and_says_why():
-    choice = choose(None, TORCHRUN_2_NODES, launcher_world=False, remote_host=None)
+    choice = choose(None, TORCHRUN_2_NODES, launcher_world=False, remote_host=lambda: None)
     assert choice.engine is Engine.TORCH and "torchrun started 2 nodes" in choice.reason
     local = {"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "6"}
     assert "2 of the 6 workers" in choose(None, local, launcher_world=False,
-                                          remote_host=None).reason
-    choice = choose(None, {}, launcher_world=False, remote_host="10.1.2.3")
+                                          remote_host=lambda: None).reason
+    choice = choose(None, {}, launcher_world=False, remote_host=lambda: "10.1.2.3")
     assert choice.engine is Engine.TORCH and "another host (10.1.2.3)" in choice.reason
 
 
@@ -55,6 +55,14 @@ def test_asking_wins_over_what_the_world_looks_like():
 
 def test_a_localrref_launcher_world_stays_on_localrref():
     assert engine(environ=TORCHRUN_2_NODES, launcher_world=True) is Engine.LOCALRREF
+
+
+def test_the_rendezvous_host_is_looked_up_only_when_nothing_else_decided():
+    def never():
+        raise AssertionError("looked up")
+    for backend, environ, launcher_world in (("torch", {}, False), (None, {}, True),
+                                              (None, TORCHRUN_2_NODES, False)):
+        choose(backend, environ, launcher_world=launcher_world, remote_host=never)
 
 
 def test_unknown_backends_are_named_with_the_valid_ones():
