@@ -10,6 +10,7 @@ may run in any thread, at any allocation).
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch.distributed.rpc import WorkerInfo
@@ -36,6 +37,10 @@ class RRef:
     """
 
     __slots__ = ("_agent", "_record", "_creation", "_type", "__weakref__")
+
+    # torch's RRef is Generic: annotations such as ``RRef[torch.Tensor]``
+    # (torch's own RemoteModule template has them) must evaluate.
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __new__(cls, value=None, type_hint=None):
         torch_rpc = handover.active()

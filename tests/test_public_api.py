@@ -84,3 +84,14 @@ def test_init_rpc_outside_a_localrref_world_says_how_to_meet(monkeypatch):
     with pytest.raises(ValueError, match="environment variable MASTER_ADDR expected, but not "
                                          "set.*localrref.spawn"):
         localrref.init_rpc("lonely", rank=0, world_size=2)
+
+
+def test_rref_is_generic_as_torchs_is():
+    # Annotations such as RRef[torch.Tensor] appear in users' code and in
+    # torch's own RemoteModule template.
+    import typing
+
+    import torch
+    alias = localrref.RRef[torch.Tensor]
+    assert typing.get_origin(alias) is localrref.RRef
+    assert typing.get_args(alias) == typing.get_args(torch_rpc.RRef[torch.Tensor])

@@ -1,19 +1,26 @@
 """Make ``torch.distributed.rpc`` resolve to localrref's API in this process.
 
-:func:`install` puts a finder first on ``sys.meta_path`` that only watches
-for the module ``torch``: its loader runs torch's own, then swaps
-``sys.modules["torch.distributed.rpc"]`` and the ``torch.distributed.rpc``
-attribute for :mod:`localrref.run.as_torch_rpc` (and ``autograd`` for
-:mod:`localrref.run.as_torch_autograd`). If torch is already
-imported, the swap happens at once. Modules of torch that imported the real
-``rpc`` while torch loaded keep it; the program's own imports, done later,
-get localrref's.
+:func:`install` puts a finder first on ``sys.meta_path`` that finds nothing
+itself: it watches for a few of torch's modules and wraps their loaders, so
+that right after one has loaded its names are swapped:
+
+* ``torch``: ``sys.modules["torch.distributed.rpc"]`` and the
+  ``torch.distributed.rpc`` attribute become :mod:`localrref.run.as_torch_rpc`
+  (``autograd`` likewise :mod:`localrref.run.as_torch_autograd`);
+* ``torch.distributed.optim`` and ``torch.distributed.nn``:
+  ``DistributedOptimizer`` and ``RemoteModule`` become classes that fail,
+  naming themselves, when used (torch's own would run on localrref's RPC
+  but need torch's distributed autograd).
+
+A module already imported when :func:`install` runs is swapped at once.
+Modules of torch that imported the real ``rpc`` while torch loaded keep it;
+the program's own imports, done later, get localrref's.
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import os
 import sys
 
@@ -34,13 +41,17 @@ def install() -> None:
         return
     _installed = True
     os.environ[ENV] = "1"  # processes started from here on do the same (run/site)
-    if "torch" in sys.modules:
-        _swap()
-    else:
-        sys.meta_path.insert(0, _TorchWatcher())
+    pending = {}
+    for name, swap in _SWAPS.items():
+        if name in sys.modules:
+            swap(sys.modules[name])
+        else:
+            pending[name] = swap
+    if pending:
+        sys.meta_path.insert(0, _Watcher(pending))
 
 
-def _swap() -> None:
+def _swap_torch(torch_module) -> None:
     from . import as_torch_autograd, as_torch_rpc  # as_torch_rpc imports localrref's API
     import torch.distributed
     for name, module in (("rpc", as_torch_rpc), ("autograd", as_torch_autograd)):
@@ -48,30 +59,68 @@ def _swap() -> None:
         setattr(torch.distributed, name, module)
 
 
-class _TorchWatcher(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loader of ``torch`` to swap once torch has loaded."""
+def _missing(qualname: str) -> type:
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"{qualname} is not provided by localrref yet: this program runs under "
+            f"`python -m localrref.run`, and {qualname} needs torch's distributed autograd, "
+            f"which cannot see localrref's RPCs. Run it without the runner (plain "
+            f"torch.distributed.rpc)")
+    module, name = qualname.rsplit(".", 1)
+    return type(name, (), {"__init__": __init__, "__module__": module})
+
+
+def _replace(package, names: tuple[str, ...], attribute: str) -> None:
+    placeholder = _missing(f"{package.__name__}.{attribute}")
+    setattr(package, attribute, placeholder)
+    for name in names:  # where torch defines it, for `from <there> import <it>`
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, attribute):
+            setattr(module, attribute, placeholder)
+
+
+def _swap_optim(package) -> None:
+    _replace(package, ("torch.distributed.optim.optimizer",), "DistributedOptimizer")
+
+
+def _swap_nn(package) -> None:
+    _replace(package, ("torch.distributed.nn.api.remote_module",), "RemoteModule")
+
+
+_SWAPS = {"torch": _swap_torch, "torch.distributed.optim": _swap_optim,
+          "torch.distributed.nn": _swap_nn}
+
+
+class _Watcher(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the loaders of the watched modules to swap once they load."""
+
+    def __init__(self, pending: dict) -> None:
+        self._pending = pending
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "torch":
+        swap = self._pending.pop(fullname, None)  # one shot per module
+        if swap is None:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from finding us
-        spec = importlib.util.find_spec("torch")
+        if not self._pending:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return spec
-        spec.loader = _SwapAfter(spec.loader)
+        spec.loader = _SwapAfter(spec.loader, swap)
         return spec
 
 
 class _SwapAfter(importlib.abc.Loader):
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, swap) -> None:
         self._loader = loader
+        self._swap = swap
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        _swap()
+        self._swap(module)
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
         return getattr(self._loader, name)

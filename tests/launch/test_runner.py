@@ -144,6 +144,16 @@ try:
         pass
 except AttributeError as exc:
     print(exc)
+from torch.distributed.optim import DistributedOptimizer
+from torch.distributed.nn import RemoteModule
+from torch.distributed.nn.api.remote_module import RemoteModule as Defined
+assert Defined is RemoteModule
+for make in (lambda: DistributedOptimizer(torch.optim.SGD, [], lr=0.1),
+             lambda: RemoteModule("worker1/cpu", torch.nn.Linear, args=(2, 2))):
+    try:
+        make()
+    except NotImplementedError as exc:
+        print(exc)
 """
 
 
@@ -153,10 +163,10 @@ def test_what_localrref_lacks_fails_naming_it(env, tmp_path):
     script.write_text(MISSING)
     done = run(["-m", "localrref.run", str(script), "_get_current_rpc_agent"], env)
     assert done.returncode == 0, done.stderr
-    first, second = done.stdout.splitlines()
-    assert first.startswith("torch.distributed.rpc._get_current_rpc_agent is not provided by "
-                            "localrref")
-    assert second.startswith("torch.distributed.autograd.context is not provided by localrref")
+    lines = done.stdout.splitlines()
+    assert [line.split(" is not provided by localrref")[0] for line in lines] == [
+        "torch.distributed.rpc._get_current_rpc_agent", "torch.distributed.autograd.context",
+        "torch.distributed.optim.DistributedOptimizer", "torch.distributed.nn.RemoteModule"]
 
 
 SITE = """\
