@@ -152,6 +152,10 @@ class Agent:
     def start(self, init_timeout: float) -> None:
         """Start the threads and meet every peer (init_rpc's handshake)."""
         self.say_hello()
+        self.await_peers(init_timeout)
+
+    def await_peers(self, init_timeout: float) -> None:
+        """Wait until every peer answered our hello (or one died first, or time ran out)."""
         met = self.block_until(lambda: self._handshake.complete or self.dead or self.closing,
                                init_timeout, "every peer to call init_rpc")
         if not met:
@@ -159,7 +163,11 @@ class Agent:
                 f"init_rpc timed out after {init_timeout:.0f} s waiting for ranks "
                 f"{self._handshake.missing()} to call init_rpc (every worker of the world "
                 f"must call it)")
-        if self.dead:
+        if self.dead and not self._handshake.complete:
+            # A peer died before every hello was answered: this world never
+            # formed. Once the handshake is complete, a death (even one seen
+            # before this thread woke up) is an ordinary death: calls to that
+            # peer fail, and init_rpc has succeeded.
             raise next(iter(self.dead.values()))
         names = collections.Counter(p.name for p in self._handshake.peers.values())
         duplicates = sorted(n for n, c in names.items() if c > 1)

@@ -228,3 +228,35 @@ def test_user_rrefs_are_user_records(world3):
         rref = a0.calls.remote(1, add, (1, 2), {}, -1.0)
     assert isinstance(rref._record, UserRRef)
     assert result(world3, a0.calls.fetch(rref._record, -1.0)) == 3
+
+
+def test_a_peer_that_dies_after_the_handshake_does_not_fail_init():
+    # Under load the thread in init_rpc may wake only after a peer that had
+    # answered its hello already died: init succeeded all the same.
+    world = AgentWorld(3)
+    try:
+        world.say_hello()
+        world.settle()
+        assert all(agent._handshake.complete for agent in world.agents)
+        world.kill(1)
+        with current.using(world.agents[2]):
+            world.agents[2].await_peers(60.0)
+        assert result(world, call(world, 2, 0, add, 1, 1)) == 2
+        with pytest.raises(WorkerGoneError):
+            result(world, call(world, 2, 1, add, 1, 1))
+    finally:
+        world.close()
+
+
+def test_a_peer_that_dies_before_answering_fails_init_naming_it():
+    world = AgentWorld(3)
+    try:
+        world.delay(0, 2)
+        world.say_hello()
+        world.settle()
+        assert not world.agents[2]._handshake.complete
+        world.kill(0)
+        with current.using(world.agents[2]), pytest.raises(WorkerGoneError, match="rank 0"):
+            world.agents[2].await_peers(60.0)
+    finally:
+        world.close()
