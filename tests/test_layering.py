@@ -35,6 +35,7 @@ ALLOWED = {
     "localrref.launch": {"localrref.transport", *LEAVES},
     "localrref.agent": {"localrref.core", "localrref.codec", "localrref.transport", *LEAVES},
     "localrref.rref": {"localrref.agent", *LEAVES},
+    "localrref.autograd": {"localrref.agent", "localrref.core", *LEAVES},
     "localrref.api": {"localrref.agent", "localrref.rref", "localrref.launch", *LEAVES},
     # The runner: the public API under torch's names, and the launcher.
     "localrref.run": {"localrref", "localrref.api", "localrref.rref", "localrref.launch", *LEAVES},

@@ -1,0 +1,1 @@
+"""Distributed autograd (work in progress: the local pass engine; the API comes next)."""

@@ -1,0 +1,94 @@
+"""One local gradient pass of distributed autograd (torch's FAST mode), on tensors.
+
+The protocol (``core/dist_autograd.py``) decides *when* a pass runs and where
+its results go; this module runs it. A pass starts at some tensors (the
+roots of ``backward``, or the tensors a send carried) with gradients for
+them, and goes through this worker's autograd graph to its leaves:
+
+* a leaf that arrived in an RPC (a *recv* tensor) gets a gradient that must
+  travel back to the worker that sent it: the pass returns those;
+* any other leaf that requires grad accumulates its gradient in the context
+  (never in ``.grad``: that is what ``get_gradients`` returns).
+
+The graph is kept (``retain_graph=True``): in FAST mode a part of it may be
+reached again by a later pass of the same backward; it is freed with the
+context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["RecvSlot", "find_leaves", "run_pass"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecvSlot:
+    """Where a received tensor came from: position ``index`` of recv ``message_id`` from ``src``."""
+
+    src: int
+    message_id: int
+    index: int
+
+
+def find_leaves(starts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every leaf requiring grad that ``starts`` depend on (or are), each once, in graph order."""
+    leaves: list[torch.Tensor] = []
+    seen_leaves: set[int] = set()
+    seen_nodes: set[int] = set()
+    stack = []
+    for tensor in starts:
+        if tensor.grad_fn is None:
+            if tensor.requires_grad and id(tensor) not in seen_leaves:
+                seen_leaves.add(id(tensor))
+                leaves.append(tensor)
+        else:
+            stack.append(tensor.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf
+        if variable is not None:
+            if id(variable) not in seen_leaves:
+                seen_leaves.add(id(variable))
+                leaves.append(variable)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+             recv_slots: dict[int, RecvSlot],
+             accumulate: Callable[[torch.Tensor, torch.Tensor], None],
+             ) -> dict[tuple[int, int], dict[int, torch.Tensor]]:
+    """Run one pass; returns the recv tensors' gradients by (src, message id) and index.
+
+    ``recv_slots`` maps ``id(tensor)`` of each received tensor to its slot.
+    A start with no gradient (None) is skipped; gradients are summed where
+    a leaf is reached from several starts, as autograd sums them.
+    """
+    pairs = [(t, g) for t, g in zip(starts, grads, strict=True)
+             if g is not None and t.requires_grad]
+    if not pairs:
+        return {}
+    outputs = [t for t, _ in pairs]
+    leaves = find_leaves(outputs)
+    if not leaves:
+        return {}
+    found = torch.autograd.grad(outputs, leaves, grad_outputs=[g for _, g in pairs],
+                                retain_graph=True, allow_unused=True)
+    outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+    for leaf, grad in zip(leaves, found):
+        if grad is None:
+            continue
+        slot = recv_slots.get(id(leaf))
+        if slot is None:
+            accumulate(leaf, grad)
+        else:
+            outgoing.setdefault((slot.src, slot.message_id), {})[slot.index] = grad
+    return outgoing
