@@ -130,9 +130,15 @@ def start(name: str, rank: int, world_size: int | None, options, reason: str) ->
     import torch.distributed.rpc as torch_rpc
     print(f"localrref: this world runs on torch.distributed.rpc (TensorPipe): {reason}",
           file=sys.stderr, flush=True)
-    torch_rpc.init_rpc(name, backend=torch_rpc.BackendType.TENSORPIPE, rank=rank,
-                       world_size=world_size, rpc_backend_options=torch_options(options))
+    # Forward first: torch's agent serves peers before its init_rpc returns,
+    # and a function they run here may already call localrref's API.
     _torch_rpc = torch_rpc
+    try:
+        torch_rpc.init_rpc(name, backend=torch_rpc.BackendType.TENSORPIPE, rank=rank,
+                           world_size=world_size, rpc_backend_options=torch_options(options))
+    except BaseException:
+        _torch_rpc = None
+        raise
 
 
 def stop() -> None:

@@ -93,3 +93,29 @@ def test_without_init_rpc_every_function_says_so():
                  lambda: localrref.share_tensor(None), lambda: localrref.get_rpc_timeout()):
         with pytest.raises(RuntimeError, match="RPC has not been initialized"):
             call()
+
+
+def test_the_api_forwards_while_torchs_init_rpc_runs(monkeypatch, capsys):
+    # torch's agent serves peers before its init_rpc returns: a function they
+    # run here may call localrref's API already (seen under load: the main
+    # job's trainer asked get_worker_info() inside the ps's first call).
+    import torch.distributed.rpc as torch_rpc
+
+    from localrref import handover
+    seen = []
+
+    def init_rpc(name, **kwargs):
+        seen.append(handover.active())
+        if name == "fails":
+            raise RuntimeError("the store is gone")
+
+    monkeypatch.setattr(torch_rpc, "init_rpc", init_rpc)
+    try:
+        handover.start("w0", 0, 2, None, "asked")
+        assert seen == [torch_rpc] and handover.active() is torch_rpc
+    finally:
+        handover.stop()
+    with pytest.raises(RuntimeError, match="the store is gone"):
+        handover.start("fails", 0, 2, None, "asked")
+    assert handover.active() is None
+    assert "this world runs on torch.distributed.rpc (TensorPipe): asked" in capsys.readouterr().err
