@@ -133,8 +133,8 @@ class ShutdownDrained:
 
 
 @dataclass(**_RECORD)
-class ShutdownDone:
-    """Worker ``rank`` reports what it still holds (leak dicts, keys ``world.LEAK_FIELDS``)."""
+class _Leaks:
+    """Worker ``rank`` and the RRefs it still holds (leak dicts, keys ``world.LEAK_FIELDS``)."""
 
     rank: int
     leaks: tuple[dict[str, Any], ...] = ()
@@ -142,6 +142,11 @@ class ShutdownDone:
     def __post_init__(self) -> None:
         _rank(self.rank)
         object.__setattr__(self, "leaks", tuple(dict(leak) for leak in self.leaks))
+
+
+@dataclass(**_RECORD)
+class ShutdownDone(_Leaks):
+    """Worker ``rank`` reports what it still holds, in the graceful shutdown's leak phase."""
 
 
 @dataclass(**_RECORD)
@@ -172,15 +177,8 @@ class ShutdownFailed:
 
 
 @dataclass(**_RECORD)
-class LeakReport:
+class LeakReport(_Leaks):
     """Worker ``rank`` reports RRefs it still holds, outside a graceful shutdown."""
-
-    rank: int
-    leaks: tuple[dict[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        _rank(self.rank)
-        object.__setattr__(self, "leaks", tuple(dict(leak) for leak in self.leaks))
 
 
 @dataclass(**_RECORD)

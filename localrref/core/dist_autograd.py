@@ -289,13 +289,9 @@ class AutogradContexts:
         overtook this message): the driver then treats the tensors as
         plain tensors, and nothing is re-created.
         """
-        context = self._contexts.get(context_id)
-        if context is None:
-            if self._is_released(context_id) or creator_of(context_id) in self._dead:
-                return False
-            context = self._contexts[context_id] = _Context(context_id)
-        context.recvs[message_id] = src
-        context.known.add(src)
+        if not self.join(context_id, src):
+            return False
+        self._contexts[context_id].recvs[message_id] = src
         return True
 
     def join(self, context_id: int, src: int) -> bool:
