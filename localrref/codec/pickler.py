@@ -70,11 +70,12 @@ class Encoded:
 
 
 class _Pickler(pickle.Pickler):
-    def __init__(self, file, *, fork, pool, rref_type):
+    def __init__(self, file, *, fork, pool, rref_type, grads):
         super().__init__(file, protocol=_PROTOCOL)
         self._fork = fork
         self._pool = pool
         self._rref_type = rref_type
+        self._grads = grads
         self.forks: list = []
         self.handles: list = []
         # Pickle memoizes objects but not persistent ids: an RRef or tensor
@@ -105,12 +106,16 @@ class _Pickler(pickle.Pickler):
         return ("r", len(self.forks) - 1)
 
     def _tensor_id(self, tensor: torch.Tensor):
-        return _tensor_pid(tensor, self._pool, self.handles)
+        return _tensor_pid(tensor, self._pool, self.handles, self._grads)
 
 
-def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
+def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = None):
     """A tensor's persistent id (exported tensors' handles go to ``handles``), or
     None for layouts torch's own reducer handles.
+
+    ``grads``, if given, collects the tensors that require grad, in pickling
+    order (distributed autograd's send records them; the receiver's
+    :func:`loads` finds them in the same order).
 
     The receiver gets the layout torch's RPC delivers (``cloneSparseTensors``
     in torch's ``rpc/utils.cpp``): a view is compacted, as ``clone()`` would,
@@ -128,6 +133,8 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list):
         return None  # torch's own reducer handles the exotic layouts (sparse among them)
     is_param = isinstance(tensor, torch.nn.Parameter)
     requires_grad = tensor.requires_grad
+    if requires_grad and grads is not None:
+        grads.append(tensor)
     dtype = tensor.dtype
     known_dtype = dtype in DTYPE_CODES
     if tensor.is_conj() or tensor.is_neg():
@@ -174,10 +181,11 @@ def _tensor_bytes(flat: torch.Tensor) -> bytes:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, *, rrefs, mapper):
+    def __init__(self, file, *, rrefs, mapper, grads):
         super().__init__(file)
         self._rrefs = rrefs
         self._mapper = mapper
+        self._grads = grads
         self.used = set()
         self._loaded: list = []  # persistent objects in stream order, for ("a", k)
 
@@ -186,6 +194,8 @@ class _Unpickler(pickle.Unpickler):
             return self._loaded[pid[1]]
         obj = self._load(pid)
         self._loaded.append(obj)
+        if self._grads is not None and isinstance(obj, torch.Tensor) and obj.requires_grad:
+            self._grads.append(obj)
         return obj
 
     def _load(self, pid):
@@ -240,8 +250,12 @@ def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> t
     return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
-def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded:
+def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None,
+          grads: list | None = None) -> Encoded:
     """Pickle ``obj``; RRefs go through ``fork``, big tensors through ``pool``.
+
+    ``grads``, if given, receives the tensors of ``obj`` that require grad,
+    in the order :func:`loads` will find them.
 
     On failure every fork already made is handed to ``abandon`` and every
     exported tensor is released, then the error is re-raised as a
@@ -256,11 +270,14 @@ def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None) -> Encoded
         # A bare tensor (a common return value): its persistent id is the
         # whole payload, no pickle stream around it.
         handles: list = []
-        pid = _tensor_pid(obj, pool, handles)
+        mark = len(grads) if grads is not None else 0
+        pid = _tensor_pid(obj, pool, handles, grads)
         if type(pid) is bytes:
             return Encoded(_BARE_TENSOR + pid, (), tuple(handles))
+        if grads is not None:
+            del grads[mark:]  # the full path below collects it again
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer, fork=fork, pool=pool, rref_type=rref_type)
+    pickler = _Pickler(buffer, fork=fork, pool=pool, rref_type=rref_type, grads=grads)
     try:
         pickler.dump(obj)
     except BaseException as exc:
@@ -304,8 +321,11 @@ def _is_plain(obj, depth: int) -> bool:
     return False
 
 
-def loads(data: bytes, *, rrefs=(), mapper=None):
+def loads(data: bytes, *, rrefs=(), mapper=None, grads: list | None = None):
     """Unpickle ``data``; RRef index i becomes ``rrefs[i]``.
+
+    ``grads``, if given, receives the tensors that arrived requiring grad,
+    in the order the sender's :func:`dumps` collected them.
 
     Returns ``(obj, unused)``: the indices of ``rrefs`` the stream never
     referred to (their holders must release them).
@@ -314,8 +334,11 @@ def loads(data: bytes, *, rrefs=(), mapper=None):
     if prefix == _PLAIN_PICKLE:
         return pickle.loads(memoryview(data)[1:]), list(range(len(rrefs)))
     if prefix == _BARE_TENSOR:
-        return _load_tensor(data[1:], mapper), list(range(len(rrefs)))
-    unpickler = _Unpickler(io.BytesIO(data), rrefs=rrefs, mapper=mapper)
+        tensor = _load_tensor(data[1:], mapper)
+        if grads is not None and tensor.requires_grad:
+            grads.append(tensor)
+        return tensor, list(range(len(rrefs)))
+    unpickler = _Unpickler(io.BytesIO(data), rrefs=rrefs, mapper=mapper, grads=grads)
     obj = unpickler.load()
     unused = [i for i in range(len(rrefs)) if i not in unpickler.used]
     return obj, unused

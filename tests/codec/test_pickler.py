@@ -167,3 +167,42 @@ def test_conjugate_and_negative_views_arrive_with_their_values(n, lane):
     for view in (conj, neg):
         _, back = round_trip(view, lane)
         assert torch.equal(back, view)
+
+
+@pytest.mark.parametrize("size", [4, 4096])  # inline, and through shared memory
+def test_tensors_requiring_grad_are_found_in_the_same_order_on_both_sides(size, lane):
+    # What distributed autograd's send and recv records pair up by position.
+    pool, mapper = lane
+    w = torch.randn(size, requires_grad=True)
+    hidden = w * 2                                   # not a leaf: travels as values
+    param = torch.nn.Parameter(torch.randn(size))
+    plain = torch.randn(size)
+    payload = {"a": [hidden, plain, (param, hidden)], "b": w, "c": torch.zeros(2)}
+    sent: list = []
+    encoded = dumps(payload, pool=pool, grads=sent)
+    assert [id(t) for t in sent] == [id(hidden), id(param), id(w)]  # hidden once
+    got: list = []
+    received = loads(encoded.data, mapper=mapper, grads=got)[0]
+    assert [id(t) for t in got] == [id(received["a"][0]), id(received["a"][2][0]),
+                                    id(received["b"])]
+    assert all(t.requires_grad and t.grad_fn is None for t in got)  # leaves on arrival
+    assert received["a"][2][1] is received["a"][0]
+    for mine, theirs in zip(sent, got):
+        assert torch.equal(mine.detach(), theirs.detach())
+
+
+def test_a_bare_tensor_requiring_grad_is_found_once(lane):
+    pool, mapper = lane
+    for tensor in (torch.randn(3, requires_grad=True), torch.randn(3)):
+        sent, got = [], []
+        encoded = dumps(tensor, pool=pool, grads=sent)
+        loads(encoded.data, mapper=mapper, grads=got)
+        assert len(sent) == len(got) == int(tensor.requires_grad)
+    # A layout torch's own reducer carries (sparse) is seen by neither side,
+    # so the positions of the others still pair up.
+    sparse = torch.eye(3).to_sparse().requires_grad_()
+    dense = torch.randn(3, requires_grad=True)
+    sent, got = [], []
+    loads(dumps([sparse, dense], pool=pool, grads=sent).data, mapper=mapper, grads=got)
+    assert [id(t) for t in sent] == [id(dense)] and len(got) == 1
+    assert torch.equal(got[0].detach(), dense.detach())
