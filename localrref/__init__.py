@@ -20,7 +20,7 @@ _EXPORTS = {
     "RpcBackendOptions": "options", "TensorPipeRpcBackendOptions": "options",
     "DEFAULT_RPC_TIMEOUT_SEC": "constants", "UNSET_RPC_TIMEOUT": "constants",
 }
-_SUBMODULES = {"functions", "api", "testing", "launch", "examples", "errors", "world"}
+_SUBMODULES = {"functions", "api", "testing", "launch", "examples", "errors", "world", "autograd"}
 
 __all__ = sorted([*_EXPORTS, "functions"])
 

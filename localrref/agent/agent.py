@@ -111,6 +111,7 @@ class Agent:
             ack_timeout=options.rpc_timeout if options.rpc_timeout > 0 else 60.0))
         self.closing = False
         self.closed = False
+        self._tape = None  # distributed autograd, see autograd_tape()
         # rank -> the error every later use of that peer raises.
         self.dead: dict[int, BaseException] = {}
         self._handshake = Handshake(rank=rank, name=name, pid=os.getpid(),
@@ -255,10 +256,33 @@ class Agent:
             return self.default_timeout
         return float(timeout)
 
-    def encode(self, obj):
-        """Pickle ``obj`` for the wire: RRefs are forked, big tensors go to shared memory."""
+    def encode(self, obj, grads: list | None = None):
+        """Pickle ``obj`` for the wire: RRefs are forked, big tensors go to shared memory.
+
+        ``grads``: collects the tensors that require grad (distributed autograd).
+        """
         return dumps(obj, fork=self._fork, abandon=self._abandon, pool=self.shm_pool,
-                     rref_type=self.rref_type)
+                     rref_type=self.rref_type, grads=grads)
+
+    def encode_for(self, dst: int, obj) -> tuple[bytes, tuple]:
+        """``(data, forks)`` of ``obj`` sent to ``dst``, inside this thread's autograd context."""
+        tape = self._tape
+        context_id = tape.current() if tape is not None else None
+        if context_id is None:
+            encoded = self.encode(obj)
+            return encoded.data, encoded.forks
+        return tape.encode(dst, obj, context_id)
+
+    def autograd_tape(self):
+        """This agent's distributed autograd (made on first use: most programs never use it)."""
+        tape = self._tape
+        if tape is None:
+            from .tape import Tape
+            with self.lock:
+                if self._tape is None:
+                    self._tape = Tape(self)
+                tape = self._tape
+        return tape
 
     def _fork(self, rref) -> object:
         record = rref._record_for(self)
@@ -406,6 +430,8 @@ class Agent:
             self.reader.run_on_pool(effects)
         self.signal_progress()
         self.shutdown.wake()
+        if self._tape is not None:
+            self._tape.worker_died(rank)
 
     # ------------------------------------------------------------------
     # Waiting

@@ -29,6 +29,7 @@ import torch
 from ..codec.pickler import loads, loads_exception
 from ..core import effects as fx
 from .futures import fail
+from .tape import HEADER
 
 __all__ = ["Calls", "Pending", "RequestKind"]
 
@@ -73,9 +74,9 @@ class Calls:
         if dead is not None:
             fail(future, dead)
             return future
-        encoded = agent.encode((func, args, kwargs))
+        data, forks = agent.encode_for(dst, (func, args, kwargs))
         with agent.lock:
-            request_id = agent.core.rpc(dst, encoded.data, encoded.forks, now=agent.clock(),
+            request_id = agent.core.rpc(dst, data, forks, now=agent.clock(),
                                         timeout=agent.timeout_of(timeout))
             self.pending[request_id] = Pending(future, RequestKind.CALL, dst)
             effects = agent.core.take_effects()
@@ -175,7 +176,13 @@ class Calls:
         if pending is None:
             return
         try:
-            value, _ = loads(effect.payload, rrefs=wrappers, mapper=agent.mapper)
+            if effect.payload[:1] == HEADER:  # a reply inside an autograd context
+                value, _ = agent.autograd_tape().decode(
+                    pending.dst, effect.payload,
+                    lambda data, grads: loads(data, rrefs=wrappers, mapper=agent.mapper,
+                                              grads=grads)[0])
+            else:
+                value, _ = loads(effect.payload, rrefs=wrappers, mapper=agent.mapper)
         except BaseException as exc:
             value = None
             fail(pending.future, RuntimeError(

@@ -25,6 +25,7 @@ from ..codec.pickler import dumps_exception, loads, wrap_exception
 from ..core import effects as fx
 from ..errors import AsyncExecutionError
 from .pool import ElasticPool
+from .tape import HEADER
 
 __all__ = ["Jobs", "InlineExecutor"]
 
@@ -49,6 +50,8 @@ class Jobs:
         self.agent = agent
         self.executor = (ElasticPool(agent.options.num_worker_threads) if threads
                          else InlineExecutor())
+        # job id -> the autograd context its request ran in (its reply is sent in it)
+        self.contexts: dict[int, int] = {}
 
     def submit(self, job: fx.Execute) -> None:
         """Run ``job`` on the pool (a job that cannot start fails its caller)."""
@@ -64,8 +67,15 @@ class Jobs:
         agent = self.agent
         wrappers = [agent.rref_type._adopt(agent, record) for record in job.rrefs]
         load_error = None
+        context_id = None
         try:
-            func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=agent.mapper)[0]
+            if job.payload[:1] == HEADER:  # a call made inside an autograd context
+                (func, args, kwargs), context_id = agent.autograd_tape().decode(
+                    job.src, job.payload,
+                    lambda data, grads: loads(data, rrefs=wrappers, mapper=agent.mapper,
+                                              grads=grads)[0])
+            else:
+                func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=agent.mapper)[0]
         except BaseException as exc:
             load_error = exc
         del wrappers
@@ -76,7 +86,12 @@ class Jobs:
         name = getattr(func, "__qualname__", repr(func))
         error = None
         try:
-            result = func(*args, **(kwargs or {}))
+            if context_id is None:
+                result = func(*args, **(kwargs or {}))
+            else:
+                self.contexts[job.job_id] = context_id
+                with agent.autograd_tape().running_in(context_id):
+                    result = func(*args, **(kwargs or {}))
         except BaseException as exc:
             error, result = exc, None
         # The RRefs among the arguments are dropped before the reply leaves:
@@ -122,18 +137,24 @@ class Jobs:
     def _reply_with(self, job, value) -> None:
         """Pickle ``value`` (forking its RRefs) and send it as the job's reply."""
         agent = self.agent
+        context_id = self.contexts.pop(job.job_id, None)
         try:
-            encoded = agent.encode(value)
+            if context_id is None:
+                encoded = agent.encode(value)
+                data, forks = encoded.data, encoded.forks
+            else:
+                data, forks = agent.autograd_tape().encode(job.src, value, context_id)
         except BaseException as exc:
             self._fail(job, exc)
             return
         with agent.lock:
-            effects = agent.core.finish_call(job.job_id, encoded.data, encoded.forks)
+            effects = agent.core.finish_call(job.job_id, data, forks)
         agent.run(effects)
         agent.signal_progress()
 
     def _fail(self, job, exc: BaseException) -> None:
         agent = self.agent
+        self.contexts.pop(job.job_id, None)
         payload = dumps_exception(wrap_exception(exc, agent.worker_info_text()))
         # The formatted traceback travels; the frames (and the arguments they
         # hold) are let go before the reply is sent.

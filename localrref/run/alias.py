@@ -9,8 +9,8 @@ that right after one has loaded its names are swapped:
   (``autograd`` likewise :mod:`localrref.run.as_torch_autograd`);
 * ``torch.distributed.optim`` and ``torch.distributed.nn``:
   ``DistributedOptimizer`` and ``RemoteModule`` become classes that fail,
-  naming themselves, when used (torch's own would run on localrref's RPC
-  but need torch's distributed autograd).
+  naming themselves, when used (torch's own reach into torch's C++ RPC
+  and autograd internals).
 
 A module already imported when :func:`install` runs is swapped at once.
 Modules of torch that imported the real ``rpc`` while torch loaded keep it;
@@ -63,9 +63,9 @@ def _missing(qualname: str) -> type:
     def __init__(self, *args, **kwargs):
         raise NotImplementedError(
             f"{qualname} is not provided by localrref yet: this program runs under "
-            f"`python -m localrref.run`, and {qualname} needs torch's distributed autograd, "
-            f"which cannot see localrref's RPCs. Run it without the runner (plain "
-            f"torch.distributed.rpc)")
+            f"`python -m localrref.run`, where torch.distributed.rpc and "
+            f"torch.distributed.autograd are localrref's, and torch's {qualname} works only "
+            f"with torch's own. Run it without the runner (plain torch.distributed.rpc)")
     module, name = qualname.rsplit(".", 1)
     return type(name, (), {"__init__": __init__, "__module__": module})
 

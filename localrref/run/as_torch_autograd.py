@@ -1,14 +1,17 @@
-"""``torch.distributed.autograd`` under ``python -m localrref.run``, until localrref has its own.
+"""``torch.distributed.autograd`` under ``python -m localrref.run``: localrref's own.
 
-torch's distributed autograd records send and receive functions inside
-torch's own RPC agent; calls made through localrref never reach it, so
-torch's ``backward`` would silently compute only this worker's part of the
-gradients. Every name therefore fails loudly, naming itself, except
-``is_available()``, which says False so torch's own modules that probe it
-(``torch.jit``) carry on.
+``context``, ``backward`` and ``get_gradients`` are :mod:`localrref.autograd`.
+Other names (torch's private ``_current_context``, ``_is_valid_context``,
+...) fail naming themselves. ``is_available()`` says False, as before this
+module had a body, so that torch's own modules that probe it (``torch.jit``
+registers torch's C++ operators when it is True) leave it alone.
 """
 
 from __future__ import annotations
+
+from localrref.autograd import backward, context, get_gradients
+
+__all__ = ["context", "backward", "get_gradients", "is_available"]
 
 
 def is_available() -> bool:
@@ -19,6 +22,6 @@ def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
     raise AttributeError(
-        f"torch.distributed.autograd.{name} is not provided by localrref yet: this program runs "
-        f"under `python -m localrref.run`, whose RPCs torch's distributed autograd cannot see. "
-        f"Run it without the runner (plain torch.distributed.rpc) to train with distributed autograd")
+        f"torch.distributed.autograd.{name} is not provided by localrref: this program runs "
+        f"under `python -m localrref.run`, whose torch.distributed.autograd is localrref's "
+        f"(context, backward, get_gradients). Run it without the runner to use torch's")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from localrref.autograd.engine import RecvSlot, find_leaves, run_pass
+from localrref.agent.autograd_pass import RecvSlot, find_leaves, run_pass
 
 
 def accumulator():

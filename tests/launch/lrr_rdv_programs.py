@@ -72,17 +72,28 @@ def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _identity(rank):
+    return {"rank": rank, "supervisor_pid": _membership().spec.supervisor_pid,
+            "world_id": _membership().spec.world_id}
+
+
+def _record_here(outdir, rank):
+    _dump(outdir, rank, _identity(rank))
+
+
 def kill_a_rank(rank, world_size, outdir, victim):
     """The victim is SIGKILLed inside a call; its peers' calls to it fail at once, naming it."""
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size)
-    record = {"rank": rank, "supervisor_pid": _membership().spec.supervisor_pid,
-              "world_id": _membership().spec.world_id}
+    record = _identity(rank)
     if rank != victim:
         start = time.monotonic()
         pending = rpc.rpc_async(f"worker{victim}", time.sleep, args=(60,))
         caller = 0 if victim != 0 else 1
         try:
             if rank == caller:
+                # The victim serves calls before its own init_rpc returns: make
+                # it write its record before it is killed, whenever that is.
+                rpc.rpc_sync(f"worker{victim}", _record_here, args=(outdir, victim))
                 rpc.rpc_sync(f"worker{victim}", _die)
             pending.wait()
         except Exception as exc:  # noqa: BLE001 - the test reads the message

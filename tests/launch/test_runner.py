@@ -139,9 +139,10 @@ try:
     getattr(rpc, sys.argv[1])
 except AttributeError as exc:
     print(exc)
+import localrref.autograd
+assert dist_autograd.context is localrref.autograd.context  # localrref's own
 try:
-    with dist_autograd.context():
-        pass
+    dist_autograd._current_context()
 except AttributeError as exc:
     print(exc)
 from torch.distributed.optim import DistributedOptimizer
@@ -165,7 +166,7 @@ def test_what_localrref_lacks_fails_naming_it(env, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(" is not provided by localrref")[0] for line in lines] == [
-        "torch.distributed.rpc._get_current_rpc_agent", "torch.distributed.autograd.context",
+        "torch.distributed.rpc._get_current_rpc_agent", "torch.distributed.autograd._current_context",
         "torch.distributed.optim.DistributedOptimizer", "torch.distributed.nn.RemoteModule"]
 
 

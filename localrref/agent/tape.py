@@ -1,0 +1,263 @@
+"""Distributed autograd in a running agent: the shell around ``core/dist_autograd.py``.
+
+The core decides; this part holds the tensors and acts:
+
+* per context, the tensors of every send (by autograd message id) and the
+  leaves every recv made (by ``id()``, with their :class:`RecvSlot`), and the
+  gradients accumulated on this worker (what ``get_gradients`` returns);
+* the *forward* hooks: a call made, or a reply sent, by a thread inside a
+  context is pickled with the tensors that require grad collected
+  (``codec.pickler.dumps(grads=...)``); if the context is set, the bytes get
+  a header (context id, message id), so calls outside a context cost
+  nothing and no frame format changes; the receiver strips it, records the
+  recv and runs the function inside the context;
+* the protocol's messages travel as internal calls of :func:`_deliver`;
+* ``RunPass`` runs the local pass (``autograd_pass.run_pass``) in the thread
+  that got the effect; ``BackwardDone`` wakes the thread in ``backward``.
+
+Which thread touches what: the tables and the core are guarded by
+``self.lock``; effects are carried out with no lock held. The current
+context is thread-local; a job runs with its request's context current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import threading
+
+import torch
+
+from ..core import dist_autograd as da
+from . import current as current_agent
+from .autograd_pass import RecvSlot, run_pass
+
+__all__ = ["Tape", "HEADER", "split_header"]
+
+log = logging.getLogger("localrref")
+
+HEADER = b"\x02"  # the codec's own prefixes are \x00, \x01 and a pickle's \x80
+_IDS = struct.Struct("<qq")
+
+
+def split_header(data: bytes) -> tuple[bytes, int, int] | None:
+    """``(payload, context id, message id)`` if ``data`` carries a context, else None."""
+    if data[:1] != HEADER:
+        return None
+    context_id, message_id = _IDS.unpack_from(data, 1)
+    return data[1 + _IDS.size:], context_id, message_id
+
+
+class _Tables:
+    __slots__ = ("sends", "recv_slots", "recv_tensors", "grads")
+
+    def __init__(self) -> None:
+        self.sends: dict[int, list[torch.Tensor]] = {}
+        self.recv_slots: dict[int, RecvSlot] = {}
+        self.recv_tensors: list[torch.Tensor] = []  # keeps the ids in recv_slots valid
+        self.grads: dict[torch.Tensor, torch.Tensor] = {}
+
+
+class Tape:
+    """One agent's distributed autograd (see the module docstring)."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.lock = threading.Lock()
+        self.core = da.AutogradContexts(agent.rank, agent.world_size)
+        self._tables: dict[int, _Tables] = {}
+        self._local = threading.local()
+        self._waiters: dict[object, list] = {}  # backward token -> [event, error]
+        self._roots: dict[object, list] = {}    # backward token -> its roots
+
+    # -- the current context ---------------------------------------------------
+
+    def current(self) -> int | None:
+        return getattr(self._local, "context_id", None)
+
+    @contextlib.contextmanager
+    def running_in(self, context_id: int | None):
+        previous = self.current()
+        self._local.context_id = context_id
+        try:
+            yield
+        finally:
+            self._local.context_id = previous
+
+    def new_context(self) -> int:
+        if self.current() is not None:
+            raise RuntimeError("Already have an autograd context id for this thread.")
+        with self.lock:
+            context_id = self.core.new_context()
+            self._tables[context_id] = _Tables()
+        self._local.context_id = context_id
+        return context_id
+
+    def release(self, context_id: int) -> None:
+        """The ``with`` block ended: release the context here and everywhere it went."""
+        if self.current() == context_id:
+            self._local.context_id = None
+        with self.lock:
+            if not self.core.has_context(context_id):
+                return  # released already (its creator died, say)
+            self.core.release_context(context_id)
+            effects = self.core.take_effects()
+        self._run(effects)
+
+    # -- forward ---------------------------------------------------------------
+
+    def encode(self, dst: int, obj, context_id: int):
+        """Pickle ``obj`` for ``dst`` inside ``context_id``: ``(data, forks)`` with the header."""
+        grads: list[torch.Tensor] = []
+        encoded = self.agent.encode(obj, grads=grads)
+        message_id = 0
+        with self.lock:
+            if self.core.has_context(context_id):
+                if grads:
+                    message_id = self.core.record_send(context_id, dst)
+                    self._tables[context_id].sends[message_id] = grads
+                else:
+                    self.core.join(context_id, dst)
+        return HEADER + _IDS.pack(context_id, message_id) + encoded.data, encoded.forks
+
+    def decode(self, src: int, data: bytes, loads) -> tuple[object, int | None]:
+        """Unpickle ``data`` from ``src`` (``loads(payload, grads)``); its context id, if any."""
+        split = split_header(data)
+        if split is None:
+            return loads(data, None), None
+        payload, context_id, message_id = split
+        grads: list[torch.Tensor] = []
+        value = loads(payload, grads)
+        with self.lock:
+            if message_id and grads:
+                joined = self.core.record_recv(context_id, src, message_id)
+            else:
+                joined = self.core.join(context_id, src)
+            if not joined:
+                return value, None  # released before this landed: plain tensors
+            tables = self._tables.setdefault(context_id, _Tables())
+            if message_id:
+                for index, tensor in enumerate(grads):
+                    tables.recv_slots[id(tensor)] = RecvSlot(src, message_id, index)
+                    tables.recv_tensors.append(tensor)
+        return value, context_id
+
+    # -- backward ----------------------------------------------------------------
+
+    def backward(self, context_id: int, roots, retain_graph: bool = False) -> None:
+        roots = list(roots)
+        for root in roots:
+            if not isinstance(root, torch.Tensor) or not root.requires_grad:
+                raise RuntimeError("element of the roots of backward does not require grad "
+                                   "and does not have a grad_fn")
+        token = object()
+        waiter = [threading.Event(), None]
+        with self.lock:
+            self._waiters[token] = waiter
+            try:
+                self.core.backward(context_id, token)
+            except BaseException:
+                del self._waiters[token]
+                raise
+            self._roots[token] = roots
+            effects = self.core.take_effects()
+        try:
+            self._run(effects)
+            waiter[0].wait()
+        finally:
+            with self.lock:
+                self._roots.pop(token, None)
+        if waiter[1] is not None:
+            raise RuntimeError(f"Error on the distributed backward pass: {waiter[1]}")
+
+    def get_gradients(self, context_id: int) -> dict:
+        with self.lock:
+            if not self.core.has_context(context_id):
+                raise RuntimeError(f"Could not find autograd context with id: {context_id}")
+            return dict(self._tables[context_id].grads)
+
+    # -- messages and effects ----------------------------------------------------
+
+    def on_message(self, src: int, message) -> None:
+        with self.lock:
+            self.core.on_message(src, message)
+            effects = self.core.take_effects()
+        self._run(effects)
+
+    def worker_died(self, rank: int) -> None:
+        with self.lock:
+            self.core.worker_died(rank)
+            effects = self.core.take_effects()
+        self._run(effects)
+
+    def _run(self, effects) -> None:
+        for effect in effects:
+            match effect:
+                case da.SendMessage(dst=dst, message=message):
+                    self._send(dst, message)
+                case da.RunPass():
+                    self._run_pass(effect)
+                case da.BackwardDone(token=token, error=error):
+                    waiter = self._waiters.pop(token, None)
+                    if waiter is not None:
+                        waiter[1] = error
+                        waiter[0].set()
+                case da.ContextReleased(context_id=context_id):
+                    with self.lock:
+                        self._tables.pop(context_id, None)
+
+    def _send(self, dst: int, message) -> None:
+        agent = self.agent
+        with self.running_in(None):  # the protocol's own calls carry no context
+            try:
+                future = agent.calls.rpc_async(dst, _deliver, (agent.rank, message), {}, 0)
+            except Exception as exc:  # closing, or dst is gone: the core hears of deaths
+                log.debug("localrref: autograd message to rank %d not sent: %s", dst, exc)
+                return
+        future.add_done_callback(_log_failure)
+
+    def _run_pass(self, run: da.RunPass) -> None:
+        with self.lock:
+            tables = self._tables.get(run.context_id)
+        error, outgoing = None, ()
+        if tables is not None:
+            try:
+                match run.start:
+                    case da.FromRoots(token=token):
+                        with self.lock:
+                            starts = self._roots[token]
+                        grads = [torch.ones_like(r) for r in starts]
+                    case da.FromSend(message_id=message_id, grads=by_index):
+                        starts = tables.sends.get(message_id, [])
+                        grads = [by_index.get(i) for i in range(len(starts))]
+                found = run_pass(starts, grads, tables.recv_slots,
+                                 lambda leaf, grad: _accumulate(self.lock, tables.grads, leaf,
+                                                                grad))
+                outgoing = tuple(da.Outgoing(src=src, message_id=message_id, grads=by_index)
+                                 for (src, message_id), by_index in found.items())
+            except Exception as exc:  # noqa: BLE001 - the error travels to backward's caller
+                error = f"{type(exc).__name__}: {exc}"
+        with self.lock:
+            self.core.pass_finished(run.pass_id, outgoing, error)
+            effects = self.core.take_effects()
+        self._run(effects)
+
+
+def _accumulate(lock, grads: dict, leaf, grad) -> None:
+    with lock:
+        previous = grads.get(leaf)
+        grads[leaf] = grad if previous is None else previous + grad
+
+
+def _deliver(src: int, message) -> None:
+    """A distributed autograd message from ``src``, run as an internal call."""
+    agent = current_agent.require()
+    agent.autograd_tape().on_message(src, message)
+
+
+def _log_failure(future) -> None:
+    try:
+        future.wait()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("localrref: a distributed autograd message failed: %s", exc)

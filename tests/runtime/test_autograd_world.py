@@ -1,0 +1,29 @@
+"""Distributed autograd over real worker processes: cleanup across workers, torch's errors."""
+
+import pytest
+
+import autograd_scenarios as scenarios
+from world import World
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def world(leak_free):
+    w = World(3)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_contexts_are_released_on_every_worker_they_reached(world):
+    assert world.run(scenarios.contexts_are_released_everywhere)
+
+
+def test_errors_in_torchs_words(world):
+    assert world.run(scenarios.errors_in_torchs_words)
+
+
+def test_through_rref_proxies_and_async_execution_replies(world):
+    assert world.run(scenarios.through_proxies_and_async_execution)
