@@ -49,7 +49,7 @@ import threading
 import time
 
 from ..codec import frames
-from ..codec.pickler import dumps, dumps_exception, wrap_exception
+from ..codec.pickler import dumps, dumps_exception, loads, wrap_exception
 from ..control_messages import (
     Hello, HelloBack, PeerExited, ShutdownAgain, ShutdownFailed, ShutdownProceed,
 )
@@ -64,6 +64,8 @@ from .housekeeper import Housekeeper
 from .jobs import Jobs
 from .reader import Reader
 from .shutdown import GracefulShutdown
+from .tape import HEADER as TAPE_HEADER
+from .tape import Tape
 
 __all__ = ["Agent", "WorkerDesc"]
 
@@ -273,11 +275,18 @@ class Agent:
             return encoded.data, encoded.forks
         return tape.encode(dst, obj, context_id)
 
+    def decode_from(self, src: int, data: bytes, rrefs) -> tuple[object, int | None]:
+        """Unpickle ``data`` from ``src``: the value, and the autograd context it came in (or None)."""
+        if data[:1] != TAPE_HEADER:
+            return loads(data, rrefs=rrefs, mapper=self.mapper)[0], None
+        return self.autograd_tape().decode(
+            src, data, lambda payload, grads: loads(payload, rrefs=rrefs, mapper=self.mapper,
+                                                    grads=grads)[0])
+
     def autograd_tape(self):
         """This agent's distributed autograd (made on first use: most programs never use it)."""
         tape = self._tape
         if tape is None:
-            from .tape import Tape
             with self.lock:
                 if self._tape is None:
                     self._tape = Tape(self)

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codec.pickler import loads, loads_exception
+from ..codec.pickler import loads_exception
 from ..core import effects as fx
 from .futures import fail
-from .tape import HEADER
 
 __all__ = ["Calls", "Pending", "RequestKind"]
 
@@ -176,13 +175,7 @@ class Calls:
         if pending is None:
             return
         try:
-            if effect.payload[:1] == HEADER:  # a reply inside an autograd context
-                value, _ = agent.autograd_tape().decode(
-                    pending.dst, effect.payload,
-                    lambda data, grads: loads(data, rrefs=wrappers, mapper=agent.mapper,
-                                              grads=grads)[0])
-            else:
-                value, _ = loads(effect.payload, rrefs=wrappers, mapper=agent.mapper)
+            value, _ = agent.decode_from(pending.dst, effect.payload, wrappers)
         except BaseException as exc:
             value = None
             fail(pending.future, RuntimeError(

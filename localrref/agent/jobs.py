@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ..codec.pickler import dumps_exception, loads, wrap_exception
+from ..codec.pickler import dumps_exception, wrap_exception
 from ..core import effects as fx
 from ..errors import AsyncExecutionError
 from .pool import ElasticPool
-from .tape import HEADER
 
 __all__ = ["Jobs", "InlineExecutor"]
 
@@ -69,13 +68,7 @@ class Jobs:
         load_error = None
         context_id = None
         try:
-            if job.payload[:1] == HEADER:  # a call made inside an autograd context
-                (func, args, kwargs), context_id = agent.autograd_tape().decode(
-                    job.src, job.payload,
-                    lambda data, grads: loads(data, rrefs=wrappers, mapper=agent.mapper,
-                                              grads=grads)[0])
-            else:
-                func, args, kwargs = loads(job.payload, rrefs=wrappers, mapper=agent.mapper)[0]
+            (func, args, kwargs), context_id = agent.decode_from(job.src, job.payload, wrappers)
         except BaseException as exc:
             load_error = exc
         del wrappers
