@@ -37,8 +37,13 @@ ALLOWED = {
     "localrref.rref": {"localrref.agent", *LEAVES},
     "localrref.autograd": {"localrref.agent", "localrref.core", *LEAVES},
     "localrref.api": {"localrref.agent", "localrref.rref", "localrref.launch", *LEAVES},
+    # Built on the public API, as torch's are on torch's.
+    "localrref.optim": {"localrref.api", "localrref.autograd", "localrref.rref",
+                        "localrref.agent", *LEAVES},
+    "localrref.nn": {"localrref.api", "localrref.rref", "localrref.agent", *LEAVES},
     # The runner: the public API under torch's names, and the launcher.
-    "localrref.run": {"localrref", "localrref.api", "localrref.rref", "localrref.launch", *LEAVES},
+    "localrref.run": {"localrref", "localrref.api", "localrref.rref", "localrref.launch",
+                      "localrref.optim", "localrref.nn", *LEAVES},
     # Programs written against the public API, as users write them.
     "localrref.examples": {"localrref"},
     "localrref.options": {"localrref.constants"},

@@ -266,6 +266,10 @@ class Agent:
         return dumps(obj, fork=self._fork, abandon=self._abandon, pool=self.shm_pool,
                      rref_type=self.rref_type, grads=grads)
 
+    def current_tape(self):
+        """This agent's distributed autograd if any thread has used it yet, else None."""
+        return self._tape
+
     def encode_for(self, dst: int, obj) -> tuple[bytes, tuple]:
         """``(data, forks)`` of ``obj`` sent to ``dst``, inside this thread's autograd context."""
         tape = self._tape

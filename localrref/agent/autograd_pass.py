@@ -12,7 +12,9 @@ them, and goes through this worker's autograd graph to its leaves:
 
 The graph is kept (``retain_graph=True``): in FAST mode a part of it may be
 reached again by a later pass of the same backward; it is freed with the
-context.
+context. A ``backward`` without ``retain_graph`` marks the nodes its passes
+went through (:func:`saves_tensors` tells which ones torch would have
+freed), so that a second ``backward`` through them fails as torch's does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["RecvSlot", "find_leaves", "run_pass"]
+__all__ = ["RecvSlot", "find_leaves", "run_pass", "saves_tensors", "SECOND_BACKWARD"]
+
+# torch's words, for a backward through a graph whose saved tensors were freed
+SECOND_BACKWARD = (
+    "Trying to backward through the graph a second time (or directly access saved tensors "
+    "after they have already been freed). Saved intermediate values of the graph are freed "
+    "when you call .backward() or autograd.grad(). Specify retain_graph=True if you need to "
+    "backward through the graph a second time or if you need to access saved tensors after "
+    "calling backward.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +44,21 @@ class RecvSlot:
     index: int
 
 
-def find_leaves(starts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Every leaf requiring grad that ``starts`` depend on (or are), each once, in graph order."""
+def saves_tensors(node) -> bool:
+    """Whether autograd ``node`` keeps tensors for backward (what retain_graph=False frees)."""
+    try:
+        return (any(name.startswith("_raw_saved_") for name in dir(node))
+                or bool(getattr(node, "saved_tensors", None)))
+    except RuntimeError:  # a custom Function's saved tensors, freed already
+        return True
+
+
+def find_leaves(starts: Sequence[torch.Tensor],
+                nodes: list | None = None) -> list[torch.Tensor]:
+    """Every leaf requiring grad that ``starts`` depend on (or are), each once, in graph order.
+
+    ``nodes``: collects the graph's nodes on the way.
+    """
     leaves: list[torch.Tensor] = []
     seen_leaves: set[int] = set()
     seen_nodes: set[int] = set()
@@ -52,6 +75,8 @@ def find_leaves(starts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if node is None or id(node) in seen_nodes:
             continue
         seen_nodes.add(id(node))
+        if nodes is not None:
+            nodes.append(node)
         variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf
         if variable is not None:
             if id(variable) not in seen_leaves:
@@ -65,19 +90,24 @@ def find_leaves(starts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
              recv_slots: dict[int, RecvSlot],
              accumulate: Callable[[torch.Tensor, torch.Tensor], None],
+             visit: Callable[[list], None] | None = None,
              ) -> dict[tuple[int, int], dict[int, torch.Tensor]]:
     """Run one pass; returns the recv tensors' gradients by (src, message id) and index.
 
     ``recv_slots`` maps ``id(tensor)`` of each received tensor to its slot.
     A start with no gradient (None) is skipped; gradients are summed where
-    a leaf is reached from several starts, as autograd sums them.
+    a leaf is reached from several starts, as autograd sums them. ``visit``
+    gets the graph's nodes before anything runs (it may raise to stop the pass).
     """
     pairs = [(t, g) for t, g in zip(starts, grads, strict=True)
              if g is not None and t.requires_grad]
     if not pairs:
         return {}
     outputs = [t for t, _ in pairs]
-    leaves = find_leaves(outputs)
+    nodes = None if visit is None else []
+    leaves = find_leaves(outputs, nodes)
+    if visit is not None:
+        visit(nodes)
     if not leaves:
         return {}
     found = torch.autograd.grad(outputs, leaves, grad_outputs=[g for _, g in pairs],

@@ -92,10 +92,10 @@ class Calls:
         dead = agent.dead.get(dst)
         if dead is not None:
             raise dead
-        encoded = agent.encode((func, args, kwargs))
+        data, forks = agent.encode_for(dst, (func, args, kwargs))
         creation = torch.futures.Future()
         with agent.lock:
-            record = agent.core.remote(dst, encoded.data, encoded.forks, now=agent.clock(),
+            record = agent.core.remote(dst, data, forks, now=agent.clock(),
                                        timeout=agent.timeout_of(timeout))
             self.creations[id(record)] = creation
             effects = agent.core.take_effects()
@@ -119,9 +119,12 @@ class Calls:
         if dead is not None:
             fail(future, dead)
             return future
+        tape = agent.current_tape()
+        context_id = tape.current() if tape is not None else None
+        header = None if context_id is None else tape.header(record.owner, context_id)
         with agent.lock:
             request_id = agent.core.fetch(record, now=agent.clock(),
-                                          timeout=agent.timeout_of(timeout))
+                                          timeout=agent.timeout_of(timeout), payload=header)
             self.pending[request_id] = Pending(future, RequestKind.FETCH, record.owner)
             effects = agent.core.take_effects()
             agent.housekeeper.poke_timer_locked()

@@ -117,6 +117,8 @@ class Jobs:
     def _finish(self, job, result) -> None:
         agent = self.agent
         if job.kind is fx.JobKind.REMOTE:
+            # The value stays here; a to_here() in a context records its own send.
+            self.contexts.pop(job.job_id, None)
             with agent.lock:
                 effects = agent.core.finish_remote(job.job_id, result)
             # Fetches that waited for this value are served right here: the
@@ -161,13 +163,17 @@ class Jobs:
 
     def _serve_fetch(self, job) -> None:
         owner = job.owner
+        agent = self.agent
         if owner.error is not None:
-            agent = self.agent
             with agent.lock:
                 effects = agent.core.fail_job(job.job_id, owner.error)
             agent.run(effects)
             agent.signal_progress()
             return
+        if job.payload is not None:  # to_here() inside a distributed autograd context
+            context_id = agent.autograd_tape().joined(job.src, job.payload)
+            if context_id is not None:
+                self.contexts[job.job_id] = context_id
         self._reply_with(job, owner.value)
 
     def close(self, timeout: float) -> None:

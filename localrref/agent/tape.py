@@ -23,6 +23,7 @@ context is thread-local; a job runs with its request's context current.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import struct
 import threading
@@ -31,7 +32,7 @@ import torch
 
 from ..core import dist_autograd as da
 from . import current as current_agent
-from .autograd_pass import RecvSlot, run_pass
+from .autograd_pass import SECOND_BACKWARD, RecvSlot, run_pass, saves_tensors
 
 __all__ = ["Tape", "HEADER", "split_header"]
 
@@ -50,13 +51,16 @@ def split_header(data: bytes) -> tuple[bytes, int, int] | None:
 
 
 class _Tables:
-    __slots__ = ("sends", "recv_slots", "recv_tensors", "grads")
+    __slots__ = ("sends", "recv_slots", "recv_tensors", "grads", "freed")
 
     def __init__(self) -> None:
         self.sends: dict[int, list[torch.Tensor]] = {}
         self.recv_slots: dict[int, RecvSlot] = {}
         self.recv_tensors: list[torch.Tensor] = []  # keeps the ids in recv_slots valid
         self.grads: dict[torch.Tensor, torch.Tensor] = {}
+        # nodes a backward without retain_graph went through, by id (the
+        # node is kept, so its id stays its own)
+        self.freed: dict[int, tuple] = {}  # id(node) -> (node, backward id)
 
 
 class Tape:
@@ -121,6 +125,26 @@ class Tape:
                     self.core.join(context_id, dst)
         return HEADER + _IDS.pack(context_id, message_id) + encoded.data, encoded.forks
 
+    def header(self, dst: int, context_id: int) -> bytes:
+        """A request for ``dst`` that carries no tensors but runs in ``context_id``
+        (``to_here()``): the header alone, with ``dst`` now known to the context."""
+        with self.lock:
+            if self.core.has_context(context_id):
+                self.core.join(context_id, dst)
+        return HEADER + _IDS.pack(context_id, 0)
+
+    def joined(self, src: int, header: bytes) -> int | None:
+        """Join the context of a :meth:`header` from ``src``: its id, or None if released."""
+        split = split_header(header)
+        if split is None:
+            return None
+        _, context_id, _ = split
+        with self.lock:
+            if not self.core.join(context_id, src):
+                return None
+            self._tables.setdefault(context_id, _Tables())
+        return context_id
+
     def decode(self, src: int, data: bytes, loads) -> tuple[object, int | None]:
         """Unpickle ``data`` from ``src`` (``loads(payload, grads)``); its context id, if any."""
         split = split_header(data)
@@ -156,7 +180,7 @@ class Tape:
         with self.lock:
             self._waiters[token] = waiter
             try:
-                self.core.backward(context_id, token)
+                self.core.backward(context_id, token, retain_graph)
             except BaseException:
                 del self._waiters[token]
                 raise
@@ -170,6 +194,12 @@ class Tape:
                 self._roots.pop(token, None)
         if waiter[1] is not None:
             raise RuntimeError(f"Error on the distributed backward pass: {waiter[1]}")
+
+    def check_context(self, context_id: int) -> None:
+        """torch's error if ``context_id`` is not a context this worker knows."""
+        with self.lock:
+            if not self.core.has_context(context_id):
+                raise RuntimeError(f"Could not find autograd context with id: {context_id}")
 
     def get_gradients(self, context_id: int) -> dict:
         with self.lock:
@@ -231,9 +261,10 @@ class Tape:
                     case da.FromSend(message_id=message_id, grads=by_index):
                         starts = tables.sends.get(message_id, [])
                         grads = [by_index.get(i) for i in range(len(starts))]
+                visit = functools.partial(_free, tables.freed, run.backward_id, run.retain_graph)
                 found = run_pass(starts, grads, tables.recv_slots,
                                  lambda leaf, grad: _accumulate(self.lock, tables.grads, leaf,
-                                                                grad))
+                                                                grad), visit)
                 outgoing = tuple(da.Outgoing(src=src, message_id=message_id, grads=by_index)
                                  for (src, message_id), by_index in found.items())
             except Exception as exc:  # noqa: BLE001 - the error travels to backward's caller
@@ -242,6 +273,22 @@ class Tape:
             self.core.pass_finished(run.pass_id, outgoing, error)
             effects = self.core.take_effects()
         self._run(effects)
+
+
+def _free(freed: dict, backward_id: int, retain_graph: bool, nodes: list) -> None:
+    """A pass of ``backward_id`` goes through ``nodes``: fail (torch's error) where an
+    earlier backward without retain_graph went, and mark them if this one has none.
+
+    Passes of one backward may share nodes (FAST mode runs one pass per
+    arriving gradient; torch runs them once): a backward never trips on itself.
+    """
+    for node in nodes:
+        mark = freed.get(id(node))
+        if mark is not None and mark[1] != backward_id and saves_tensors(node):
+            raise RuntimeError(SECOND_BACKWARD)
+    if not retain_graph:
+        for node in nodes:
+            freed.setdefault(id(node), (node, backward_id))
 
 
 def _accumulate(lock, grads: dict, leaf, grad) -> None:

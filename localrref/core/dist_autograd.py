@@ -79,6 +79,9 @@ class PropagateGradients:
     message_id: int
     propagation_id: int
     grads: object
+    # the backward's: what its passes do with the graph, and which backward they serve
+    retain_graph: bool = False
+    backward_id: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +134,8 @@ class RunPass:
     context_id: int
     pass_id: int
     start: FromRoots | FromSend
+    retain_graph: bool = False  # what the user gave backward()
+    backward_id: int = 0        # unique across the world: which backward this pass serves
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +196,8 @@ class _Pass:
     pass_id: int
     context_id: int
     reply: tuple[str, object]
+    retain_graph: bool = False
+    backward_id: int = 0
     waiting: _Waiting = _Waiting.LOCAL
     outstanding: dict[int, int] = field(default_factory=dict)  # propagation id -> worker
     error: str | None = None
@@ -306,17 +313,23 @@ class AutogradContexts:
 
     # ------------------------------------------------------------ backward
 
-    def backward(self, context_id: int, token: object) -> int:
+    def backward(self, context_id: int, token: object, retain_graph: bool = False) -> int:
         """Start ``backward`` in ``context_id`` on this worker; returns the pass id."""
         context = self._context(context_id)
-        return self._start_pass(context, ("backward", token), FromRoots(token=token))
+        return self._start_pass(context, ("backward", token), FromRoots(token=token),
+                                retain_graph, None)
 
     def _start_pass(self, context: _Context, reply: tuple[str, object],
-                    start: FromRoots | FromSend) -> int:
+                    start: FromRoots | FromSend, retain_graph: bool,
+                    backward_id: int | None) -> int:
         pass_id = next(self._next_pass)
-        self._passes[pass_id] = _Pass(pass_id=pass_id, context_id=context.context_id, reply=reply)
+        if backward_id is None:  # a backward starts here
+            backward_id = make_id(self.worker_id, pass_id)
+        self._passes[pass_id] = _Pass(pass_id=pass_id, context_id=context.context_id, reply=reply,
+                                      retain_graph=retain_graph, backward_id=backward_id)
         context.passes.add(pass_id)
-        self._effects.append(RunPass(context_id=context.context_id, pass_id=pass_id, start=start))
+        self._effects.append(RunPass(context_id=context.context_id, pass_id=pass_id, start=start,
+                                     retain_graph=retain_graph, backward_id=backward_id))
         return pass_id
 
     def pass_finished(self, pass_id: int, outgoing: tuple[Outgoing, ...] = (),
@@ -341,7 +354,8 @@ class AutogradContexts:
                 context.known.add(out.src)
             self._effects.append(SendMessage(dst=out.src, message=PropagateGradients(
                 context_id=current.context_id, message_id=out.message_id,
-                propagation_id=propagation_id, grads=out.grads)))
+                propagation_id=propagation_id, grads=out.grads,
+                retain_graph=current.retain_graph, backward_id=current.backward_id)))
         if not current.outstanding:
             self._finish(current, None)
 
@@ -394,7 +408,8 @@ class AutogradContexts:
                 propagation_id=propagation_id, error=what)))
             return
         pass_id = self._start_pass(context, ("propagation", (src, propagation_id)),
-                                   FromSend(message_id=message.message_id, grads=message.grads))
+                                   FromSend(message_id=message.message_id, grads=message.grads),
+                                   message.retain_graph, message.backward_id)
         context.running[propagation_id] = pass_id
 
     def _on_done(self, message: PropagateDone) -> None:

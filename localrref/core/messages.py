@@ -139,11 +139,16 @@ class RemoteRet:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PythonRRefFetchCall:
-    """``to_here()`` on a user: ask the owner for the value of ``rref_id``."""
+    """``to_here()`` on a user: ask the owner for the value of ``rref_id``.
+
+    ``payload``: opaque to the protocol, handed to the owner's FETCH job as
+    is (the driver's distributed autograd context rides there).
+    """
 
     type: ClassVar[MessageType] = MessageType.PYTHON_RREF_FETCH_CALL
     request_id: int
     rref_id: GloballyUniqueId
+    payload: object = None
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)

@@ -150,6 +150,7 @@ class WaitingFetch:
 
     src: int
     request_id: int
+    payload: object = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,7 +213,7 @@ class RRefContext:
         self._recording = False
         self._user_table: list[PendingUserState] = []
         # Fetches waiting for an owner's value, by rref id.
-        self._value_waiters: dict[GloballyUniqueId, list[tuple[int, int]]] = {}
+        self._value_waiters: dict[GloballyUniqueId, list[WaitingFetch]] = {}
         # request id -> (its destination, the forks of RRefs it owns that the
         # request carries): their parent is released by the reply (see
         # notify_owner_and_parent_of_fork), late or not.
@@ -781,10 +782,12 @@ class RRefContext:
         user.holds += 1
         return user
 
-    def fetch(self, rref: UserRRef, *, now: float, timeout: float = 0.0) -> int:
+    def fetch(self, rref: UserRRef, *, now: float, timeout: float = 0.0,
+              payload: object = None) -> int:
         """Send a PYTHON_RREF_FETCH_CALL for a user's value (``to_here``).
 
-        A user whose creation failed gets its Fail right away.
+        A user whose creation failed gets its Fail right away. ``payload``
+        reaches the owner's FETCH job untouched.
         """
         self._advance(now)
         if rref.is_owner:
@@ -798,7 +801,8 @@ class RRefContext:
             return request_id
         request = self._start_request(
             RequestKind.FETCH, rref.owner,
-            lambda rid: PythonRRefFetchCall(request_id=rid, rref_id=rref.rref_id),
+            lambda rid: PythonRRefFetchCall(request_id=rid, rref_id=rref.rref_id,
+                                            payload=payload),
             rref=rref, timeout=timeout)
         # NB(localrref): the fetch holds the user until the owner answers,
         # even if the caller stops waiting: otherwise the user's
@@ -994,14 +998,15 @@ class RRefContext:
         self._emit(Send(dst=job.src, message=RemoteRet(
             request_id=job.request_id, rref_id=job.owner.rref_id, fork_id=job.fork_id,
             error=error)))
-        for src, request_id in self._value_waiters.pop(job.owner.rref_id, ()):
-            self._serve_fetch(job.owner, src, request_id)
+        for waiter in self._value_waiters.pop(job.owner.rref_id, ()):
+            self._serve_fetch(job.owner, waiter)
 
-    def _serve_fetch(self, owner: OwnerRRef, src: int, request_id: int) -> None:
+    def _serve_fetch(self, owner: OwnerRRef, fetch: WaitingFetch) -> None:
         if owner.has_value:
-            self._start_job(self._new_job(JobKind.FETCH, src, request_id, None, (), owner=owner))
+            self._start_job(self._new_job(JobKind.FETCH, fetch.src, fetch.request_id,
+                                          fetch.payload, (), owner=owner))
         else:
-            self._value_waiters.setdefault(owner.rref_id, []).append((src, request_id))
+            self._value_waiters.setdefault(owner.rref_id, []).append(fetch)
 
     # ------------------------------------------------------------------
     # Incoming messages
@@ -1107,11 +1112,12 @@ class RRefContext:
 
     def _on_fetch(self, src: int, message: PythonRRefFetchCall) -> None:
         # Seed (callee side): processPythonRRefFetchCall via getOwnerRRef.
+        fetch = WaitingFetch(src=src, request_id=message.request_id, payload=message.payload)
         found = self.get_owner_rref(message.rref_id)
         if isinstance(found, PendingOwner):
-            found.waiters.append(WaitingFetch(src=src, request_id=message.request_id))
+            found.waiters.append(fetch)
         else:
-            self._serve_fetch(found, src, message.request_id)
+            self._serve_fetch(found, fetch)
 
     def _on_fork_request(self, src: int, message: RRefForkRequest) -> None:
         # Seed (callee side): processRRefForkRequest.
@@ -1130,7 +1136,7 @@ class RRefContext:
                              waiter: WaitingFetch | WaitingForkRequest) -> None:
         match waiter:
             case WaitingFetch():
-                self._serve_fetch(owner, waiter.src, waiter.request_id)
+                self._serve_fetch(owner, waiter)
             case WaitingForkRequest():
                 self.add_fork_of_owner_if_not_present(owner.rref_id, waiter.fork_id)
                 self._emit(Send(dst=waiter.src, message=RRefAck(request_id=waiter.request_id)))

@@ -8,9 +8,9 @@ that right after one has loaded its names are swapped:
   ``torch.distributed.rpc`` attribute become :mod:`localrref.run.as_torch_rpc`
   (``autograd`` likewise :mod:`localrref.run.as_torch_autograd`);
 * ``torch.distributed.optim`` and ``torch.distributed.nn``:
-  ``DistributedOptimizer`` and ``RemoteModule`` become classes that fail,
-  naming themselves, when used (torch's own reach into torch's C++ RPC
-  and autograd internals).
+  ``DistributedOptimizer`` and ``RemoteModule`` become localrref's
+  (:mod:`localrref.optim`, :mod:`localrref.nn`): torch's own reach into
+  torch's C++ RPC and autograd internals.
 
 A module already imported when :func:`install` runs is swapped at once.
 Modules of torch that imported the real ``rpc`` while torch loaded keep it;
@@ -59,32 +59,23 @@ def _swap_torch(torch_module) -> None:
         setattr(torch.distributed, name, module)
 
 
-def _missing(qualname: str) -> type:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"{qualname} is not provided by localrref yet: this program runs under "
-            f"`python -m localrref.run`, where torch.distributed.rpc and "
-            f"torch.distributed.autograd are localrref's, and torch's {qualname} works only "
-            f"with torch's own. Run it without the runner (plain torch.distributed.rpc)")
-    module, name = qualname.rsplit(".", 1)
-    return type(name, (), {"__init__": __init__, "__module__": module})
-
-
-def _replace(package, names: tuple[str, ...], attribute: str) -> None:
-    placeholder = _missing(f"{package.__name__}.{attribute}")
-    setattr(package, attribute, placeholder)
+def _replace(package, names: tuple[str, ...], attribute: str, ours: type) -> None:
+    setattr(package, attribute, ours)
     for name in names:  # where torch defines it, for `from <there> import <it>`
         module = sys.modules.get(name)
         if module is not None and hasattr(module, attribute):
-            setattr(module, attribute, placeholder)
+            setattr(module, attribute, ours)
 
 
 def _swap_optim(package) -> None:
-    _replace(package, ("torch.distributed.optim.optimizer",), "DistributedOptimizer")
+    from localrref.optim import DistributedOptimizer
+    _replace(package, ("torch.distributed.optim.optimizer",), "DistributedOptimizer",
+             DistributedOptimizer)
 
 
 def _swap_nn(package) -> None:
-    _replace(package, ("torch.distributed.nn.api.remote_module",), "RemoteModule")
+    from localrref.nn import RemoteModule
+    _replace(package, ("torch.distributed.nn.api.remote_module",), "RemoteModule", RemoteModule)
 
 
 _SWAPS = {"torch": _swap_torch, "torch.distributed.optim": _swap_optim,

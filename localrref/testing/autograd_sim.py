@@ -27,6 +27,8 @@ Invariants, checked after every step and at the end:
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from dataclasses import dataclass, field
 
@@ -164,10 +166,7 @@ class AutogradSim:
             return
         if isinstance(message, da.PropagateGradients):
             # Stamp the propagation id into grads: what _run_pass counts.
-            message = da.PropagateGradients(context_id=message.context_id,
-                                            message_id=message.message_id,
-                                            propagation_id=message.propagation_id,
-                                            grads=(src, message.propagation_id))
+            message = dataclasses.replace(message, grads=(src, message.propagation_id))
         self.workers[dst].on_message(src, message)
         self._drain_effects(dst)
 

@@ -1,4 +1,4 @@
-"""One local pass of distributed autograd (localrref.autograd.engine), against torch's own autograd."""
+"""One local pass of distributed autograd (agent/autograd_pass.py), against torch's own autograd."""
 
 from __future__ import annotations
 
@@ -68,3 +68,46 @@ def test_starts_without_gradients_or_grad_are_skipped():
     assert run_pass([plain], [torch.ones(2)], {}, lambda *_: None) == {}
     w = torch.ones(2, requires_grad=True)
     assert run_pass([w * 1], [None], {}, lambda *_: None) == {}
+
+
+def test_a_second_backward_through_freed_nodes_fails_as_on_torch():
+    from localrref.agent.autograd_pass import SECOND_BACKWARD
+    from localrref.agent.tape import _free
+
+    a = torch.randn(3, requires_grad=True)
+    saved = (a * a).sum()            # MulBackward keeps its inputs: torch frees them
+    unsaved = (a + 1).sum()          # AddBackward keeps no tensor: torch can run it again
+    for loss, freed_by_torch in ((saved, True), (unsaved, False)):
+        first = torch.autograd.grad(loss, [a], retain_graph=False)
+        try:
+            torch.autograd.grad(loss, [a])
+        except RuntimeError as exc:
+            assert SECOND_BACKWARD.split(".")[0] in str(exc)
+            assert freed_by_torch
+        else:
+            assert not freed_by_torch
+        assert first is not None
+
+    b = torch.randn(3, requires_grad=True)
+    for loss, freed_by_torch in (((b * b).sum(), True), ((b + 1).sum(), False)):
+        freed = {}
+        nodes = []
+        run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+                 lambda seen: (nodes.extend(seen), _free(freed, 1, False, seen)))
+        # another pass of the same backward (FAST mode) goes through freely
+        run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+                 lambda seen: _free(freed, 1, False, seen))
+        try:
+            run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+                     lambda seen: _free(freed, 2, False, seen))
+        except RuntimeError as exc:
+            assert str(exc) == SECOND_BACKWARD and freed_by_torch
+        else:
+            assert not freed_by_torch
+    # with retain_graph nothing is marked
+    c = torch.randn(3, requires_grad=True)
+    loss, freed = (c * c).sum(), {}
+    for backward_id in (1, 2, 3):
+        run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+                 lambda seen, i=backward_id: _free(freed, i, True, seen))
+    assert freed == {}

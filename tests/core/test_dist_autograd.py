@@ -48,14 +48,18 @@ def test_backward_completes_after_the_downstream_pass_answers():
     message_id = b.record_send(ctx, 0) if b.join(ctx, 0) else None
     a.record_recv(ctx, 1, message_id)
     pass_id = a.backward(ctx, token="bw")
+    backward_id = da.make_id(0, pass_id)
     assert a.take_effects() == [da.RunPass(context_id=ctx, pass_id=pass_id,
-                                           start=da.FromRoots(token="bw"))]
+                                           start=da.FromRoots(token="bw"),
+                                           backward_id=backward_id)]
     a.pass_finished(pass_id, (da.Outgoing(src=1, message_id=message_id, grads="g"),))
     [(dst, propagate)] = sends(a.take_effects())
     assert dst == 1 and propagate.grads == "g" and propagate.message_id == message_id
     b.on_message(0, propagate)
     [run] = b.take_effects()
     assert run.start == da.FromSend(message_id=message_id, grads="g")
+    # every pass of one backward knows it, wherever it runs (what retain_graph=False marks)
+    assert run.backward_id == backward_id and not run.retain_graph
     b.on_message(0, propagate)  # a duplicate while it runs: nothing new
     assert b.take_effects() == []
     b.pass_finished(run.pass_id)
@@ -155,3 +159,23 @@ def test_releasing_a_context_fails_the_passes_running_in_it():
     assert "was released" in done.error
     a.pass_finished(pass_id)  # the driver's late report is ignored
     assert a.take_effects() == []
+
+
+def test_retain_graph_and_the_backward_id_travel_with_the_gradients():
+    a, b = two()
+    ctx = a.new_context()
+    b.join(ctx, 0)
+    message_id = b.record_send(ctx, 0)
+    a.record_recv(ctx, 1, message_id)
+    runs = []
+    for _ in range(2):
+        pass_id = a.backward(ctx, token=object(), retain_graph=True)
+        [root] = a.take_effects()
+        a.pass_finished(pass_id, (da.Outgoing(src=1, message_id=message_id, grads=None),))
+        [(_, propagate)] = sends(a.take_effects())
+        b.on_message(0, propagate)
+        [run] = b.take_effects()
+        assert root.retain_graph and propagate.retain_graph and run.retain_graph
+        assert run.backward_id == root.backward_id == propagate.backward_id
+        runs.append(run)
+    assert runs[0].backward_id != runs[1].backward_id

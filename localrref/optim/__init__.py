@@ -1,0 +1,112 @@
+"""``torch.distributed.optim.DistributedOptimizer`` for localrref.
+
+One local optimizer per worker that owns parameters, created there by an
+RPC and held through an RRef. ``step(context_id)`` asks every owner at once
+to step its optimizer with its gradients from the distributed autograd
+context, and returns when all have; an error in any step is raised (after
+the others finished), as torch's does.
+
+Semantics are those of torch's default (TorchScript, "functional") path:
+a step sees the context's gradients only. Each parameter's ``.grad`` is set
+to its gradient in the context (None for one the context has no gradient
+for, so the optimizer skips it) for the step and put back afterwards, so
+distributed training never leaves anything in ``.grad``. Steps of several
+optimizers in one process are serialised (torch's ``global_lock``).
+
+A world handed over to ``torch.distributed.rpc`` gets torch's own class.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from .. import api, autograd, handover
+from ..agent import current
+from ..rref import RRef
+
+__all__ = ["DistributedOptimizer"]
+
+
+class _LocalOptimizer:
+    """The optimizer of the parameters one worker owns (lives on that worker)."""
+
+    global_lock = threading.Lock()
+
+    def __init__(self, optimizer_class, local_params_rref, *args, **kwargs) -> None:
+        self._local_params = [rref.local_value() for rref in local_params_rref]
+        self.optim = optimizer_class(self._local_params, *args, **kwargs)
+
+    def step(self, context_id: int) -> None:
+        grads = autograd.get_gradients(context_id)
+        with _LocalOptimizer.global_lock:
+            params = self._local_params
+            kept = [param.grad for param in params]
+            try:
+                for param in params:
+                    param.grad = grads.get(param)
+                self.optim.step()
+            finally:
+                for param, grad in zip(params, kept):
+                    param.grad = grad
+
+
+def _new_local_optimizer(optimizer_class, local_params_rref, *args, **kwargs) -> RRef:
+    return RRef(_LocalOptimizer(optimizer_class, local_params_rref, *args, **kwargs))
+
+
+def _local_optimizer_step(local_optim_rref: RRef, context_id: int) -> None:
+    local_optim_rref.local_value().step(context_id)
+
+
+def _wait_for_all(futures) -> list:
+    """Every future's value; the last error, once all are done (torch's ``_wait_for_all``)."""
+    error = None
+    results = []
+    for future in futures:
+        try:
+            results.append(future.wait())
+        except Exception as exc:  # noqa: BLE001 - raised below, after the others
+            results.append(exc)
+            error = exc
+    if error is not None:
+        raise error
+    return results
+
+
+class DistributedOptimizer:
+    """An optimizer over parameters held by RRefs on any workers (torch's API).
+
+    Args:
+        optimizer_class: a ``torch.optim.Optimizer`` class, made on each owner.
+        params_rref: RRefs to the parameters, local or remote.
+        *args, **kwargs: passed to ``optimizer_class`` on each owner.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        torch_rpc = handover.active()
+        if torch_rpc is not None and current.get() is None:
+            from torch.distributed.optim import DistributedOptimizer as TorchDistributedOptimizer
+            return TorchDistributedOptimizer(*args, **kwargs)
+        return object.__new__(cls)
+
+    def __init__(self, optimizer_class, params_rref, *args, **kwargs) -> None:
+        per_worker = defaultdict(list)
+        for param in params_rref:
+            if not isinstance(param, RRef):
+                raise TypeError(
+                    f"DistributedOptimizer takes RRefs to parameters, got a "
+                    f"{type(param).__name__}; wrap a local parameter in localrref.RRef(param), "
+                    f"or use RemoteModule.remote_parameters()")
+            per_worker[param.owner()].append(param)
+        futures = [api.rpc_async(worker, _new_local_optimizer,
+                                 args=(optimizer_class, params) + args, kwargs=kwargs)
+                   for worker, params in per_worker.items()]
+        self.remote_optimizers = _wait_for_all(futures)
+
+    def step(self, context_id: int) -> None:
+        """One step on every owner with its gradients in ``context_id``; waits for all."""
+        autograd._is_valid_context(context_id)
+        _wait_for_all([api.rpc_async(optimizer.owner(), _local_optimizer_step,
+                                     args=(optimizer, context_id))
+                       for optimizer in self.remote_optimizers])

@@ -1,0 +1,379 @@
+"""Distributed autograd, DistributedOptimizer and RemoteModule scenarios on either backend.
+
+``python split_model_program.py BACKEND OUT`` starts three workers with
+``torch.multiprocessing.spawn``; worker 0 runs every scenario below and
+writes ``{scenario: "ok" or the error}`` to OUT as JSON, with the modules
+its rpc, autograd, DistributedOptimizer and RemoteModule came from. Each scenario
+checks itself against the same computation done by plain autograd (or a
+plain optimizer) in one process, so the same file proves torch's semantics
+on torch and on localrref.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.testing import assert_close
+
+BACKEND = sys.argv[1]  # spawned children get the parent's argv
+if BACKEND == "torch":
+    import torch.distributed.autograd as dist_autograd
+    import torch.distributed.rpc as rpc
+    from torch.distributed.nn import RemoteModule
+    from torch.distributed.optim import DistributedOptimizer
+else:
+    import localrref as rpc
+    import localrref.autograd as dist_autograd
+    from localrref.nn import RemoteModule
+    from localrref.optim import DistributedOptimizer
+
+
+def weight(rank):
+    """Worker ``rank``'s weight (every process makes the same values)."""
+    cache = weight.__dict__.setdefault("cache", {})
+    if rank not in cache:
+        cache[rank] = torch.linspace(-1.0, 1.0, 4).add(rank + 1).requires_grad_()
+    return cache[rank]
+
+
+def local_weights():
+    return [torch.linspace(-1.0, 1.0, 4).add(r + 1).requires_grad_() for r in range(3)]
+
+
+def me():
+    return rpc.get_worker_info().id
+
+
+def grad_here(context_id):
+    """This worker's gradient for its weight in ``context_id`` (None if none)."""
+    grad = dist_autograd.get_gradients(context_id).get(weight(me()))
+    return grad
+
+
+def stage(x):
+    return torch.tanh(x * weight(me()))
+
+
+def chain(x, path):
+    """Multiply by this worker's weight, then go on along ``path`` (a hop per worker)."""
+    h = torch.sin(x * weight(me()))
+    if not path:
+        return h
+    return rpc.rpc_sync(f"worker{path[0]}", chain, args=(h, path[1:])) + h
+
+
+def two_args(a, b, scale, plain):
+    return a * weight(me()) * scale + b * plain
+
+
+class Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("boom in a remote backward")
+
+
+def explode(x):
+    return Boom.apply(x * weight(me()))
+
+
+class Det(nn.Module):
+    """A small MLP whose parameters depend only on ``seed`` (same on every process)."""
+
+    def __init__(self, seed, d_in=4, d_out=4):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.lin = nn.Linear(d_in, d_out)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(d_out, d_in, generator=gen) * 0.5)
+            self.lin.bias.copy_(torch.randn(d_out, generator=gen) * 0.1)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+def param_rrefs(module_rref):
+    return [rpc.RRef(p) for p in module_rref.local_value().parameters()]
+
+
+def params_of(module_rref):
+    return [p.detach().clone() for p in module_rref.local_value().parameters()]
+
+
+def forward_through(remote_module, x):
+    return remote_module.forward(x) * 2
+
+
+def context_known(context_id):
+    try:
+        dist_autograd._is_valid_context(context_id)
+    except RuntimeError:
+        return False
+    return True
+
+
+X = torch.tensor([0.5, -1.0, 2.0, 0.25])
+
+
+def check_grads(context_id, expected):
+    """``expected``: the reference gradient of each worker's weight (None: none there)."""
+    seen = [grad_here(context_id)] + [rpc.rpc_sync(f"worker{r}", grad_here, args=(context_id,))
+                                      for r in (1, 2)]
+    for rank, (got, want) in enumerate(zip(seen, expected)):
+        if want is None:
+            assert got is None, f"worker{rank} has a gradient it should not have: {got}"
+        else:
+            assert got is not None, f"worker{rank} has no gradient"
+            assert_close(got, want, msg=lambda m: f"worker{rank}: {m}")
+    assert weight(0).grad is None, ".grad was written"
+
+
+def reference(loss_fn):
+    w = local_weights()
+    grads = torch.autograd.grad(loss_fn(w), w, allow_unused=True)
+    return list(grads)
+
+
+# -- scenarios -------------------------------------------------------------------------
+
+def one_hop():
+    with dist_autograd.context() as cid:
+        loss = rpc.rpc_sync("worker1", stage, args=(X * weight(0),)).sum()
+        dist_autograd.backward(cid, [loss])
+        check_grads(cid, reference(lambda w: torch.tanh(X * w[0] * w[1]).sum()) )
+
+
+def three_hops_and_back_to_the_caller():
+    def local(w):
+        def hop(x, path):
+            h = torch.sin(x * w[path[0]])
+            return h if len(path) == 1 else hop(h, path[1:]) + h
+        return (hop(X * w[0], [1, 2, 0]) * w[0]).sum()
+    with dist_autograd.context() as cid:
+        out = rpc.rpc_async("worker1", chain, args=(X * weight(0), [2, 0])).wait()
+        loss = (out * weight(0)).sum()
+        dist_autograd.backward(cid, [loss])
+        check_grads(cid, reference(local))
+
+
+def several_roots():
+    with dist_autograd.context() as cid:
+        a = rpc.rpc_sync("worker1", stage, args=(X * weight(0),))
+        b = rpc.rpc_sync("worker2", stage, args=(X + weight(0),))
+        dist_autograd.backward(cid, [a.sum(), (b * b).sum()])
+        check_grads(cid, reference(lambda w: torch.tanh(X * w[0] * w[1]).sum()
+                                   + torch.tanh((X + w[0]) * w[2]).pow(2).sum()))
+
+
+def retain_graph():
+    expected = reference(lambda w: torch.tanh(X * w[0] * w[1]).sum())
+    with dist_autograd.context() as cid:
+        loss = rpc.rpc_sync("worker1", stage, args=(X * weight(0),)).sum()
+        dist_autograd.backward(cid, [loss], retain_graph=True)
+        dist_autograd.backward(cid, [loss], retain_graph=True)
+        check_grads(cid, [g * 2 if g is not None else None for g in expected])
+        dist_autograd.backward(cid, [loss])
+        check_grads(cid, [g * 3 if g is not None else None for g in expected])
+        try:
+            dist_autograd.backward(cid, [loss])
+        except RuntimeError as exc:
+            assert "backward through the graph a second time" in str(exc), str(exc)
+        else:
+            raise AssertionError("a backward through a freed graph passed")
+
+
+def a_tensor_sent_twice_accumulates():
+    def local(w):
+        t = X * w[0]
+        return ((t * w[1] * 3 + t * 5) + torch.tanh(t * w[1])).sum()
+    with dist_autograd.context() as cid:
+        t = X * weight(0)
+        a = rpc.rpc_sync("worker1", two_args, args=(t, t, 3, 5))
+        b = rpc.rpc_sync("worker1", stage, args=(t,))
+        dist_autograd.backward(cid, [(a + b).sum()])
+        check_grads(cid, reference(local))
+
+
+def tensors_that_do_not_require_grad():
+    plain = torch.arange(4.0)
+    with dist_autograd.context() as cid:
+        out = rpc.rpc_sync("worker1", two_args, args=(plain, X * weight(0), 2, 7))
+        untouched = rpc.rpc_sync("worker2", torch.add, args=(plain, 1))  # no grad anywhere
+        assert not untouched.requires_grad
+        dist_autograd.backward(cid, [out.sum()])
+        check_grads(cid, reference(lambda w: (plain * w[1] * 2 + X * w[0] * 7).sum()))
+
+
+def an_error_in_a_remote_backward_reaches_the_caller():
+    with dist_autograd.context() as cid:
+        loss = rpc.rpc_sync("worker1", explode, args=(X * weight(0),)).sum()
+        try:
+            dist_autograd.backward(cid, [loss])
+        except RuntimeError as exc:
+            assert "boom in a remote backward" in str(exc), str(exc)
+        else:
+            raise AssertionError("backward passed")
+
+
+def cleanup_reaches_every_participant():
+    with dist_autograd.context() as cid:
+        loss = rpc.rpc_sync("worker1", chain, args=(X * weight(0), [2])).sum()
+        dist_autograd.backward(cid, [loss])
+        assert all(rpc.rpc_sync(f"worker{r}", context_known, args=(cid,)) for r in (1, 2))
+    assert not context_known(cid)
+    deadline = time.monotonic() + 30
+    while any(rpc.rpc_sync(f"worker{r}", context_known, args=(cid,)) for r in (1, 2)):
+        assert time.monotonic() < deadline, "a worker still knows the context after 30 s"
+        time.sleep(0.01)
+
+
+def remote_and_to_here():
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", stage, args=(X * weight(0),))
+        loss = (rref.to_here() * weight(0)).sum()
+        dist_autograd.backward(cid, [loss])
+        check_grads(cid, reference(lambda w: (torch.tanh(X * w[0] * w[1]) * w[0]).sum()))
+
+
+def rref_proxies():
+    net = rpc.remote("worker2", Det, args=(7,))
+    local = Det(7)
+    with dist_autograd.context() as cid:
+        a = net.rpc_sync().forward(X * weight(0))
+        b = net.remote().forward(X - weight(0)).to_here()
+        c = net.rpc_async().forward(X).wait()
+        dist_autograd.backward(cid, [(a * b + c).sum()])
+        w = local_weights()
+        ref = (local(X * w[0]) * local(X - w[0]) + local(X)).sum()
+        want = torch.autograd.grad(ref, [w[0]] + list(local.parameters()))
+        assert_close(dist_autograd.get_gradients(cid)[weight(0)], want[0])
+        remote = rpc.rpc_sync("worker2", remote_param_grads, args=(net, cid))
+        for got, expected in zip(remote, want[1:]):
+            assert_close(got, expected)
+
+
+def remote_param_grads(module_rref, context_id):
+    grads = dist_autograd.get_gradients(context_id)
+    return [grads[p] for p in module_rref.local_value().parameters()]
+
+
+def _train_split(optimizer_class, kwargs, steps=3):
+    """Two remote MLPs (on workers 1 and 2), trained with DistributedOptimizer, against local."""
+    first = rpc.remote("worker1", Det, args=(1,))
+    second = rpc.remote("worker2", Det, args=(2,))
+    params = (rpc.rpc_sync("worker1", param_rrefs, args=(first,))
+              + rpc.rpc_sync("worker2", param_rrefs, args=(second,)))
+    optimizer = DistributedOptimizer(optimizer_class, params, **kwargs)
+    local = nn.Sequential(Det(1), Det(2))
+    local_optimizer = optimizer_class(local.parameters(), **kwargs)
+    for step in range(steps):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        with dist_autograd.context() as cid:
+            h = first.rpc_sync().forward(x)
+            out = second.rpc_sync().forward(h)
+            loss = (out - 0.5).pow(2).mean()
+            dist_autograd.backward(cid, [loss])
+            optimizer.step(cid)
+        local_optimizer.zero_grad()
+        (local(x) - 0.5).pow(2).mean().backward()
+        local_optimizer.step()
+        got = (rpc.rpc_sync("worker1", params_of, args=(first,))
+               + rpc.rpc_sync("worker2", params_of, args=(second,)))
+        for g, want in zip(got, local.parameters()):
+            assert_close(g, want.detach(), msg=lambda m: f"step {step}: {m}")
+
+
+def distributed_optimizer_sgd():
+    _train_split(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+
+
+def distributed_optimizer_adam():
+    _train_split(torch.optim.Adam, {"lr": 0.05})
+
+
+def distributed_optimizer_step_outside_a_context():
+    first = rpc.remote("worker1", Det, args=(1,))
+    optimizer = DistributedOptimizer(torch.optim.SGD,
+                                     rpc.rpc_sync("worker1", param_rrefs, args=(first,)), lr=0.1)
+    try:
+        optimizer.step(12345)
+    except RuntimeError as exc:
+        assert "Could not find autograd context with id: 12345" in str(exc), str(exc)
+    else:
+        raise AssertionError("a step in a context that does not exist passed")
+
+
+def remote_module_forward_and_training():
+    remote = RemoteModule("worker1/cpu", Det, args=(3,))
+    other = RemoteModule("rank:2/cpu", Det, kwargs={"seed": 4})
+    local = [Det(3), Det(4)]
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    assert_close(remote.forward(x), local[0](x).detach())
+    assert_close(other.forward_async(x).wait(), local[1](x).detach())
+    assert remote.get_module_rref().owner().name == "worker1"
+    assert len(remote.remote_parameters()) == 2
+    assert_close(rpc.rpc_sync("worker2", forward_through, args=(remote, x)),
+                 local[0](x).detach() * 2)
+    for method in (lambda: remote.parameters(), lambda: remote.to("cpu"),
+                   lambda: remote.state_dict()):
+        try:
+            method()
+        except ValueError as exc:
+            assert "not supported for RemoteModule" in str(exc), str(exc)
+        else:
+            raise AssertionError("an nn.Module method that RemoteModule lacks passed")
+    optimizer = DistributedOptimizer(torch.optim.SGD,
+                                     remote.remote_parameters() + other.remote_parameters(),
+                                     lr=0.2)
+    local_optimizer = torch.optim.SGD(list(local[0].parameters()) + list(local[1].parameters()),
+                                      lr=0.2)
+    for step in range(3):
+        with dist_autograd.context() as cid:
+            loss = other(remote(x)).sum()
+            dist_autograd.backward(cid, [loss])
+            optimizer.step(cid)
+        local_optimizer.zero_grad()
+        local[1](local[0](x)).sum().backward()
+        local_optimizer.step()
+    assert_close(remote.forward(x), local[0](x).detach())
+    assert_close(other.forward(x), local[1](x).detach())
+
+
+SCENARIOS = [one_hop, three_hops_and_back_to_the_caller, several_roots, retain_graph,
+             a_tensor_sent_twice_accumulates, tensors_that_do_not_require_grad,
+             an_error_in_a_remote_backward_reaches_the_caller, cleanup_reaches_every_participant,
+             remote_and_to_here, rref_proxies, distributed_optimizer_sgd,
+             distributed_optimizer_adam, distributed_optimizer_step_outside_a_context,
+             remote_module_forward_and_training]
+
+
+def run(rank, outfile):
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=3)
+    if rank == 0:
+        results = {}
+        for scenario in SCENARIOS:
+            try:
+                scenario()
+            except Exception:  # noqa: BLE001 - reported per scenario
+                results[scenario.__name__] = traceback.format_exc()
+            else:
+                results[scenario.__name__] = "ok"
+        classes = [rpc.__name__, dist_autograd.context.__module__,
+                   DistributedOptimizer.__module__, RemoteModule.__module__]
+        with open(outfile, "w") as f:
+            json.dump({"scenarios": results, "modules": classes}, f)
+    rpc.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    mp.spawn(run, args=(sys.argv[2],), nprocs=3, join=True)
