@@ -18,6 +18,13 @@ an ``rpc`` module (``rpc = torch.distributed.rpc`` or ``localrref``):
   ``@async_execution`` method that averages a step's gradients, updates the
   model and answers every trainer with it.
 * ``ps_big``: the same with about 68 MiB of parameters.
+* ``split``: a model split across workers, trained with distributed
+  autograd and ``DistributedOptimizer`` (torch's pipeline tutorial): one
+  stage per worker 1..N-1, a ``Linear`` + ``ReLU`` each, chained through
+  RRefs (``stage.remote().forward(rref)``, each stage fetching its input
+  with ``to_here()``), the head and the loss on the driver; about 100 k
+  parameters in all.
+* ``split_big``: the same with 64 MiB of parameters.
 
 Each runs at each world size, R times per backend, alternating (torch,
 localrref, localrref, torch, ...), in a fresh world each time. Reported, as
@@ -45,7 +52,7 @@ import torch
 # localrref.functions.async_execution is this very decorator.
 from torch.distributed.rpc.functions import async_execution
 
-APPS = ("rl", "batch_rl", "ps", "ps_big")
+APPS = ("rl", "batch_rl", "ps", "ps_big", "split", "split_big")
 BACKENDS = ("torch", "localrref")
 
 
@@ -67,6 +74,17 @@ def _rpc(backend: str):
         return rpc
     import localrref
     return localrref
+
+
+def _split_api(backend: str):
+    """(autograd module, DistributedOptimizer) of ``backend``."""
+    if backend == "torch":
+        import torch.distributed.autograd as autograd
+        from torch.distributed.optim import DistributedOptimizer
+        return autograd, DistributedOptimizer
+    import localrref.autograd as autograd
+    from localrref.optim import DistributedOptimizer
+    return autograd, DistributedOptimizer
 
 
 RPC = None  # the module under test, in every worker
@@ -431,10 +449,75 @@ def _ps_driver(big: bool):
     return drive
 
 
+# ----------------------------------------------------------------------- split model (5)
+
+SPLIT_PARAMS = {False: 100_000, True: 16 * 1024 * 1024}  # float32: 64 MiB for the big one
+SPLIT_BATCH = 32
+
+
+class Stage(torch.nn.Module):
+    """One stage of the pipeline tutorial: it fetches its input from an RRef."""
+
+    def __init__(self, width: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x_rref):
+        return torch.relu(self.linear(x_rref.to_here()))
+
+
+def _param_rrefs(module_rref) -> list:
+    return [RPC.RRef(p) for p in module_rref.local_value().parameters()]
+
+
+def _split_driver(big: bool):
+    def drive(plan: Plan) -> dict:
+        autograd, DistributedOptimizer = _split_api(plan.backend)
+        n_stages = plan.world_size - 1
+        width = int((SPLIT_PARAMS[big] / n_stages) ** 0.5)
+        stages = [RPC.remote(_name(r), Stage, args=(width, r)) for r in range(1, plan.world_size)]
+        torch.manual_seed(0)
+        head = torch.nn.Linear(width, 10)
+        params = [RPC.RRef(p) for p in head.parameters()]
+        for stage in stages:
+            params += RPC.rpc_sync(stage.owner(), _param_rrefs, args=(stage,))
+        optimizer = DistributedOptimizer(torch.optim.SGD, params, lr=0.01)
+        done = [0]
+
+        def step() -> None:
+            x = torch.randn(SPLIT_BATCH, width)
+            y = torch.randn(SPLIT_BATCH, 10)
+            with autograd.context() as context_id:
+                with timed("driver: forward through the stages"):
+                    ref = RPC.RRef(x)
+                    for stage in stages[:-1]:
+                        ref = stage.remote().forward(ref)
+                    out = stages[-1].rpc_sync().forward(ref)
+                    loss = torch.nn.functional.mse_loss(head(out), y)
+                with timed("driver: distributed backward"):
+                    autograd.backward(context_id, [loss])
+                with timed("driver: optimizer step"):
+                    optimizer.step(context_id)
+
+        def run(warmup: bool) -> None:
+            steps = 2 if warmup else plan.steps
+            for _ in range(steps):
+                step()
+            if not warmup:
+                done[0] = steps
+
+        result = _measure(plan, run, lambda: done[0])
+        del stages, params, optimizer
+        return result
+    return drive
+
+
 DRIVERS = {"rl": _rl_driver(Agent), "batch_rl": _rl_driver(BatchAgent),
-           "ps": _ps_driver(False), "ps_big": _ps_driver(True)}
+           "ps": _ps_driver(False), "ps_big": _ps_driver(True),
+           "split": _split_driver(False), "split_big": _split_driver(True)}
 # Steps per measured run at scale 1: about 5-20 s of torch on 2 cores.
-STEPS = {"rl": 2000, "batch_rl": 2000, "ps": 600, "ps_big": 40}
+STEPS = {"rl": 2000, "batch_rl": 2000, "ps": 600, "ps_big": 40, "split": 600, "split_big": 60}
 
 
 # ----------------------------------------------------------------------- the parent

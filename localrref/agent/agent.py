@@ -385,6 +385,38 @@ class Agent:
     def send_control(self, dst: int, control) -> None:
         self.transport.send(dst, wire.encode_control(control))
 
+    def send_autograd(self, dst: int, message) -> None:
+        """Send a distributed autograd message (its gradients go as tensors do).
+
+        Raises:
+            WorkerGoneError, WorkerClosedError: ``dst`` is gone (the tape
+                hears of deaths on its own and fails what waited on it).
+        """
+        dead = self.dead.get(dst)
+        if dead is not None:
+            raise dead
+        frame = wire.AUTOGRAD_TAG + self.encode(frames.flatten_autograd(message)).data
+        self._count_sent(+1)
+        try:
+            self.transport.send(dst, frame)
+        except BaseException:
+            self._count_sent(-1)  # it never left
+            raise
+
+    def on_autograd(self, src: int, frame) -> None:
+        """A distributed autograd message arrived (called by the reader)."""
+        try:
+            message = frames.unflatten_autograd(
+                loads(memoryview(frame)[1:], rrefs=(), mapper=self.mapper)[0])
+        except Exception:
+            log.exception("localrref: dropped an undecodable autograd frame from rank %d", src)
+            return
+        try:
+            self.autograd_tape().on_message(src, message)
+        except Exception:
+            log.exception("localrref: error handling a distributed autograd message from "
+                          "rank %d", src)
+
     def _count_sent(self, delta: int) -> None:
         with self._count_lock:
             self._user_sent += delta

@@ -182,6 +182,12 @@ class Reader:
                 return []
             agent.on_control(src, control)
             return []
+        if frame[:1] == wire.AUTOGRAD_TAG:
+            # Handled right here, pass and all: these messages are short
+            # protocol steps, or a gradient pass someone is waiting for.
+            agent.count_received()
+            agent.on_autograd(src, frame)
+            return []
         try:
             message = frames.decode_message(frame)
         except Exception:

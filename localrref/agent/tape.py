@@ -11,7 +11,9 @@ The core decides; this part holds the tensors and acts:
   a header (context id, message id), so calls outside a context cost
   nothing and no frame format changes; the receiver strips it, records the
   recv and runs the function inside the context;
-* the protocol's messages travel as internal calls of :func:`_deliver`;
+* the protocol's messages travel in frames of their own
+  (``Agent.send_autograd``), read and handled by the inbox's reader
+  itself, local passes included: no job, no reply;
 * ``RunPass`` runs the local pass (``autograd_pass.run_pass``) in the thread
   that got the effect; ``BackwardDone`` wakes the thread in ``backward``.
 
@@ -31,7 +33,6 @@ import threading
 import torch
 
 from ..core import dist_autograd as da
-from . import current as current_agent
 from .autograd_pass import SECOND_BACKWARD, RecvSlot, run_pass, saves_tensors
 
 __all__ = ["Tape", "HEADER", "split_header"]
@@ -72,7 +73,8 @@ class Tape:
         self.core = da.AutogradContexts(agent.rank, agent.world_size)
         self._tables: dict[int, _Tables] = {}
         self._local = threading.local()
-        self._waiters: dict[object, list] = {}  # backward token -> [event, error]
+        # backward token -> the future of its outcome (None, or the error's text)
+        self._waiters: dict[object, torch.futures.Future] = {}
         self._roots: dict[object, list] = {}    # backward token -> its roots
 
     # -- the current context ---------------------------------------------------
@@ -176,7 +178,7 @@ class Tape:
                 raise RuntimeError("element of the roots of backward does not require grad "
                                    "and does not have a grad_fn")
         token = object()
-        waiter = [threading.Event(), None]
+        waiter = torch.futures.Future()
         with self.lock:
             self._waiters[token] = waiter
             try:
@@ -188,12 +190,14 @@ class Tape:
             effects = self.core.take_effects()
         try:
             self._run(effects)
-            waiter[0].wait()
+            # Read the inbox meanwhile, as rpc_sync does: the answers that end
+            # the backward arrive there.
+            error = self.agent.reader.wait_reply(waiter)
         finally:
             with self.lock:
                 self._roots.pop(token, None)
-        if waiter[1] is not None:
-            raise RuntimeError(f"Error on the distributed backward pass: {waiter[1]}")
+        if error is not None:
+            raise RuntimeError(f"Error on the distributed backward pass: {error}")
 
     def check_context(self, context_id: int) -> None:
         """torch's error if ``context_id`` is not a context this worker knows."""
@@ -231,21 +235,16 @@ class Tape:
                 case da.BackwardDone(token=token, error=error):
                     waiter = self._waiters.pop(token, None)
                     if waiter is not None:
-                        waiter[1] = error
-                        waiter[0].set()
+                        waiter.set_result(error)
                 case da.ContextReleased(context_id=context_id):
                     with self.lock:
                         self._tables.pop(context_id, None)
 
     def _send(self, dst: int, message) -> None:
-        agent = self.agent
-        with self.running_in(None):  # the protocol's own calls carry no context
-            try:
-                future = agent.calls.rpc_async(dst, _deliver, (agent.rank, message), {}, 0)
-            except Exception as exc:  # closing, or dst is gone: the core hears of deaths
-                log.debug("localrref: autograd message to rank %d not sent: %s", dst, exc)
-                return
-        future.add_done_callback(_log_failure)
+        try:
+            self.agent.send_autograd(dst, message)
+        except Exception as exc:  # closing, or dst is gone: the core hears of deaths
+            log.debug("localrref: autograd message to rank %d not sent: %s", dst, exc)
 
     def _run_pass(self, run: da.RunPass) -> None:
         with self.lock:
@@ -296,15 +295,3 @@ def _accumulate(lock, grads: dict, leaf, grad) -> None:
         previous = grads.get(leaf)
         grads[leaf] = grad if previous is None else previous + grad
 
-
-def _deliver(src: int, message) -> None:
-    """A distributed autograd message from ``src``, run as an internal call."""
-    agent = current_agent.require()
-    agent.autograd_tape().on_message(src, message)
-
-
-def _log_failure(future) -> None:
-    try:
-        future.wait()
-    except Exception as exc:  # noqa: BLE001
-        log.warning("localrref: a distributed autograd message failed: %s", exc)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
+from ..core import dist_autograd as _autograd
 from ..core import messages as _messages
 from ..core.ids import GloballyUniqueId
 from ..core.rref import RRefForkData
 
-__all__ = ["MESSAGE", "encode_message", "decode_message"]
+__all__ = ["MESSAGE", "encode_message", "decode_message", "flatten_autograd",
+           "unflatten_autograd"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 MESSAGE = b"M"
@@ -115,3 +117,36 @@ def decode_message(frame: bytes):
     if tag != MESSAGE:
         raise ValueError(f"not a message frame (tag {bytes(tag)!r})")
     return _decode_message(pickle.loads(memoryview(frame)[1:]))
+
+
+# -- distributed autograd messages ------------------------------------------------
+# Flat tuples too (the gradients stay tensors, for the pickler to place), so
+# that the messages without tensors take the pickler's plain fast path.
+
+_AUTOGRAD_CLASSES = (_autograd.PropagateGradients, _autograd.PropagateDone,
+                     _autograd.CleanupContext)
+_AUTOGRAD_FIELDS = tuple(tuple(f.name for f in dataclasses.fields(cls))
+                         for cls in _AUTOGRAD_CLASSES)
+_AUTOGRAD_CODES = {cls: code for code, cls in enumerate(_AUTOGRAD_CLASSES)}
+
+
+def flatten_autograd(message) -> tuple:
+    """A distributed autograd message as ``(type code, field, field, ...)``."""
+    code = _AUTOGRAD_CODES[type(message)]
+    return (code, *(getattr(message, name) for name in _AUTOGRAD_FIELDS[code]))
+
+
+def unflatten_autograd(flat):
+    """The message :func:`flatten_autograd` made.
+
+    Raises:
+        ValueError: not a well-formed autograd message.
+    """
+    if not isinstance(flat, tuple) or not flat or not isinstance(flat[0], int) \
+            or not 0 <= flat[0] < len(_AUTOGRAD_CLASSES):
+        raise ValueError(f"not an autograd message: {flat!r:.200}")
+    names = _AUTOGRAD_FIELDS[flat[0]]
+    if len(flat) != len(names) + 1:
+        raise ValueError(f"a {_AUTOGRAD_CLASSES[flat[0]].__name__} has {len(names)} fields, "
+                         f"this frame {len(flat) - 1}")
+    return _AUTOGRAD_CLASSES[flat[0]](**dict(zip(names, flat[1:])))

@@ -105,8 +105,29 @@ class DistributedOptimizer:
         self.remote_optimizers = _wait_for_all(futures)
 
     def step(self, context_id: int) -> None:
-        """One step on every owner with its gradients in ``context_id``; waits for all."""
+        """One step on every owner with its gradients in ``context_id``; waits for all.
+
+        The other owners' steps are started first; this worker's own runs
+        here meanwhile (torch sends it an RPC to itself).
+        """
         autograd._is_valid_context(context_id)
-        _wait_for_all([api.rpc_async(optimizer.owner(), _local_optimizer_step,
-                                     args=(optimizer, context_id))
-                       for optimizer in self.remote_optimizers])
+        futures, here = [], []
+        for optimizer in self.remote_optimizers:
+            if optimizer.is_owner():
+                here.append(optimizer)
+            else:
+                futures.append(api.rpc_async(optimizer.owner(), _local_optimizer_step,
+                                             args=(optimizer, context_id)))
+        error = None
+        for optimizer in here:
+            try:
+                _local_optimizer_step(optimizer, context_id)
+            except Exception as exc:  # noqa: BLE001 - raised after the others finished
+                error = exc
+        try:
+            _wait_for_all(futures)
+        except Exception:
+            if error is None:
+                raise
+        if error is not None:
+            raise error

@@ -19,8 +19,10 @@ the complemented rank (always negative, as no rank is) tells the reader to
 copy the frame out of shared memory (:func:`import_blob`).
 
 A frame starts with a tag byte: :data:`CONTROL_TAG` for a pickled control
-record (``localrref.control_messages``; :func:`encode_control`); any other
-tag is a protocol message (``M``, ``localrref.codec.frames``).
+record (``localrref.control_messages``; :func:`encode_control`),
+:data:`AUTOGRAD_TAG` for a distributed autograd message (pickled by
+``localrref.codec.pickler``; ``localrref.agent.tape``); any other tag is a
+protocol message (``M``, ``localrref.codec.frames``).
 
 Torch-free: the supervisor imports this module.
 """
@@ -34,7 +36,7 @@ from collections.abc import Iterator
 
 from localrref.transport.segment import BlobHandle
 
-__all__ = ["LENGTH", "SRC", "PIPE_BUF", "MAX_INLINE", "CONTROL_TAG",
+__all__ = ["LENGTH", "SRC", "PIPE_BUF", "MAX_INLINE", "CONTROL_TAG", "AUTOGRAD_TAG",
            "pack", "pack_blob", "Unframer", "split", "import_blob", "encode_control",
            "decode_control"]
 
@@ -49,6 +51,7 @@ PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 MAX_INLINE = PIPE_BUF - LENGTH.size - SRC.size
 
 CONTROL_TAG = b"C"
+AUTOGRAD_TAG = b"A"
 
 
 def pack(src: int, frame) -> bytes:

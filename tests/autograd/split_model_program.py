@@ -311,6 +311,35 @@ def distributed_optimizer_step_outside_a_context():
         raise AssertionError("a step in a context that does not exist passed")
 
 
+class FailingOnWorker2(torch.optim.SGD):
+    def step(self, closure=None):
+        if me() == 2:
+            raise ValueError("a step that fails on worker2")
+        return super().step(closure)
+
+
+def an_error_in_one_owners_step_surfaces_and_the_others_step():
+    first = rpc.remote("worker1", Det, args=(1,))
+    second = rpc.remote("worker2", Det, args=(2,))
+    mine = torch.zeros(4, requires_grad=True)  # a parameter of this worker's: stepped here
+    params = (rpc.rpc_sync("worker1", param_rrefs, args=(first,))
+              + rpc.rpc_sync("worker2", param_rrefs, args=(second,)) + [rpc.RRef(mine)])
+    optimizer = DistributedOptimizer(FailingOnWorker2, params, lr=1.0)
+    before = rpc.rpc_sync("worker1", params_of, args=(first,))
+    with dist_autograd.context() as cid:
+        out = second.rpc_sync().forward(first.rpc_sync().forward(X + mine))
+        dist_autograd.backward(cid, [out.sum()])
+        try:
+            optimizer.step(cid)
+        except Exception as exc:  # noqa: BLE001 - torch re-raises the remote type
+            assert "a step that fails on worker2" in str(exc), str(exc)
+        else:
+            raise AssertionError("the failed step passed")
+    after = rpc.rpc_sync("worker1", params_of, args=(first,))
+    assert not torch.equal(before[0], after[0]), "worker1 did not step"
+    assert mine.abs().sum() > 0, "this worker did not step"
+
+
 def remote_module_forward_and_training():
     remote = RemoteModule("worker1/cpu", Det, args=(3,))
     other = RemoteModule("rank:2/cpu", Det, kwargs={"seed": 4})
@@ -352,6 +381,7 @@ SCENARIOS = [one_hop, three_hops_and_back_to_the_caller, several_roots, retain_g
              an_error_in_a_remote_backward_reaches_the_caller, cleanup_reaches_every_participant,
              remote_and_to_here, rref_proxies, distributed_optimizer_sgd,
              distributed_optimizer_adam, distributed_optimizer_step_outside_a_context,
+             an_error_in_one_owners_step_surfaces_and_the_others_step,
              remote_module_forward_and_training]
 
 

@@ -70,7 +70,7 @@ def run_scenarios(backend: str, tmp_path, runner: bool = False) -> list[str]:
         assert stderr.count(NOTICE) == 1, stderr
     seen = json.loads(out.read_text())
     results = seen["scenarios"]
-    assert len(results) >= 14, sorted(results)
+    assert len(results) >= 15, sorted(results)
     failed = {name: text for name, text in results.items() if text != "ok"}
     assert not failed, "\n\n".join(f"{name}:\n{text}" for name, text in failed.items())
     return seen["modules"]

@@ -1,12 +1,16 @@
 """Frames: every protocol message survives the wire exactly; bad frames are named."""
 
+import dataclasses
 import pickle
 import typing
 
 import pytest
+import torch
 
 from localrref import control_messages as cm
 from localrref.codec import frames
+from localrref.codec.pickler import dumps, loads
+from localrref.core import dist_autograd as da
 from localrref.core import messages as m
 from localrref.core.ids import GloballyUniqueId as G
 from localrref.core.rref import RRefForkData
@@ -24,6 +28,7 @@ EVERY_MESSAGE = [
     m.RemoteRet(request_id=6, rref_id=G(0, 2), fork_id=G(0, 3)),
     m.RemoteRet(request_id=6, rref_id=G(0, 2), fork_id=G(0, 3), error=b"pickled error"),
     m.PythonRRefFetchCall(request_id=7, rref_id=G(3, 4)),
+    m.PythonRRefFetchCall(request_id=7, rref_id=G(3, 4), payload=b"\x02context header"),
     m.PythonRRefFetchRet(request_id=8, payload=b"v", rrefs=(FORK,)),
     m.RRefForkRequest(request_id=9, rref_id=G(1, 7), fork_id=G(2, 9)),
     m.RRefChildAccept(request_id=10, fork_id=G(2, 9)),
@@ -85,3 +90,38 @@ def test_a_decoded_message_is_checked_like_a_constructed_one():
 def test_unknown_tags_are_named():
     with pytest.raises(ValueError, match="not a message frame \\(tag b'Z'\\)"):
         frames.decode_message(b"Z" + pickle.dumps(()))
+
+
+AUTOGRAD = [
+    da.PropagateGradients(context_id=(3 << 48) | 7, message_id=2, propagation_id=(1 << 48) | 9,
+                          grads={0: torch.arange(6.0).reshape(2, 3), 2: torch.ones(70_000)},
+                          retain_graph=True, backward_id=(3 << 48) | 1),
+    da.PropagateDone(propagation_id=5, error="ValueError: boom"),
+    da.PropagateDone(propagation_id=6),
+    da.CleanupContext(context_id=(2 << 48) | 1),
+]
+
+
+@pytest.mark.parametrize("message", AUTOGRAD, ids=lambda m: type(m).__name__)
+def test_autograd_messages_round_trip_through_the_pickler(message):
+    data = dumps(frames.flatten_autograd(message)).data
+    back = frames.unflatten_autograd(loads(data)[0])
+    assert type(back) is type(message)
+    for field in dataclasses.fields(message):
+        mine, theirs = getattr(back, field.name), getattr(message, field.name)
+        if field.name == "grads":
+            assert mine.keys() == theirs.keys()
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        else:
+            assert mine == theirs
+
+
+def test_autograd_messages_without_tensors_take_the_plain_path():
+    data = dumps(frames.flatten_autograd(da.PropagateDone(propagation_id=5))).data
+    assert data[:1] == b"\x01"  # the pickler's plain-pickle prefix: no Pickler subclass
+
+
+@pytest.mark.parametrize("flat", [(), (99, 1), ("x",), (1, 2, 3, 4), [1, 2], None])
+def test_malformed_autograd_messages_are_refused(flat):
+    with pytest.raises(ValueError, match="autograd message|fields"):
+        frames.unflatten_autograd(flat)

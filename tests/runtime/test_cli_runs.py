@@ -43,6 +43,15 @@ def test_the_main_job_trains_and_leaks_nothing(launch):
     assert "RRef leak check: no leaked RRefs" in run.stderr
 
 
+def test_the_split_model_example_trains_with_distributed_autograd(launch):
+    run = launch("--nproc-per-node", "3", "--tee", "3", "-m",
+                 "localrref.examples.split_rnn", "--steps", "40")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(reached target" in run.stdout and "ps: shutdown complete" in run.stdout
+    assert "trainer2: step 40/40" in run.stdout
+    assert "RRef leak check: no leaked RRefs" in run.stderr
+
+
 def test_a_leak_is_reported_with_its_holder_and_strict_mode_fails(launch):
     script = os.path.join(SCRIPTS, "holds_rrefs.py")
     loose = launch("--nproc-per-node", "2", script,
