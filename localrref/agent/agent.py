@@ -553,6 +553,12 @@ class Agent:
                                       if self.shm_pool is not None else 0),
             "agent.num_deferred_releases": str(len(self.housekeeper.releases)),
         })
+        # torch's get_debug_info has distributed autograd's counters too
+        tape = self._tape
+        autograd = tape.debug_info() if tape is not None else {
+            "num_current_backward_passes": 0, "num_autograd_contexts": 0,
+            "num_send_functions": 0, "num_recv_functions": 0}
+        out.update({key: str(value) for key, value in autograd.items()})
         return out
 
     def graceful_shutdown(self, timeout: float) -> list[dict]:

@@ -240,6 +240,10 @@ class GracefulShutdown:
 
     def _start_deleting(self) -> None:
         agent = self.agent
+        tape = agent.current_tape()
+        if tape is not None:
+            # Reported already; their tensors and graphs go now, on every worker.
+            tape.forget_all()
         now = agent.clock()
         machine = DelAllUsersAndUnforkedOwners(agent.core, now=now, timeout=self._timeout)
         with agent.lock:
@@ -295,7 +299,10 @@ class GracefulShutdown:
                 records.append({"rref_id": str(rref_id), "state": "owner_value",
                                 "value_type": value_type, "tensor_bytes": tensor_bytes,
                                 "creation_site": sites.get(id(owner))})
-            return records
+        tape = agent.current_tape()
+        if tape is not None:
+            records.extend(tape.leak_records())
+        return records
 
 
 def _describe_value(owner) -> tuple[str | None, int]:

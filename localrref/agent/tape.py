@@ -111,6 +111,34 @@ class Tape:
             effects = self.core.take_effects()
         self._run(effects)
 
+    def debug_info(self) -> dict[str, int]:
+        with self.lock:
+            return self.core.debug_info()
+
+    def leak_records(self) -> list[dict]:
+        """The contexts this worker made that are still alive (their ``with`` never ended)."""
+        with self.lock:
+            records = []
+            for context_id in self.core.contexts():
+                if da.creator_of(context_id) != self.agent.rank:
+                    continue  # its creator reports it
+                tables = self._tables.get(context_id)
+                records.append({
+                    "state": "autograd_context", "context_id": context_id,
+                    "rref_id": None, "fork_id": None,
+                    "holder_rank": self.agent.rank,
+                    "known_workers": sorted(self.core.known_workers(context_id)),
+                    "send_functions": len(tables.sends) if tables is not None else 0,
+                    "recv_tensors": len(tables.recv_tensors) if tables is not None else 0})
+            return records
+
+    def forget_all(self) -> None:
+        """Graceful shutdown: drop every context here (each worker drops its own)."""
+        with self.lock:
+            self.core.forget_all()
+            effects = self.core.take_effects()
+        self._run(effects)
+
     # -- forward ---------------------------------------------------------------
 
     def encode(self, dst: int, obj, context_id: int):

@@ -87,3 +87,12 @@ def _is_valid_context(context_id: int) -> None:
         torch_autograd._is_valid_context(context_id)
         return
     _tape().check_context(context_id)
+
+
+def _get_debug_info() -> dict[str, int]:
+    """torch's two counters of this worker's distributed autograd."""
+    torch_autograd = _torch_autograd()
+    if torch_autograd is not None:
+        return torch_autograd._get_debug_info()
+    info = _tape().debug_info()
+    return {key: info[key] for key in ("num_autograd_contexts", "num_current_backward_passes")}

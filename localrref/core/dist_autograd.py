@@ -430,7 +430,7 @@ class AutogradContexts:
         self._context(context_id)
         self._release(context_id, told_by=None)
 
-    def _release(self, context_id: int, told_by: int | None) -> None:
+    def _release(self, context_id: int, told_by: int | None, quietly: bool = False) -> None:
         context = self._contexts.pop(context_id, None)
         self._released.setdefault(creator_of(context_id), _Released()).add(
             context_id & _LOCAL_MASK)
@@ -442,12 +442,24 @@ class AutogradContexts:
                 self._finish(current, f"autograd context {context_id} was released while "
                                       f"a backward pass was running in it")
         self._effects.append(ContextReleased(context_id=context_id))
+        if quietly:
+            return
         # A known worker that died may have passed the context on to workers
         # we never heard of, and cannot pass the cleanup on: tell everyone.
         targets = set(range(self.world_size)) if context.known & self._dead else context.known
         for worker in sorted(targets - {told_by, self.worker_id} - self._dead):
             self._effects.append(SendMessage(dst=worker,
                                              message=CleanupContext(context_id=context_id)))
+
+    def forget_all(self) -> tuple[int, ...]:
+        """Shutdown: drop every context here, telling no one (every worker does the same).
+
+        Returns the ids dropped. A backward still running fails.
+        """
+        dropped = tuple(self._contexts)
+        for context_id in dropped:
+            self._release(context_id, told_by=None, quietly=True)
+        return dropped
 
     def worker_died(self, worker: int) -> None:
         """Fail what waits on ``worker``; release the contexts it created."""

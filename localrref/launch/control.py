@@ -306,9 +306,27 @@ def write_leak_report(leaks: list[dict[str, Any]]) -> str | None:
 
 
 def format_leak_line(leak: dict[str, Any]) -> str:
-    """One line per leaked RRef, fields in :data:`localrref.world.LEAK_FIELDS` order."""
+    """One line per leaked RRef, fields in :data:`localrref.world.LEAK_FIELDS` order
+    (or per distributed autograd context left open, :data:`CONTEXT_LEAK_FIELDS`)."""
+    if leak.get("state") == "autograd_context":
+        fields = " ".join(f"{name}={leak.get(name, '?')}" for name in CONTEXT_LEAK_FIELDS)
+        return f"localrref: leaked distributed autograd context {fields}"
     fields = " ".join(f"{name}={leak.get(name, '?')}" for name in world.LEAK_FIELDS)
     return f"localrref: leaked RRef {fields}"
+
+
+# A context whose ``with`` block never ended on its creator (holder_rank).
+CONTEXT_LEAK_FIELDS = ("context_id", "holder_rank", "known_workers", "send_functions",
+                       "recv_tensors")
+
+
+def describe_leaks(leaks: list[dict[str, Any]]) -> str:
+    """``"2 leaked RRef(s)"``, ``"1 leaked RRef(s) and 1 autograd context(s)"``, ..."""
+    contexts = sum(1 for leak in leaks if leak.get("state") == "autograd_context")
+    text = f"{len(leaks) - contexts} leaked RRef(s)"
+    if contexts:
+        text += f" and {contexts} distributed autograd context(s) left open"
+    return text
 
 
 def _say(message: str) -> None:

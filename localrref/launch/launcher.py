@@ -31,7 +31,7 @@ from types import FrameType
 from localrref.launch import errorfile
 from localrref.launch.bootstrap import ChildPlan, RunScript, Stream
 from localrref.launch.cli import LaunchConfig, UsageError, config_from_args, get_args_parser
-from localrref.launch.control import format_leak_line, write_leak_report
+from localrref.launch.control import describe_leaks, format_leak_line, write_leak_report
 from localrref.launch.stdio import LogLayout, Std, TeePump, TeeSource, line_prefix, std_for_rank
 from localrref.launch.supervisor import RunOptions, WorkerGroup, new_world_id
 
@@ -97,11 +97,11 @@ class Launcher:
                     return 1
                 if not result.failures:
                     if result.leaks and self.options.strict_leaks:
-                        _say(f"{len(result.leaks)} RRef(s) leaked and strict leak checking is on "
+                        _say(f"{describe_leaks(result.leaks)} and strict leak checking is on "
                              "(--strict-leaks / LOCALRREF_STRICT_LEAKS=1); failing the run")
                         return 1
                     if result.leaks:
-                        _say(f"RRef leak check: {len(result.leaks)} leaked RRef(s), listed above "
+                        _say(f"RRef leak check: {describe_leaks(result.leaks)}, listed above "
                              "(a warning; --strict-leaks makes it an error)")
                     else:
                         _say("RRef leak check: no leaked RRefs")

@@ -55,7 +55,8 @@ from localrref import world
 from localrref.errors import RRefLeakError
 from localrref.launch import errorfile
 from localrref.launch.bootstrap import CallFunction, ChildPlan, RunScript, worker_main
-from localrref.launch.control import ControlDispatcher, format_leak_line, write_leak_report
+from localrref.launch.control import (ControlDispatcher, describe_leaks, format_leak_line,
+                                     write_leak_report)
 from localrref.control_messages import Control, PeerExited
 from localrref.launch.inbox import InboxReader, send_control
 from localrref.launch.paused_gc import process_class
@@ -529,9 +530,9 @@ class ProcessContext:
             raise error
         if leaks and self._group.options.strict_leaks:
             raise RRefLeakError(
-                f"{len(leaks)} RRef(s) leaked in world {self.world_id} (listed above on stderr). "
-                f"Delete every RRef before shutdown, or drop strict_leaks / unset {STRICT_LEAKS_ENV} "
-                "to only report them.")
+                f"{describe_leaks(leaks)} in world {self.world_id} (listed above on stderr). "
+                f"Delete every RRef and end every distributed autograd context before shutdown, "
+                f"or drop strict_leaks / unset {STRICT_LEAKS_ENV} to only report them.")
         return True
 
     def _finish(self) -> list[dict[str, Any]]:

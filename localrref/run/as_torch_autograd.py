@@ -1,15 +1,17 @@
 """``torch.distributed.autograd`` under ``python -m localrref.run``: localrref's own.
 
-``context``, ``backward``, ``get_gradients`` and ``_is_valid_context`` are
-:mod:`localrref.autograd`. Other names (torch's private ``_current_context``,
-``_retrieve_context``, ...) fail naming themselves. ``is_available()`` says False, as before this
-module had a body, so that torch's own modules that probe it (``torch.jit``
-registers torch's C++ operators when it is True) leave it alone.
+``context``, ``backward``, ``get_gradients``, ``_is_valid_context`` and
+``_get_debug_info`` are :mod:`localrref.autograd`. Other names (torch's
+private ``_current_context``, ``_retrieve_context``, ...) fail naming
+themselves. ``is_available()`` says False, as before this module had a
+body, so that torch's own modules that probe it (``torch.jit`` registers
+torch's C++ operators when it is True) leave it alone.
 """
 
 from __future__ import annotations
 
-from localrref.autograd import _is_valid_context, backward, context, get_gradients  # noqa: F401
+from localrref.autograd import (  # noqa: F401
+    _get_debug_info, _is_valid_context, backward, context, get_gradients)
 
 __all__ = ["context", "backward", "get_gradients", "is_available"]
 
@@ -24,5 +26,6 @@ def __getattr__(name: str):
     raise AttributeError(
         f"torch.distributed.autograd.{name} is not provided by localrref: this program runs "
         f"under `python -m localrref.run`, whose torch.distributed.autograd is localrref's "
-        f"(context, backward, get_gradients, _is_valid_context). Run it without the runner "
+        f"(context, backward, get_gradients, _is_valid_context, _get_debug_info). Run it "
+        f"without the runner "
         f"to use torch's")

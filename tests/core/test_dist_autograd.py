@@ -179,3 +179,21 @@ def test_retain_graph_and_the_backward_id_travel_with_the_gradients():
         assert run.backward_id == root.backward_id == propagate.backward_id
         runs.append(run)
     assert runs[0].backward_id != runs[1].backward_id
+
+
+def test_shutdown_forgets_every_context_quietly_and_fails_a_running_backward():
+    a, b = two()
+    ctx = a.new_context()
+    b.join(ctx, 0)
+    other = b.new_context()
+    pass_id = a.backward(ctx, token="bw")
+    a.take_effects()
+    assert a.forget_all() == (ctx,) and b.forget_all() == (ctx, other)
+    effects = a.take_effects()
+    assert da.BackwardDone(token="bw", error=f"autograd context {ctx} was released while a "
+                           f"backward pass was running in it") in effects
+    assert da.ContextReleased(context_id=ctx) in effects and not sends(effects)
+    assert not sends(b.take_effects())  # every worker forgets its own: no messages
+    assert a.debug_info()["num_autograd_contexts"] == b.debug_info()["num_autograd_contexts"] == 0
+    a.pass_finished(pass_id)  # the pass reports late: nothing more happens
+    assert a.take_effects() == []

@@ -147,7 +147,7 @@ def test_module_mode_and_strict_leaks():
     leak_lines = sorted(line for line in out.stderr.splitlines() if line.startswith("localrref: leaked RRef"))
     assert leak_lines == [f"localrref: leaked RRef rref_id={r}:7 fork_id=? owner_rank={r} holder_rank=? "
                           "state=OWNER value_type=int tensor_bytes=? creation_site=?" for r in range(2)]
-    assert "2 RRef(s) leaked and strict leak checking is on" in out.stderr
+    assert "2 leaked RRef(s) and strict leak checking is on" in out.stderr
     assert out.returncode == 1
 
 

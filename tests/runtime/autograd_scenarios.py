@@ -35,12 +35,18 @@ def contexts_are_released_everywhere():
     w = torch.ones(3, requires_grad=True)
     with dist_autograd.context() as context_id:
         loss = rpc.rpc_sync("worker1", _nested, args=(w,)).sum()
+        info = rpc.get_debug_info()  # torch's counters, and the send/recv tables
+        assert (info["num_autograd_contexts"], info["num_send_functions"],
+                info["num_recv_functions"]) == ("1", "1", "1"), info
+        assert dist_autograd._get_debug_info() == {"num_autograd_contexts": 1,
+                                                   "num_current_backward_passes": 0}
         dist_autograd.backward(context_id, [loss])
         grads = dist_autograd.get_gradients(context_id)
         assert torch.equal(grads[w], torch.full((3,), 2.0)) and w.grad is None
         # Every worker the context reached holds it until the block ends.
         assert [rpc.rpc_sync(f"worker{r}", _contexts_here) for r in (1, 2)] == [1, 1]
     assert _contexts_here() == 0
+    assert rpc.get_debug_info()["num_autograd_contexts"] == "0"
     # The cleanup travels worker 0 -> 1 -> 2 (worker 0 never called worker 2).
     assert _wait_until(lambda: [rpc.rpc_sync(f"worker{r}", _contexts_here)
                                 for r in (1, 2)] == [0, 0])

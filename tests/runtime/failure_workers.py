@@ -73,6 +73,45 @@ def kill_peer_during_call(rank, results):
     rpc.shutdown()
 
 
+class _DieInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        os.kill(os.getpid(), signal.SIGKILL)
+        return grad
+
+
+def _dies_in_backward(x):
+    return _DieInBackward.apply(x)
+
+
+def kill_peer_during_backward(rank, results):
+    import localrref.autograd as dist_autograd
+
+    rpc.init_rpc(f"worker{rank}", rpc_backend_options=rpc.RpcBackendOptions(rpc_timeout=0))
+    if rank == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # live long enough to report
+        w = torch.ones(3, requires_grad=True)
+        with dist_autograd.context() as context_id:
+            loss = rpc.rpc_sync("worker1", _dies_in_backward, args=(w * 3,)).sum()
+            try:
+                dist_autograd.backward(context_id, [loss])  # no timeout: only the death ends it
+                results.put(("no error", None))
+            except RuntimeError as exc:
+                results.put(("backward failed", str(exc)))
+            results.put(("contexts", rpc.get_debug_info()["num_autograd_contexts"]))
+        results.put(("contexts after", rpc.get_debug_info()["num_autograd_contexts"]))
+        try:
+            rpc.shutdown()
+        except RuntimeError as exc:
+            results.put(("shutdown failed", str(exc)))
+        return
+    rpc.shutdown()
+
+
 def reinit_after_shutdown(rank, results):
     rpc.init_rpc(f"worker{rank}")
     first = rpc.rpc_sync(f"worker{1 - rank}", torch.add, args=(torch.ones(1), 1))

@@ -66,6 +66,17 @@ def test_a_leak_is_reported_with_its_holder_and_strict_mode_fails(launch):
     assert "strict leak checking is on" in strict.stderr
 
 
+def test_a_context_left_open_at_shutdown_is_reported_and_released_everywhere(launch):
+    run = launch("--nproc-per-node", "2", "--tee", "3", os.path.join(SCRIPTS, "open_context.py"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    context_id = int(run.stdout.split("open context ")[1].split()[0])
+    (line,) = [l for l in run.stderr.splitlines() if "leaked distributed autograd" in l]
+    assert line == (f"localrref: leaked distributed autograd context context_id={context_id} "
+                    f"holder_rank=0 known_workers=[1] send_functions=1 recv_tensors=1")
+    assert "RRef leak check: 0 leaked RRef(s) and 1 distributed autograd context(s) left " \
+           "open" in run.stderr
+
+
 def test_a_worker_killed_mid_call_fails_the_caller_at_once_and_is_the_root_cause(launch):
     run = launch("--nproc-per-node", "2", "--tee", "3",
                  os.path.join(SCRIPTS, "kill_mid_call.py"))

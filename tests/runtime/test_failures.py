@@ -42,6 +42,16 @@ def test_killed_peer_fails_pending_calls_at_once_naming_it(results):
     assert "shutdown failed" in got and "rank 1" in got["shutdown failed"][0]
 
 
+def test_a_peer_killed_in_its_backward_pass_fails_the_backward_at_once_naming_it(results):
+    with pytest.raises(ProcessExitedException) as info:
+        localrref.spawn(fw.kill_peer_during_backward, args=(results,), nprocs=2)
+    assert info.value.error_index == 1 and "SIGKILL" in str(info.value)
+    got = dict(drain(results))
+    assert "worker 1 died during the distributed backward pass" in got["backward failed"]
+    assert got["contexts"] == "1" and got["contexts after"] == "0"
+    assert "rank 1" in got["shutdown failed"]
+
+
 def test_init_rpc_works_again_after_a_clean_shutdown(results):
     localrref.spawn(fw.reinit_after_shutdown, args=(results,), nprocs=2)
     by_rank = dict(drain(results))
