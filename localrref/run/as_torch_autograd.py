@@ -27,5 +27,4 @@ def __getattr__(name: str):
         f"torch.distributed.autograd.{name} is not provided by localrref: this program runs "
         f"under `python -m localrref.run`, whose torch.distributed.autograd is localrref's "
         f"(context, backward, get_gradients, _is_valid_context, _get_debug_info). Run it "
-        f"without the runner "
-        f"to use torch's")
+        f"without the runner to use torch's")
