@@ -176,7 +176,7 @@ def test_leak_reports_are_printed_and_strict_mode_fails(capfd):
     assert sorted(lines) == sorted(
         f"localrref: leaked RRef rref_id={r}:0 fork_id={r}:100 owner_rank={r} holder_rank={(r + 1) % 2} "
         f"state=CONFIRMED value_type=Tensor tensor_bytes=64 creation_site=test.py:0" for r in range(2))
-    with pytest.raises(RRefLeakError, match=r"2 RRef\(s\) leaked"):
+    with pytest.raises(RRefLeakError, match=r"2 leaked RRef\(s\) in world"):
         start_processes(workers.graceful_shutdown, args=(1,), nprocs=2, strict_leaks=True)
 
 
