@@ -18,9 +18,11 @@ _EXPORTS = {
     "share_tensor": "api",
     "RRef": "rref", "spawn": "launch.supervisor",
     "RpcBackendOptions": "options", "TensorPipeRpcBackendOptions": "options",
+    "FaultyRpcBackendOptions": "options",
     "DEFAULT_RPC_TIMEOUT_SEC": "constants", "UNSET_RPC_TIMEOUT": "constants",
 }
-_SUBMODULES = {"functions", "api", "testing", "launch", "examples", "errors", "world", "autograd"}
+_SUBMODULES = {"functions", "api", "testing", "launch", "examples", "errors", "world", "autograd",
+               "optim", "nn"}
 
 __all__ = sorted([*_EXPORTS, "functions"])
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from . import constants
 
-__all__ = ["RpcBackendOptions", "TensorPipeRpcBackendOptions"]
+__all__ = ["RpcBackendOptions", "TensorPipeRpcBackendOptions", "FaultyRpcBackendOptions"]
 
 
 @dataclass(kw_only=True)
@@ -54,6 +54,41 @@ class RpcBackendOptions:
         if self.device_maps or any(str(d) != "cpu" for d in self.devices):
             raise ValueError("localrref moves CPU tensors only: device_maps and non-CPU devices "
                              "are not supported")
+
+
+@dataclass(kw_only=True)
+class FaultyRpcBackendOptions(RpcBackendOptions):
+    """Options that also inject faults into the protocol messages each worker sends.
+
+    torch's ``FaultyTensorPipeRpcBackendOptions`` has the first three; see
+    ``localrref/agent/faults.py`` for what each does. Message types are
+    named as torch names them (``"RREF_FORK_REQUEST"``, ``"PYTHON_CALL"``, ...).
+    The ``LOCALRREF_FAULTS`` environment variable gives the same to workers
+    started with plain options (the launcher's workers inherit it).
+
+    Attributes:
+        num_fail_sends: how many sends of each type in ``messages_to_fail`` fail.
+        messages_to_fail: types whose first sends fail (control messages are
+            then retried and delivered; a call whose send fails fails).
+        messages_to_delay: type -> seconds each such message is held back.
+        messages_to_duplicate: types sent twice.
+        messages_to_reorder: types sent after the next frame to the same peer.
+        fault_probability: the chance that a delay, duplicate or reorder
+            applies to a given message.
+        fault_seed: seeds those draws (with the worker's rank).
+    """
+
+    num_fail_sends: int = 0
+    messages_to_fail: list = field(default_factory=lambda: list(_RETRYABLE))
+    messages_to_delay: dict = field(default_factory=dict)
+    messages_to_duplicate: list = field(default_factory=list)
+    messages_to_reorder: list = field(default_factory=list)
+    fault_probability: float = 1.0
+    fault_seed: int = 0
+
+
+# torch's faulty agent fails these by default: the RRef protocol retries them.
+_RETRYABLE = ("RREF_FORK_REQUEST", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE")
 
 
 def _spin_us_from_env() -> float:

@@ -15,7 +15,7 @@ def test_all_is_pinned():
         "init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info", "RRef",
         "WorkerInfo", "functions", "spawn", "get_debug_info", "get_rpc_timeout",
         "set_rpc_timeout", "share_tensor", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
-        "DEFAULT_RPC_TIMEOUT_SEC", "UNSET_RPC_TIMEOUT"])
+        "FaultyRpcBackendOptions", "DEFAULT_RPC_TIMEOUT_SEC", "UNSET_RPC_TIMEOUT"])
     for name in localrref.__all__:
         assert hasattr(localrref, name), name
 

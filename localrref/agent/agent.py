@@ -59,6 +59,7 @@ from ..core.rref_context import RetryPolicy, RRefContext
 from ..errors import WorkerClosedError, WorkerGoneError
 from ..transport import wire
 from .calls import Calls
+from .faults import FaultPlan, FaultyTransport, spec_for
 from .handshake import Handshake, WorkerDesc
 from .housekeeper import Housekeeper
 from .jobs import Jobs
@@ -99,6 +100,11 @@ class Agent:
         self.world_size = world_size
         self.name = name
         self.options = options
+        faults = spec_for(options, os.environ)
+        if faults is not None:
+            log.info("localrref: rank %d injects faults: %s", rank, faults)
+            transport = FaultyTransport(transport, FaultPlan(faults, rank),
+                                        on_copy=self._count_copy)
         self.transport = transport
         self.rref_type = rref_type
         self.shm_pool = pool
@@ -411,11 +417,17 @@ class Agent:
         except Exception:
             log.exception("localrref: dropped an undecodable autograd frame from rank %d", src)
             return
+        self.count_received()  # as a message frame: once it decoded
         try:
             self.autograd_tape().on_message(src, message)
         except Exception:
             log.exception("localrref: error handling a distributed autograd message from "
                           "rank %d", src)
+
+    def _count_copy(self, message) -> None:
+        """Fault injection sent ``message`` twice: count the copy as sent too."""
+        if message.type in USER_LEVEL_TYPES:
+            self._count_sent(+1)
 
     def _count_sent(self, delta: int) -> None:
         with self._count_lock:

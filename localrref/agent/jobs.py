@@ -19,6 +19,8 @@ never holds the lock while user code or pickling runs.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..codec.pickler import dumps_exception, wrap_exception
@@ -27,6 +29,8 @@ from ..errors import AsyncExecutionError
 from .pool import ElasticPool
 
 __all__ = ["Jobs", "InlineExecutor"]
+
+log = logging.getLogger("localrref")
 
 
 class InlineExecutor:
@@ -73,6 +77,10 @@ class Jobs:
             load_error = exc
         del wrappers
         if load_error is not None:
+            # The caller hears of it too; this side's log names who sent it,
+            # since a request nobody can unpickle may not come from localrref.
+            log.warning("localrref: could not unpickle a call from rank %d: %s: %s", job.src,
+                        type(load_error).__name__, load_error)
             self._fail(job, load_error)
             return
         is_async = getattr(func, "_wrapped_async_rpc_function", None) is not None

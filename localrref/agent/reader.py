@@ -185,7 +185,6 @@ class Reader:
         if frame[:1] == wire.AUTOGRAD_TAG:
             # Handled right here, pass and all: these messages are short
             # protocol steps, or a gradient pass someone is waiting for.
-            agent.count_received()
             agent.on_autograd(src, frame)
             return []
         try:

@@ -30,7 +30,7 @@ __all__ = [
     "MessageType", "PythonCall", "PythonRet", "PythonRemoteCall", "RemoteRet",
     "PythonRRefFetchCall", "PythonRRefFetchRet", "RRefForkRequest", "RRefChildAccept",
     "RRefUserDelete", "RRefAck", "ExceptionMessage", "Message", "REQUEST_TYPES",
-    "RETRYABLE_TYPES", "RESPONSE_TYPES", "USER_LEVEL_TYPES",
+    "RETRYABLE_TYPES", "RESPONSE_TYPES", "USER_LEVEL_TYPES", "DUPLICABLE_TYPES",
 ]
 
 
@@ -259,3 +259,13 @@ RETRYABLE_TYPES = frozenset({
     MessageType.RREF_FORK_REQUEST, MessageType.RREF_CHILD_ACCEPT, MessageType.RREF_USER_DELETE,
 })
 
+
+# What a transport may deliver twice: the messages whose handlers ignore a
+# second copy. RREF_FORK_REQUEST is missing on purpose: a copy that arrives
+# after its user's RREF_USER_DELETE re-registers a dead fork (a limit of the
+# seed's protocol, shown by tests/sim/test_known_limits.py). A call or a
+# reply is never delivered twice, as torch's transport never does.
+DUPLICABLE_TYPES = frozenset({
+    MessageType.RREF_CHILD_ACCEPT, MessageType.RREF_USER_DELETE, MessageType.RREF_ACK,
+    MessageType.REMOTE_RET,
+})

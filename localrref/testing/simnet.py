@@ -50,7 +50,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..core import effects as fx
-from ..core.messages import RETRYABLE_TYPES, USER_LEVEL_TYPES, MessageType
+from ..core.messages import DUPLICABLE_TYPES, RETRYABLE_TYPES, USER_LEVEL_TYPES, MessageType
 from ..core.rref import OwnerRRef, UserRRef
 from ..core.rref_context import RequestKind, RetryPolicy, RRefContext
 from ..core.shutdown import DelAllUsersAndUnforkedOwners
@@ -59,12 +59,9 @@ from ..errors import RRefCreationError
 __all__ = ["Faults", "SimCall", "SimWorld", "InvariantViolation", "replay_command"]
 
 _FAILABLE = RETRYABLE_TYPES | {MessageType.RREF_ACK}
-# RREF_FORK_REQUEST is missing on purpose: a copy that arrives after its
-# user's RREF_USER_DELETE re-registers a dead fork (a limit of the seed's
-# protocol, shown by tests/sim/test_known_limits.py). Its retried copies, which
-# the protocol does produce, come from fail_sends on RREF_ACK instead.
-_DUPLICABLE = frozenset({MessageType.RREF_CHILD_ACCEPT, MessageType.RREF_USER_DELETE,
-                         MessageType.RREF_ACK, MessageType.REMOTE_RET})
+# RREF_FORK_REQUEST's retried copies, which the protocol does produce, come
+# from fail_sends on RREF_ACK instead (see DUPLICABLE_TYPES).
+_DUPLICABLE = DUPLICABLE_TYPES
 
 
 class InvariantViolation(AssertionError):

@@ -51,8 +51,8 @@ def me():
 
 def grad_here(context_id):
     """This worker's gradient for its weight in ``context_id`` (None if none)."""
-    grad = dist_autograd.get_gradients(context_id).get(weight(me()))
-    return grad
+    assert weight(me()).grad is None, f"worker{me()}: .grad was written"
+    return dist_autograd.get_gradients(context_id).get(weight(me()))
 
 
 def stage(x):

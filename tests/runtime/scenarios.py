@@ -131,6 +131,13 @@ def debug_counter(key):
     return int(rpc.get_debug_info()[key])
 
 
+def counters_everywhere(keys):
+    """The sum over every worker of these protocol counters."""
+    n = rpc.api.current.require().world_size
+    return sum(rpc.rpc_sync(f"worker{r}", debug_counter, args=(key,))
+               for r in range(n) for key in keys)
+
+
 def wait_tables_empty(timeout=20.0):
     """Event-driven wait until this worker's protocol tables are empty (else its counters)."""
     if rpc.api._wait_until_tables_empty(timeout):
