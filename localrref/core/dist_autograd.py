@@ -26,7 +26,8 @@ runs several against reordered, duplicated and delayed messages.
   error.
 * **Cleanup.** ``release_context`` (the ``with`` block ended) tells every
   known worker (:class:`CleanupContext`), and each passes it on to the
-  workers *it* knows; a worker that learns of a context only after its
+  workers *it* knows that the message does not list as told already (the
+  creator usually knows them all: then nobody passes it on); a worker that learns of a context only after its
   cleanup went by (a call still in flight when the block ended) never
   re-creates it: released ids are remembered, compactly, per creator.
 * **Deaths.** ``worker_died(w)`` fails every pass waiting on ``w`` and
@@ -95,6 +96,7 @@ class PropagateDone:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CleanupContext:
     context_id: int
+    informed: tuple[int, ...] = ()  # workers told already, sender included
 
 
 AutogradMessage = Union[PropagateGradients, PropagateDone, CleanupContext]
@@ -384,8 +386,8 @@ class AutogradContexts:
                 self._on_propagate(src, message)
             case PropagateDone():
                 self._on_done(message)
-            case CleanupContext(context_id=context_id):
-                self._release(context_id, told_by=src)
+            case CleanupContext(context_id=context_id, informed=informed):
+                self._release(context_id, told_by=src, informed=informed)
             case _:
                 raise TypeError(f"not a distributed autograd message: {message!r}")
 
@@ -430,7 +432,8 @@ class AutogradContexts:
         self._context(context_id)
         self._release(context_id, told_by=None)
 
-    def _release(self, context_id: int, told_by: int | None, quietly: bool = False) -> None:
+    def _release(self, context_id: int, told_by: int | None, quietly: bool = False,
+                 informed: tuple[int, ...] = ()) -> None:
         context = self._contexts.pop(context_id, None)
         self._released.setdefault(creator_of(context_id), _Released()).add(
             context_id & _LOCAL_MASK)
@@ -447,9 +450,12 @@ class AutogradContexts:
         # A known worker that died may have passed the context on to workers
         # we never heard of, and cannot pass the cleanup on: tell everyone.
         targets = set(range(self.world_size)) if context.known & self._dead else context.known
-        for worker in sorted(targets - {told_by, self.worker_id} - self._dead):
-            self._effects.append(SendMessage(dst=worker,
-                                             message=CleanupContext(context_id=context_id)))
+        targets = sorted(targets - {told_by, self.worker_id} - self._dead - set(informed))
+        told = tuple(sorted({self.worker_id, *informed, *targets}
+                            | ({told_by} if told_by is not None else set())))
+        for worker in targets:
+            self._effects.append(SendMessage(dst=worker, message=CleanupContext(
+                context_id=context_id, informed=told)))
 
     def forget_all(self) -> tuple[int, ...]:
         """Shutdown: drop every context here, telling no one (every worker does the same).

@@ -99,11 +99,27 @@ def test_cleanup_goes_to_known_workers_and_is_passed_on():
     a.release_context(ctx)
     effects = a.take_effects()
     assert da.ContextReleased(context_id=ctx) in effects
-    assert sends(effects) == [(1, da.CleanupContext(context_id=ctx))]
-    b.on_message(0, da.CleanupContext(context_id=ctx))
-    assert sends(b.take_effects()) == [(2, da.CleanupContext(context_id=ctx))]
-    c.on_message(1, da.CleanupContext(context_id=ctx))
+    assert sends(effects) == [(1, da.CleanupContext(context_id=ctx, informed=(0, 1)))]
+    b.on_message(0, da.CleanupContext(context_id=ctx, informed=(0, 1)))
+    assert sends(b.take_effects()) == [(2, da.CleanupContext(context_id=ctx, informed=(0, 1, 2)))]
+    c.on_message(1, da.CleanupContext(context_id=ctx, informed=(0, 1, 2)))
     assert sends(c.take_effects()) == []  # not back to b, who told it
+    assert not any(w.has_context(ctx) for w in (a, b, c))
+
+
+def test_a_worker_the_creator_told_is_not_told_again():
+    a, b, c = (da.AutogradContexts(w, 3) for w in range(3))
+    ctx = a.new_context()
+    b.record_recv(ctx, 0, a.record_send(ctx, 1))
+    c.record_recv(ctx, 0, a.record_send(ctx, 2))
+    c.record_recv(ctx, 1, b.record_send(ctx, 2))  # b knows c too
+    a.release_context(ctx)
+    told = sends(a.take_effects())
+    assert told == [(1, da.CleanupContext(context_id=ctx, informed=(0, 1, 2))),
+                    (2, da.CleanupContext(context_id=ctx, informed=(0, 1, 2)))]
+    b.on_message(0, told[0][1])
+    c.on_message(0, told[1][1])
+    assert sends(b.take_effects()) == [] and sends(c.take_effects()) == []
     assert not any(w.has_context(ctx) for w in (a, b, c))
 
 
@@ -146,7 +162,7 @@ def test_a_death_fails_what_waits_on_it_and_releases_what_it_created():
     # Our own context outlives b; its cleanup now goes to everyone, since b
     # may have passed it on to workers we never heard of.
     a.release_context(ctx)
-    assert sends(a.take_effects()) == [(2, da.CleanupContext(context_id=ctx))]
+    assert sends(a.take_effects()) == [(2, da.CleanupContext(context_id=ctx, informed=(0, 2)))]
 
 
 def test_releasing_a_context_fails_the_passes_running_in_it():

@@ -84,13 +84,29 @@ def test_it_catches_a_context_brought_back_by_a_late_call(monkeypatch):
 def test_it_catches_a_cleanup_not_passed_on(monkeypatch):
     original = da.AutogradContexts._release
 
-    def selfish(self, context_id, told_by):
+    def selfish(self, context_id, told_by, quietly=False, informed=()):
         context = self._contexts.get(context_id)
         if context is not None and told_by is not None:
             context.known.clear()
-        return original(self, context_id, told_by)
+        return original(self, context_id, told_by, quietly, informed)
 
     monkeypatch.setattr(da.AutogradContexts, "_release", selfish)
+    seed, error = first_failure(CONFIGS["five workers, long chains"])
+    assert seed is not None and "still holds context" in error
+
+
+def test_it_catches_a_cleanup_that_claims_to_have_told_everyone(monkeypatch):
+    original = da.AutogradContexts._release
+
+    def boastful(self, context_id, told_by, quietly=False, informed=()):
+        original(self, context_id, told_by, quietly, informed)
+        for i, effect in enumerate(self._effects):
+            if isinstance(effect, da.SendMessage) and \
+                    isinstance(effect.message, da.CleanupContext):
+                self._effects[i] = da.SendMessage(dst=effect.dst, message=da.CleanupContext(
+                    context_id=context_id, informed=tuple(range(self.world_size))))
+
+    monkeypatch.setattr(da.AutogradContexts, "_release", boastful)
     seed, error = first_failure(CONFIGS["five workers, long chains"])
     assert seed is not None and "still holds context" in error
 
