@@ -1,0 +1,59 @@
+"""Scale: 10,000 calls in flight to one worker (CI); a 32-worker world on this 2-core
+machine (``slow``: ``python -m pytest -m slow tests/runtime/test_scale.py -s``).
+"""
+
+import threading
+
+import pytest
+
+import localrref
+import scale_scenarios as scenarios
+from world import World
+
+pytestmark = [pytest.mark.processes]
+
+
+@pytest.fixture(scope="module")
+def world(leak_free):
+    w = World(2)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+@pytest.mark.timeout(180)
+def test_ten_thousand_calls_in_flight_to_one_worker_all_complete_and_leave_nothing(world):
+    seen = world.run(scenarios.ten_thousand_calls_in_flight, timeout=150)
+    assert seen["caller"] == {
+        "num_outstanding_requests": "0", "num_running_jobs": "0", "agent.num_pending_calls": "0"}
+    assert seen["callee"] == {  # its one running job: the query itself
+        "num_outstanding_requests": "0", "num_running_jobs": "1", "agent.num_pending_calls": "0"}
+    # Bounded: whatever the callee kept for 10,000 calls is not kept per call.
+    assert seen["callee_uss_growth_mib"] < 64, seen
+
+
+def _thirty_two(rank, results):
+    localrref.init_rpc(f"worker{rank}")
+    if rank == 0:
+        futures = [localrref.rpc_async(f"worker{r}", scenarios.noop, args=(r,))
+                   for r in range(32)]
+        results.put(sum(f.wait() for f in futures))
+    localrref.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_32_worker_world_starts_serves_and_shuts_down_cleanly(leak_free, capsys):
+    import multiprocessing
+    import time
+
+    results = multiprocessing.get_context("spawn").SimpleQueue()
+    started = time.monotonic()
+    localrref.spawn(_thirty_two, args=(results,), nprocs=32)
+    elapsed = time.monotonic() - started
+    assert results.get() == sum(range(32))
+    results.close()
+    with capsys.disabled():
+        print(f"\n32 workers: start, one call to each, graceful shutdown: {elapsed:.1f} s")
+    assert threading.active_count() < 10
