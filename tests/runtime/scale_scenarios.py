@@ -28,6 +28,10 @@ def ten_thousand_calls_in_flight(n=10_000):
     gc.collect()
     after = rpc.rpc_sync("worker1", rss)
     tables = rpc.rpc_sync("worker1", _debug)
+    # A call leaves the caller's table just after its waiter wakes (once its
+    # future's callbacks have run): wait for that, on progress events.
+    agent = rpc.api.current.require()
+    assert agent.block_until(lambda: agent.active_work() == 0, 30.0, "calls to settle")
     return {"callee_uss_growth_mib": (after - before) / 2 ** 20, "callee": tables,
             "caller": _debug()}
 

@@ -3,18 +3,15 @@
 import pytest
 
 import autograd_scenarios as scenarios
-from world import World
+from world import running
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
 def world(leak_free):
-    w = World(3)
-    try:
+    with running(3) as w:
         yield w
-    finally:
-        w.close()
 
 
 def test_contexts_are_released_on_every_worker_they_reached(world):

@@ -9,14 +9,16 @@ import pytest
 
 import scenarios
 from localrref import FaultyRpcBackendOptions
-from world import World
+from world import running
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(180)]
 
 FAULTS = FaultyRpcBackendOptions(
     rpc_timeout=60,
     num_fail_sends=2,  # of each of torch's retryable types: RREF_FORK_REQUEST, ...
-    messages_to_delay={"PYTHON_CALL": 0.002, "REMOTE_RET": 0.005, "RREF_USER_DELETE": 0.01},
+    # Short: a scenario makes hundreds of calls one after another; later
+    # frames overtake a delayed one all the same.
+    messages_to_delay={"PYTHON_CALL": 0.0005, "REMOTE_RET": 0.001, "RREF_USER_DELETE": 0.002},
     messages_to_duplicate=["RREF_ACK", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE", "REMOTE_RET"],
     messages_to_reorder=["PYTHON_RET", "RREF_ACK", "PYTHON_RREF_FETCH_RET"],
     fault_probability=0.5, fault_seed=11)
@@ -24,11 +26,8 @@ FAULTS = FaultyRpcBackendOptions(
 
 @pytest.fixture(scope="module")
 def world(leak_free):
-    w = World(3, options=FAULTS)
-    try:
+    with running(3, options=FAULTS) as w:
         yield w
-    finally:
-        w.close()
 
 
 # Each scenario and what it returns on a world without faults (test_world.py).

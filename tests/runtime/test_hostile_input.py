@@ -8,18 +8,15 @@ user's alone.
 import pytest
 
 import hostile_scenarios as scenarios
-from world import World
+from world import running
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
 def world(leak_free):
-    w = World(2)
-    try:
+    with running(2) as w:
         yield w
-    finally:
-        w.close()
 
 
 @pytest.fixture(scope="module")

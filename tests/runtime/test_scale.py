@@ -8,18 +8,15 @@ import pytest
 
 import localrref
 import scale_scenarios as scenarios
-from world import World
+from world import running
 
 pytestmark = [pytest.mark.processes]
 
 
 @pytest.fixture(scope="module")
 def world(leak_free):
-    w = World(2)
-    try:
+    with running(2) as w:
         yield w
-    finally:
-        w.close()
 
 
 @pytest.mark.timeout(180)

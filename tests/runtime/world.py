@@ -11,6 +11,7 @@ has arrived, which rank 0 does when the world closes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import threading
@@ -81,3 +82,13 @@ class World:
             raise AssertionError(f"world did not shut down within {timeout} s")
         self._commands.close()
         self._results.close()
+
+
+@contextlib.contextmanager
+def running(nprocs: int = 3, options=None):
+    """A :class:`World` for a ``with`` block (a module fixture's body), closed after it."""
+    world = World(nprocs, options)
+    try:
+        yield world
+    finally:
+        world.close()
