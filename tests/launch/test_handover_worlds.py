@@ -111,9 +111,13 @@ def test_one_program_sees_the_same_api_on_both_engines(env, tmp_path):
     assert on_localrref.pop("notices") == 0 and on_torch.pop("notices") == 2  # one per worker
     assert on_localrref.pop("rref_type") == "localrref.rref.RRef"
     assert on_torch.pop("rref_type") == "torch._C._distributed_rpc.PyRRef"
+    # localrref.nn / localrref.optim hand over to torch's own classes
+    assert on_localrref.pop("split_classes") == ["localrref.nn", "localrref.optim"]
+    assert on_torch.pop("split_classes") == ["torch.distributed.nn.api.remote_module",
+                                             "torch.distributed.optim.optimizer"]
     assert on_torch == on_localrref
     assert on_torch == {
         "sync": [2.0, 2.0], "async": [3.0, 3.0], "proxy": 2, "proxy_async": 5,
         "async_execution": 9, "remote": [0.0, 0.0, 0.0], "local": [1.0], "owner": "worker1",
         "me": "worker0", "peer_id": 1, "timeout": 7.0, "shared": 6.0, "error": "ValueError: True",
-        "has_torch_counters": True}
+        "has_torch_counters": True, "split_step": [0.5, 0.0]}

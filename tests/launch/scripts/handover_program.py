@@ -14,6 +14,9 @@ import torch
 import torch.multiprocessing as mp
 
 import localrref as rpc
+import localrref.autograd as dist_autograd
+from localrref.nn import RemoteModule
+from localrref.optim import DistributedOptimizer
 
 
 class Counter:
@@ -36,6 +39,27 @@ class Counter:
         return rref.local_value().add(k)
 
 
+class Half(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def split_step():
+    """One step of a model on worker1: its weight after SGD, and who the classes were."""
+    module = RemoteModule("worker1/cpu", Half)
+    optimizer = DistributedOptimizer(torch.optim.SGD, module.remote_parameters(), lr=0.5)
+    with dist_autograd.context() as context_id:
+        loss = module.forward(torch.tensor([1.0, 2.0])).sum()
+        dist_autograd.backward(context_id, [loss])
+        optimizer.step(context_id)
+    weight = module.forward(torch.ones(2)).tolist()
+    return weight, [type(module).__module__, type(optimizer).__module__]
+
+
 def fail():
     raise ValueError("no such key")
 
@@ -50,6 +74,7 @@ def run(rank, world_size, outfile):
             error = None
         except Exception as exc:  # noqa: BLE001 - the test compares type and message
             error = f"{type(exc).__name__}: {'no such key' in str(exc)}"
+        weight, classes = split_step()
         rpc.set_rpc_timeout(7)
         info = rpc.get_debug_info()
         seen = {
@@ -68,6 +93,8 @@ def run(rank, world_size, outfile):
             "error": error,
             "has_torch_counters": all(key in info for key in ("num_owner_rrefs", "num_forks")),
             "rref_type": f"{type(counter).__module__}.{type(counter).__qualname__}",
+            "split_step": weight,
+            "split_classes": classes,
         }
         del counter
         with open(outfile, "w") as f:
