@@ -76,6 +76,12 @@ class FaultyRpcBackendOptions(RpcBackendOptions):
         fault_probability: the chance that a delay, duplicate or reorder
             applies to a given message.
         fault_seed: seeds those draws (with the worker's rank).
+        kill_on: where this worker SIGKILLs itself: ``"send:TYPE"`` (right
+            after sending a frame of TYPE), ``"recv:TYPE"`` (on receiving one,
+            before handling it) or ``"copy"`` (halfway through copying a
+            tensor into shared memory); TYPE is a message type or a control
+            record's class name (``"ShutdownArrived"``, ...). Empty: never.
+        kill_after: the how-many-th such frame (or copy) kills.
     """
 
     num_fail_sends: int = 0
@@ -85,6 +91,8 @@ class FaultyRpcBackendOptions(RpcBackendOptions):
     messages_to_reorder: list = field(default_factory=list)
     fault_probability: float = 1.0
     fault_seed: int = 0
+    kill_on: str = ""
+    kill_after: int = 1
 
 
 # torch's faulty agent fails these by default: the RRef protocol retries them.

@@ -58,8 +58,9 @@ from ..core.messages import REQUEST_TYPES, USER_LEVEL_TYPES, ExceptionMessage
 from ..core.rref_context import RetryPolicy, RRefContext
 from ..errors import WorkerClosedError, WorkerGoneError
 from ..transport import wire
+from . import current
 from .calls import Calls
-from .faults import FaultPlan, FaultyTransport, spec_for
+from .faults import COPY, DyingCopier, FaultPlan, FaultyTransport, spec_for
 from .handshake import Handshake, WorkerDesc
 from .housekeeper import Housekeeper
 from .jobs import Jobs
@@ -100,11 +101,16 @@ class Agent:
         self.world_size = world_size
         self.name = name
         self.options = options
+        set_may_wait = getattr(transport, "set_may_wait", None)
+        if set_may_wait is not None:
+            set_may_wait(self._may_wait_for_room)
         faults = spec_for(options, os.environ)
         if faults is not None:
             log.info("localrref: rank %d injects faults: %s", rank, faults)
             transport = FaultyTransport(transport, FaultPlan(faults, rank),
                                         on_copy=self._count_copy)
+            if faults.kill_on == COPY and pool is not None:
+                pool.copier = DyingCopier(pool.copier, transport)
         self.transport = transport
         self.rref_type = rref_type
         self.shm_pool = pool
@@ -148,7 +154,8 @@ class Agent:
         mapper = ShmMapper()
         # Frames too big for one atomic pipe write travel through shared memory.
         endpoint = Endpoint(spec.rank, spec.inboxes, blob_pool=pool, blob_mapper=mapper,
-                            spin_s=options.spin_us * 1e-6)
+                            spin_s=options.spin_us * 1e-6,
+                            wait_limit_s=options.rpc_timeout if options.rpc_timeout > 0 else 60.0)
         return cls(rank=spec.rank, world_size=spec.world_size, name=name, options=options,
                    transport=endpoint, rref_type=rref_type, pool=pool, mapper=mapper,
                    shutdown_timeout=spec.shutdown_timeout or 300.0,
@@ -388,6 +395,11 @@ class Agent:
                 self._count_sent(-1)
                 log.exception("localrref: could not tell rank %d its reply failed", dst)
 
+    def _may_wait_for_room(self) -> bool:
+        """Whether this thread may wait for room in a peer's full pipe: only an
+        application thread that does not hold the inbox (see transport/outbox.py)."""
+        return not current.serving() and not self.reader.holds_inbox()
+
     def send_control(self, dst: int, control) -> None:
         self.transport.send(dst, wire.encode_control(control))
 
@@ -479,6 +491,9 @@ class Agent:
         with self.lock:
             self.dead[rank] = error
             effects = self.core.on_peer_gone(rank, error, now=self.clock())
+        forget = getattr(self.transport, "forget", None)
+        if forget is not None:
+            forget(rank, error)  # what still waited for room in its pipe
         if self.reader.on_io_thread() or self.driver is not None:
             self.run(effects)
         else:

@@ -45,3 +45,14 @@ def require():
         raise RPCNotInitializedError(
             "RPC has not been initialized. Call localrref.init_rpc first.")
     return agent
+
+
+def mark_serving() -> None:
+    """This thread serves the agent (an IO thread, the housekeeper, a pool
+    thread): it must never wait for room in a peer's pipe, since that peer's
+    progress may depend on it (``transport/outbox.py``)."""
+    _bound.serving = True
+
+
+def serving() -> bool:
+    return getattr(_bound, "serving", False)

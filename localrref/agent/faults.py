@@ -12,14 +12,21 @@ protocol is built to survive (torch's faulty agent,
 * **duplicate** chosen types, among those the protocol promises to take
   twice (``DUPLICABLE_TYPES``: the receiver ignores the second copy);
 * **reorder** chosen types: the frame is held back and sent right after the
-  next frame to the same peer (or after ``HOLD_S`` if none comes).
+  next frame to the same peer (or after ``HOLD_S`` if none comes);
+* **kill** the worker (SIGKILL, by itself) at one chosen point: right after
+  it sends (``send:TYPE``) or as it receives (``recv:TYPE``, before handling
+  it) the ``kill_after``-th frame of a type, where a type is a protocol
+  message type or a control record's class (``ShutdownArrived``,
+  ``ShutdownProceed``, ...); or halfway through copying a tensor into shared
+  memory (``copy``). The crash matrix (``tests/runtime/test_crash_matrix.py``)
+  kills a worker this way at every step of every exchange.
 
 Delay, duplicate and reorder apply to each such message with probability
 ``probability``, drawn from a ``random.Random`` seeded with ``seed`` and the
 worker's rank, so a run is repeatable. Every injected fault is logged (logger
-``localrref.faults``, INFO). Only protocol messages are touched: the
-handshake, the supervisor's control messages and distributed autograd's
-frames go as they are.
+``localrref.faults``, INFO). Only protocol messages are failed, delayed,
+duplicated or reordered: the handshake, the supervisor's control messages
+and distributed autograd's frames go as they are.
 
 :class:`FaultPlan` decides (pure: no threads, no clock); :class:`FaultyTransport`
 wraps a worker's endpoint and carries the decisions out, with one timer
@@ -30,16 +37,21 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
+from .. import control_messages
 from ..codec import frames
 from ..core.messages import DUPLICABLE_TYPES, MessageType
+from ..transport import wire
+from .current import mark_serving
 
-__all__ = ["FaultSpec", "FaultPlan", "Fate", "FaultyTransport", "InjectedFault", "ENV",
-           "HOLD_S", "spec_for"]
+__all__ = ["FaultSpec", "FaultPlan", "Fate", "FaultyTransport", "DyingCopier", "InjectedFault",
+           "ENV", "HOLD_S", "COPY", "spec_for"]
 
 log = logging.getLogger("localrref.faults")
 
@@ -47,6 +59,11 @@ ENV = "LOCALRREF_FAULTS"
 HOLD_S = 0.05  # a held frame goes after this long if no later frame to its peer comes
 _TYPES = tuple(t.value for t in MessageType)
 _DUPLICABLE = tuple(sorted(t.value for t in DUPLICABLE_TYPES))
+_CONTROLS = tuple(sorted(
+    name for name, value in vars(control_messages).items()
+    if isinstance(value, type) and value.__module__ == control_messages.__name__
+    and not name.startswith("_")))
+COPY = "copy"
 
 
 class InjectedFault(RuntimeError):
@@ -64,8 +81,20 @@ class FaultSpec:
     messages_to_reorder: tuple[str, ...] = ()
     probability: float = 1.0
     seed: int = 0
+    kill_on: str = ""     # "send:TYPE", "recv:TYPE" or "copy"
+    kill_after: int = 1   # the how-many-th such frame (or copy) kills
 
     def __post_init__(self) -> None:
+        if self.kill_on:
+            direction, _, kind = self.kill_on.partition(":")
+            if not ((direction in ("send", "recv") and kind in _TYPES + _CONTROLS)
+                    or self.kill_on == COPY):
+                raise ValueError(
+                    f"cannot kill on {self.kill_on!r}: write send:TYPE, recv:TYPE or copy, "
+                    f"where TYPE is a message type ({', '.join(_TYPES)}) or a control "
+                    f"record ({', '.join(_CONTROLS)})")
+        if self.kill_after < 1:
+            raise ValueError(f"kill_after must be >= 1, got {self.kill_after}")
         named = (list(self.messages_to_fail) + list(self.messages_to_delay)
                  + list(self.messages_to_duplicate) + list(self.messages_to_reorder))
         unknown = sorted({n for n in named if n not in _TYPES})
@@ -88,7 +117,7 @@ class FaultSpec:
     @property
     def active(self) -> bool:
         return bool((self.num_fail_sends and self.messages_to_fail) or self.messages_to_delay
-                    or self.messages_to_duplicate or self.messages_to_reorder)
+                    or self.messages_to_duplicate or self.messages_to_reorder or self.kill_on)
 
     @classmethod
     def parse(cls, text: str) -> "FaultSpec":
@@ -96,7 +125,8 @@ class FaultSpec:
 
         ``fail=TYPE,TYPE`` with ``num_fail_sends=N``; ``delay=TYPE:SECONDS,...``;
         ``duplicate=TYPE,...``; ``reorder=TYPE,...``; ``probability=P``;
-        ``seed=S``. For example
+        ``seed=S``; ``kill=send:TYPE`` (or ``recv:TYPE``, or ``copy``) with
+        ``kill_after=N``. For example
         ``num_fail_sends=2;fail=RREF_FORK_REQUEST,RREF_USER_DELETE;delay=PYTHON_CALL:0.01``.
         """
         fields: dict = {}
@@ -123,13 +153,18 @@ class FaultSpec:
                     fields["probability"] = float(value)
                 elif key == "seed":
                     fields["seed"] = int(value)
+                elif key == "kill":
+                    fields["kill_on"] = value
+                elif key == "kill_after":
+                    fields["kill_after"] = int(value)
                 else:
                     raise ValueError(f"unknown key {key!r}")
             except ValueError as exc:
                 raise ValueError(
                     f"{ENV}: cannot read {item!r} ({exc}); write key=value items separated by "
                     f"';': num_fail_sends=N, fail=TYPE,..., delay=TYPE:SECONDS,..., "
-                    f"duplicate=TYPE,..., reorder=TYPE,..., probability=P, seed=S") from None
+                    f"duplicate=TYPE,..., reorder=TYPE,..., probability=P, seed=S, "
+                    f"kill=send:TYPE|recv:TYPE|copy, kill_after=N") from None
         return cls(**fields)
 
 
@@ -141,7 +176,8 @@ def spec_for(options, environ) -> FaultSpec | None:
                          messages_to_delay=dict(options.messages_to_delay),
                          messages_to_duplicate=tuple(options.messages_to_duplicate),
                          messages_to_reorder=tuple(options.messages_to_reorder),
-                         probability=options.fault_probability, seed=options.fault_seed)
+                         probability=options.fault_probability, seed=options.fault_seed,
+                         kill_on=options.kill_on, kill_after=options.kill_after)
     elif environ.get(ENV, "").strip():
         spec = FaultSpec.parse(environ[ENV])
     else:
@@ -170,6 +206,7 @@ class FaultPlan:
         self.spec = spec
         self._rng = random.Random(spec.seed * 1_000_003 + rank)
         self._failed: dict[str, int] = {}
+        self._kill_seen = 0
 
     def fate(self, message_type: str) -> Fate:
         spec = self.spec
@@ -186,6 +223,13 @@ class FaultPlan:
         if not delay and copies == 1 and not hold:
             return _PLAIN
         return Fate(delay=delay, copies=copies, hold=hold and not delay)
+
+    def kills(self, point: str) -> bool:
+        """Whether passing ``point`` (``send:TYPE``, ``recv:TYPE``, ``copy``) kills now."""
+        if point != self.spec.kill_on:
+            return False
+        self._kill_seen += 1
+        return self._kill_seen == self.spec.kill_after
 
     def _draw(self) -> bool:
         return self.spec.probability >= 1.0 or self._rng.random() < self.spec.probability
@@ -209,11 +253,42 @@ class FaultyTransport:
         self._held: dict[int, bytes] = {}  # dst -> a frame waiting for the next one
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._kill_on = plan.spec.kill_on
 
     def __getattr__(self, name):
         return getattr(self._endpoint, name)
 
     def send(self, dst: int, frame) -> None:
+        if self._kill_on:
+            self._send(dst, frame)
+            self._maybe_die("send", dst, frame)
+        else:
+            self._send(dst, frame)
+
+    def recv(self, timeout: float | None = None):
+        got = self._endpoint.recv(timeout)
+        if got is not None and self._kill_on:
+            self._maybe_die("recv", *got)
+        return got
+
+    def copy_point(self) -> None:
+        """Halfway through a tensor's copy into shared memory (see DyingCopier)."""
+        with self._lock:
+            dies = self._plan.kills(COPY)
+        if dies:
+            _die(f"halfway through copying a tensor into shared memory")
+
+    def _maybe_die(self, direction: str, peer: int, frame) -> None:
+        kind = _kind_of(frame)
+        if kind is None:
+            return
+        with self._lock:
+            dies = self._plan.kills(f"{direction}:{kind}")
+        if dies:
+            _die(f"{'after sending' if direction == 'send' else 'on receiving'} {kind} "
+                 f"{'to' if direction == 'send' else 'from'} rank {peer}")
+
+    def _send(self, dst: int, frame) -> None:
         if frame[:1] != frames.MESSAGE:
             self._send_now(dst, frame)
             return
@@ -275,6 +350,7 @@ class FaultyTransport:
             self._lock.notify()
 
     def _run(self) -> None:
+        mark_serving()
         while True:
             with self._lock:
                 while not self._closed and (not self._timers
@@ -299,3 +375,45 @@ class FaultyTransport:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._endpoint.close()
+
+
+class DyingCopier:
+    """A shared-memory copier that lets the fault plan kill the worker halfway
+    through a copy (``kill=copy``); otherwise it is the copier it wraps."""
+
+    def __init__(self, copier, transport: FaultyTransport) -> None:
+        self._copier = copier
+        self._transport = transport
+
+    def memmove(self, dst: int, src: int, nbytes: int) -> None:
+        half = nbytes // 2
+        self._copier.memmove(dst, src, half)
+        self._transport.copy_point()
+        self._copier.memmove(dst + half, src + half, nbytes - half)
+
+    def close(self) -> None:
+        self._copier.close()
+
+
+def _kind_of(frame) -> str | None:
+    """A frame's type as ``kill_on`` names it (None: a frame of no such type)."""
+    tag = bytes(frame[:1])
+    try:
+        if tag == frames.MESSAGE:
+            return frames.decode_message(frame).type.value
+        if tag == wire.CONTROL_TAG:
+            return type(wire.decode_control(frame)).__name__
+    except Exception:  # noqa: BLE001 - a frame the agent will reject anyway
+        return None
+    return None
+
+
+def _die(where: str) -> None:
+    log.warning("localrref fault injection: pid %d kills itself (SIGKILL) %s", os.getpid(),
+                where)
+    for handler in logging.getLogger("localrref").handlers + logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -32,6 +32,7 @@ import select
 import threading
 
 from ..errors import LocalRRefError
+from .current import mark_serving
 from .leadership import DEPOSED
 
 __all__ = ["Housekeeper"]
@@ -138,6 +139,7 @@ class Housekeeper:
         agent.signal_progress()
 
     def _loop(self) -> None:
+        mark_serving()
         agent = self.agent
         lead = agent.reader.lead
         next_watch = None

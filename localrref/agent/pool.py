@@ -20,6 +20,7 @@ import queue
 import threading
 
 from ..errors import LocalRRefError
+from .current import mark_serving
 
 __all__ = ["ElasticPool", "PoolExhaustedError"]
 
@@ -85,6 +86,7 @@ class ElasticPool:
                 thread.start()
 
     def _work(self) -> None:
+        mark_serving()
         self._local.pool = self
         while True:
             try:

@@ -36,6 +36,7 @@ from ..core import effects as fx
 from ..core.messages import USER_LEVEL_TYPES
 from ..errors import WorkerClosedError
 from ..transport import wire
+from .current import mark_serving
 from .futures import wait
 from .leadership import LEAD, REQUESTED, Leadership
 
@@ -116,6 +117,7 @@ class Reader:
         See leadership.py for when a leader gives up the inbox and why it
         runs user functions itself.
         """
+        mark_serving()
         agent = self.agent
         housekeeper = agent.housekeeper
         lead = self.lead

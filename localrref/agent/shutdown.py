@@ -164,6 +164,12 @@ class GracefulShutdown:
         failure = self._take(ShutdownFailed)
         if failure is not None:
             return self._fail(RuntimeError(f"graceful shutdown failed: {failure.reason}"))
+        if self.phase is Phase.FINISHING and self._take(ShutdownProceed) is not None:
+            # The world finished shutting down; a death heard of since (a
+            # worker killed right after its last shutdown message) came after
+            # it: the supervisor sends its notices in order.
+            self.phase = Phase.DONE
+            return True
         if agent.dead:
             return self._fail(next(iter(agent.dead.values())))
         if self._deadline is not None and agent.clock() > self._deadline:

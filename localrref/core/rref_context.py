@@ -218,6 +218,13 @@ class RRefContext:
         # request carries): their parent is released by the reply (see
         # notify_owner_and_parent_of_fork), late or not.
         self._children_in_requests: dict[int, tuple[int, tuple]] = {}
+        # NB(localrref): who holds each fork, where this worker knows it, so
+        # that a worker's death releases what only it held (torch never
+        # learns of deaths). On an owner: fork id -> (rref id, the worker
+        # holding that fork); on a parent: pending child fork id -> the
+        # worker it was sent to.
+        self.fork_holders: dict[GloballyUniqueId, tuple[GloballyUniqueId, int]] = {}
+        self.child_holders: dict[GloballyUniqueId, int] = {}
         # Outgoing requests, their states and timers (requests.py).
         self.requests = RequestTable(max_retries=self.retry.max_retries, delay=self.retry.delay)
         self._next_job_id = 0
@@ -474,6 +481,7 @@ class RRefContext:
     def del_pending_child(self, fork_id: GloballyUniqueId) -> None:
         """Seed: ``delPendingChild``; idempotent, as RREF_CHILD_ACCEPT may come twice."""
         rref = self.pending_children.pop(fork_id, None)
+        self.child_holders.pop(fork_id, None)
         if rref is None:
             self.counters["duplicate_child_accepts"] += 1
             self._log("info", f"Ignoring duplicate request to delete child UserRRef with "
@@ -596,6 +604,7 @@ class RRefContext:
             self._log("info", f"Could not find OwnerRRef with RRefId = {rref_id}, likely because "
                               f"it was deleted by a previously retried message")
             return None
+        self.fork_holders.pop(fork_id, None)
         if fork_id in forks:
             forks.discard(fork_id)
         else:
@@ -749,6 +758,7 @@ class RRefContext:
             lambda rid: PythonCall(request_id=rid, payload=payload, rrefs=tuple(rrefs)),
             timeout=timeout)
         self._note_children(request.request_id, dst, rrefs)
+        self._note_recipient(dst, rrefs)
         return request.request_id
 
     def remote(self, dst: int, payload: object, rrefs: tuple = (), *, now: float,
@@ -778,6 +788,7 @@ class RRefContext:
                                          rrefs=tuple(rrefs)),
             rref=user, fork_id=user.fork_id, timeout=timeout)
         self._note_children(request.request_id, dst, rrefs)
+        self._note_recipient(dst, rrefs)
         self.add_pending_user(user.fork_id, user)
         user.holds += 1
         return user
@@ -831,6 +842,15 @@ class RRefContext:
         if forks:
             self._children_in_requests[request_id] = (dst, forks)
 
+    def _note_recipient(self, dst: int, rrefs: tuple) -> None:
+        """The forks in ``rrefs`` go to ``dst``: remember who will hold them."""
+        for fork_data in rrefs:
+            if fork_data.owner == self.worker_id:
+                if fork_data.fork_id in self.forks.get(fork_data.rref_id, ()):
+                    self.fork_holders[fork_data.fork_id] = (fork_data.rref_id, dst)
+            elif fork_data.owner != dst and fork_data.fork_id in self.pending_children:
+                self.child_holders[fork_data.fork_id] = dst
+
     def _release_children_of(self, request_id: int) -> None:
         """The reply to ``request_id`` came: its owner has every fork it carried."""
         entry = self._children_in_requests.pop(request_id, None)
@@ -879,7 +899,9 @@ class RRefContext:
 
         Calls and fetches to it fail with ``error``; a ``remote()`` it owned
         fails its creation; control messages to it are dropped (its tables
-        died with it). Nothing here waits for a timeout.
+        died with it); the forks it held of our RRefs are released, as are
+        the children we forked to it or of its RRefs; users of its RRefs that
+        it never confirmed fail. Nothing here waits for a timeout.
         """
         self._advance(now)
         for request in list(self.requests.values()):
@@ -888,6 +910,21 @@ class RRefContext:
         for request_id, (dst, _) in list(self._children_in_requests.items()):
             if dst == rank:
                 self._release_children_of(request_id)
+        # NB(localrref): what only the dead held, or what waited on it.
+        # Forks it held of RRefs we own: as if it had deleted them.
+        for fork_id, (rref_id, holder) in list(self.fork_holders.items()):
+            if holder == rank:
+                self.del_fork_of_owner(rref_id, fork_id)
+        # Children we forked to it, or of RRefs it owned: no accept will come.
+        for fork_id, rref in list(self.pending_children.items()):
+            if rref.owner == rank or self.child_holders.get(fork_id) == rank:
+                self.del_pending_child(fork_id)
+        # Users of its RRefs that it never confirmed (their fork requests
+        # were dropped above): they fail every use from now on, and jobs
+        # waiting for them run (and see that).
+        for fork_id, state in list(self.pending_users.items()):
+            if state.rref.owner == rank:
+                self.confirm_pending_user(fork_id, error=error)
         return self.take_effects()
 
     def _step(self, request: Request, event: Event, error: object = None) -> Outcome:
@@ -962,6 +999,7 @@ class RRefContext:
         """A CALL or FETCH job produced ``payload`` (``rrefs``: forks made serialising it)."""
         job = self._pop_job(job_id, (JobKind.CALL, JobKind.FETCH))
         reply_type = PythonRet if job.kind is JobKind.CALL else PythonRRefFetchRet
+        self._note_recipient(job.src, rrefs)
         self._emit(Send(dst=job.src, message=reply_type(request_id=job.request_id,
                                                         payload=payload, rrefs=tuple(rrefs))))
         return self.take_effects()
@@ -1102,6 +1140,7 @@ class RRefContext:
             owner = self.get_or_create_owner_rref(message.rref_id, message.type_name,
                                                   from_remote_call=True)
             self.add_fork_of_owner(message.rref_id, message.fork_id)
+            self.fork_holders[message.fork_id] = (message.rref_id, src)
         job = self._new_job(JobKind.REMOTE, src, message.request_id, message.payload, rrefs,
                             owner=owner, fork_id=message.fork_id)
         self._run_when_confirmed(waiter, job)
@@ -1130,6 +1169,7 @@ class RRefContext:
                                                     fork_id=message.fork_id))
             return
         self.add_fork_of_owner_if_not_present(message.rref_id, message.fork_id)
+        self.fork_holders[message.fork_id] = (message.rref_id, src)
         self._ack(src, message)
 
     def _replay_owner_waiter(self, owner: OwnerRRef,
@@ -1139,6 +1179,7 @@ class RRefContext:
                 self._serve_fetch(owner, waiter)
             case WaitingForkRequest():
                 self.add_fork_of_owner_if_not_present(owner.rref_id, waiter.fork_id)
+                self.fork_holders[waiter.fork_id] = (owner.rref_id, waiter.src)
                 self._emit(Send(dst=waiter.src, message=RRefAck(request_id=waiter.request_id)))
 
     def _on_value_reply(self, src: int, message: PythonRet | PythonRRefFetchRet) -> None:

@@ -104,6 +104,7 @@ class ControlDispatcher:
         self._round: list[int] = [0, 0]  # the drain round's sums: sent, received
         self._received_before: int | None = None  # the previous round's receipts
         self.drain_rounds = 0
+        self._completed = False  # the last barrier ran to its end
         self._handlers: dict[type, Handler] = {
             ShutdownArrived: self._on_shutdown_arrived,
             ShutdownDrained: self._on_shutdown_drained,
@@ -132,6 +133,16 @@ class ControlDispatcher:
         except Exception as exc:  # one bad message must not stop the watcher
             _say(f"handler for {type(message).__name__} failed: {type(exc).__name__}: {exc}")
 
+    def exit_is_a_death(self, exitcode: int) -> bool:
+        """Whether the peers must hear of a worker's exit (``PeerExited``).
+
+        Every exit but a clean one after a completed graceful shutdown: a
+        worker may also exit with 0 having shut down alone (its shutdown
+        failed because a peer died, or it was not graceful) while its peers
+        still run, and their calls to it must then fail, not hang.
+        """
+        return exitcode != 0 or not (self._completed and self._phase is Phase.IDLE)
+
     def on_worker_exit(self, rank: int, exitcode: int) -> None:
         """A worker exited: a barrier phase still waiting for it can never complete."""
         self._exited[rank] = exitcode
@@ -143,6 +154,7 @@ class ControlDispatcher:
         rank = message.rank
         self.shutdown_arrived.append(rank)
         if self._phase is Phase.IDLE:  # also a later init_rpc/shutdown cycle
+            self._completed = False
             self.drain_rounds = 0
             self._received_before = None
             self._start_phase(Phase.ARRIVE)
@@ -185,6 +197,7 @@ class ControlDispatcher:
         self._waiting_for.discard(rank)
         if not self._waiting_for:
             self._broadcast(ShutdownProceed())
+            self._completed = next_phase is Phase.IDLE
             self._start_phase(next_phase)
 
     def _start_phase(self, phase: Phase) -> None:

@@ -386,7 +386,7 @@ class WorkerGroup:
                 self._record_exit(rank, signals_sent)
             for rank in exited:
                 exit_ = self._exits[rank]
-                if exit_.exitcode != 0:
+                if self.dispatcher.exit_is_a_death(exit_.exitcode):
                     # Also while stopping: a survivor blocked where no signal
                     # reaches Python (inside torch's Future.wait, say) gets
                     # out only when its calls to the dead fail; without the

@@ -49,13 +49,16 @@ Consequences, accepted and documented:
   that block BUSY in its own segment until the supervisor's sweep; a handle
   whose segment is gone when it is read (the sender closed its pool, or died
   and was swept) is dropped with a warning.
-* ``send`` blocks while the receiver's pipe has no room for the frame
-  (back-pressure). ``make_inboxes`` raises the pipe capacity to 1 MiB where
-  the kernel allows it, and the receive thread drains continuously, so this
-  is rarely felt. Big frames now wait in shared memory instead of the pipe,
-  so the pipe bounds the number of frames in flight, not their bytes: a
-  flood of big frames to a stalled receiver grows the sender's pool (as big
-  tensors always did) until ``/dev/shm`` is full.
+* ``send`` never blocks a thread that serves others on a full pipe: a
+  frame that finds the receiver's pipe full waits in the sender's backlog,
+  which a flusher thread writes out in order as the pipe drains
+  (:mod:`localrref.transport.outbox`, which says why: two readers blocked
+  writing to each other's full pipes deadlock). Application threads feel
+  back-pressure instead: past a few MiB of backlog they wait for room.
+  ``make_inboxes`` raises the pipe capacity to 1 MiB where the kernel allows
+  it, so backlogs are rare. Big frames wait in shared memory, not in the
+  pipe: a flood of big frames to a stalled receiver grows the sender's pool
+  (as big tensors always did) until ``/dev/shm`` is full.
 
 Why the queue's connection and not ``SimpleQueue.put/get``: ``put`` pickles
 its argument, and the codec has already turned the message into bytes in the
@@ -85,8 +88,9 @@ import select
 import threading
 import time
 
-from localrref.errors import RRefInternalError, WorkerClosedError, WorkerGoneError
+from localrref.errors import WorkerClosedError, WorkerGoneError
 from localrref.transport import wire
+from localrref.transport.outbox import Outbox
 from localrref.transport.segment import SegmentMaps
 from localrref.transport.wire import MAX_INLINE, PIPE_BUF
 
@@ -177,13 +181,16 @@ class Endpoint:
         spin_s: how long ``recv`` polls without sleeping before it blocks,
             while frames have been arriving within that time (see
             :meth:`_wait_readable`); 0 never spins.
+        may_wait: tells whether the calling thread may wait for room in a
+            peer's full pipe (``Outbox``); None: no sender ever waits.
+        wait_limit_s: the longest a sender waits for room.
 
     Raises:
         ValueError: ``rank`` is not an index of ``inboxes``.
     """
 
     def __init__(self, rank: int, inboxes: list, *, blob_pool=None, blob_mapper=None,
-                 spin_s: float = 0.0) -> None:
+                 spin_s: float = 0.0, may_wait=None, wait_limit_s: float = 60.0) -> None:
         if not 0 <= rank < len(inboxes):
             raise ValueError(f"rank {rank} has no inbox: there are {len(inboxes)} "
                              f"(ranks 0..{len(inboxes) - 1})")
@@ -191,7 +198,6 @@ class Endpoint:
         self._inboxes = inboxes
         self._reader = inboxes[rank]._reader
         self._read_fd = self._reader.fileno()
-        self._write_fds = [inbox._writer.fileno() for inbox in inboxes]
         # Bytes read but not yet returned: one read takes every whole frame
         # the pipe holds (and perhaps the start of the next).
         self._unframer = wire.Unframer()
@@ -207,6 +213,9 @@ class Endpoint:
         self._own_mapper = blob_mapper is None
         self._blob_mapper = SegmentMaps() if blob_mapper is None else blob_mapper
         self._closed = False
+        self._outbox = Outbox([inbox._writer.fileno() for inbox in inboxes],
+                              may_wait=may_wait, wait_limit_s=wait_limit_s,
+                              release=None if blob_pool is None else blob_pool.release_unsent)
         # A private self-pipe, not a sentinel frame in our own inbox: writing
         # to the inbox could block (pipe full) or leave a stray frame behind,
         # while a non-blocking 1-byte write to an empty-or-not pipe cannot.
@@ -226,8 +235,10 @@ class Endpoint:
         One atomic pipe write, no lock: concurrent senders (threads or
         processes) never interleave, and a sender killed mid-call leaves the
         inbox usable. A frame of more than ``MAX_INLINE`` bytes travels
-        through a shared-memory block of ``blob_pool``. Blocks only while the
-        receiver's pipe is full (back-pressure).
+        through a shared-memory block of ``blob_pool``. A frame that finds the
+        receiver's pipe full is queued (see :mod:`~localrref.transport.outbox`);
+        the caller then waits only if ``may_wait()`` says it may, and only
+        while the backlog is long.
 
         Args:
             dst: destination rank (may be this rank).
@@ -247,7 +258,7 @@ class Endpoint:
             raise ValueError(f"no rank {dst}: ranks are 0..{len(self._inboxes) - 1}")
         size = memoryview(frame).nbytes
         if size <= MAX_INLINE:
-            self._write(dst, wire.pack(self.rank, frame))
+            self._outbox.send(dst, wire.pack(self.rank, frame))
             return
         if self._blob_pool is None:
             raise ValueError(f"cannot send a {size}-byte frame to rank {dst}: frames over "
@@ -256,7 +267,7 @@ class Endpoint:
                              f"Endpoint(..., blob_pool=ShmPool(...)) or send smaller frames")
         handle = self._blob_pool.export_bytes(frame)
         try:
-            self._write(dst, wire.pack_blob(self.rank, handle.pack()))
+            self._outbox.send(dst, wire.pack_blob(self.rank, handle.pack()), handle)
         except BaseException:
             self._blob_pool.release_unsent(handle)  # nothing was written: atomic
             raise
@@ -361,27 +372,6 @@ class Endpoint:
             return True
         return running <= self._cpus + _SPIN_SLACK
 
-    def _write(self, dst: int, data: bytes) -> None:
-        try:
-            fd = self._write_fds[dst]
-            while True:
-                try:
-                    written = os.write(fd, data)
-                    break
-                except BlockingIOError:
-                    # Someone made the shared pipe non-blocking: wait for room
-                    # (writable means >= PIPE_BUF bytes free) and write again;
-                    # a refused atomic write wrote nothing.
-                    select.select([], [fd], [])
-        except OSError as exc:
-            raise WorkerGoneError(f"cannot send to rank {dst}: its inbox is broken "
-                                  f"({exc}); the supervisor has probably exited",
-                                  rank=dst) from exc
-        if written != len(data):
-            raise RRefInternalError(f"a {len(data)}-byte pipe write to rank {dst} wrote "
-                                    f"{written} bytes: this platform's pipes do not honour "
-                                    f"PIPE_BUF = {PIPE_BUF}")
-
     def _import_blob(self, src: int, packed_handle: bytes) -> tuple[int, bytes] | None:
         try:
             return src, wire.import_blob(packed_handle, self._blob_mapper)
@@ -389,6 +379,15 @@ class Endpoint:
             log.warning("localrref: rank %d dropped a frame from rank %d that it could not "
                         "read from shared memory: %s", self.rank, src, exc)
             return None
+
+    def set_may_wait(self, may_wait) -> None:
+        """Set who may wait for room (see the ``may_wait`` argument)."""
+        self._outbox.may_wait = may_wait
+
+    def forget(self, dst: int, error: BaseException) -> None:
+        """Rank ``dst`` is gone: drop what still waits to be written to it; later
+        sends to it raise ``error``."""
+        self._outbox.forget(dst, error)
 
     def nudge(self) -> bool:
         """Make a *spinning* :meth:`recv` return ``None`` at once; no system call.
@@ -429,6 +428,7 @@ class Endpoint:
         if self._closed:
             return
         self._closed = True
+        self._outbox.close()
         self.wake()
         if self._recv_lock.acquire(timeout=_CLOSE_WAIT_S):
             try:

@@ -349,7 +349,8 @@ class ShmPool:
         # (tests do) or a rank number is ever reused.
         self._prefix = f"{prefix}{rank}_{secrets.token_hex(3)}_"
         self._counter = itertools.count()
-        self._copier = ParallelCopier()
+        # What copies tensors into the segments (fault injection may wrap it).
+        self.copier = ParallelCopier()
         self._lock = threading.Lock()
         self._closed = False
         self._classes: dict[int, list[_Segment]] = {}
@@ -424,7 +425,7 @@ class ShmPool:
         nbytes = storage.nbytes()
 
         def copy(target, start):
-            self._copier.memmove(target.data_ptr() + start, storage.data_ptr(), nbytes)
+            self.copier.memmove(target.data_ptr() + start, storage.data_ptr(), nbytes)
 
         return self._into_block(nbytes, copy, tensor, tuple(tensor.stride()),
                                 tensor.storage_offset())
@@ -448,7 +449,7 @@ class ShmPool:
         dense = _is_dense(src.shape, src.stride())
         stride = src.stride() if dense else _contiguous_stride(src.shape)
         out = self._new_shared(src.dtype, src.shape, stride, src.numel() * src.element_size())
-        _copy_into(out.untyped_storage(), 0, src, stride, dense, self._copier)
+        _copy_into(out.untyped_storage(), 0, src, stride, dense, self.copier)
         if tensor.requires_grad:
             out.requires_grad_()
         return out
@@ -539,7 +540,7 @@ class ShmPool:
             self._by_name.clear()
             self._shared.clear()
             self._dead.clear()
-        self._copier.close()
+        self.copier.close()
         self._finalizer()
 
     def __repr__(self) -> str:
@@ -554,7 +555,7 @@ class ShmPool:
         stride = src.stride() if dense else _contiguous_stride(src.shape)
 
         def copy(target, start):
-            _copy_into(target, start, src, stride, dense, self._copier)
+            _copy_into(target, start, src, stride, dense, self.copier)
 
         return self._into_block(src.numel() * src.element_size(), copy, tensor, tuple(stride), 0)
 

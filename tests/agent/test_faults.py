@@ -68,6 +68,9 @@ def test_the_environment_switch_reads_every_key():
     ("probability=2", "probability must be within [0, 1]"),
     ("delay=PYTHON_CALL:-1", "delays must be >= 0"),
     ("duplicate=PYTHON_CALL,RREF_ACK", "PYTHON_CALL cannot be duplicated"),
+    ("kill=PYTHON_CALL", "cannot kill on 'PYTHON_CALL': write send:TYPE, recv:TYPE or copy"),
+    ("kill=recv:Bogus", "or a control record (Hello, HelloBack"),
+    ("kill=copy;kill_after=0", "kill_after must be >= 1"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(text, fragment):
     with pytest.raises(ValueError) as info:
@@ -103,6 +106,17 @@ def test_draws_are_seeded_by_seed_and_rank():
     assert {1, 2} == set(draws(1))
     assert FaultPlan(FaultSpec(messages_to_duplicate=("RREF_ACK",), probability=0.0), 0) \
         .fate("RREF_ACK") == Fate()
+
+
+def test_a_kill_point_fires_once_at_its_nth_passage():
+    spec = FaultSpec.parse("kill=recv:ShutdownProceed; kill_after=2")
+    assert spec.kill_on == "recv:ShutdownProceed" and spec.kill_after == 2 and spec.active
+    plan = FaultPlan(spec, 0)
+    seen = [plan.kills(point) for point in ("recv:ShutdownProceed", "send:ShutdownProceed",
+                                            "recv:ShutdownProceed", "recv:ShutdownProceed")]
+    assert seen == [False, False, True, False]
+    options = FaultyRpcBackendOptions(kill_on="copy")
+    assert spec_for(options, {}).kill_on == "copy"
 
 
 # -- the transport -----------------------------------------------------------------

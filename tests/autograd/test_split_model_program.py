@@ -64,6 +64,7 @@ def test_torch_passes_the_same_scenarios(tmp_path):
         "torch.distributed.optim.optimizer", "torch.distributed.nn.api.remote_module"]
 
 
+@pytest.mark.slow  # CI: the runner's own tests run unchanged torch programs (tests/launch)
 def test_the_torch_program_runs_unchanged_on_localrref_under_the_runner(tmp_path):
     # Its torch.distributed.{rpc,autograd}, DistributedOptimizer and
     # RemoteModule are localrref's there.

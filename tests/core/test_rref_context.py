@@ -260,6 +260,67 @@ def test_a_users_rref_sent_to_an_owner_that_dies_is_let_go(world):
     assert user_ctx.pending_children == {}
 
 
+def test_a_dead_users_forks_are_released_on_the_owner(world):
+    # NB(localrref): as if the dead user had deleted them (torch keeps them
+    # for ever: it never learns of deaths).
+    user, owner, reply = remote_from_user(world)
+    owner_ctx = world[1]
+    assert owner_ctx.forks == {owner.rref_id: {user.fork_id}}
+    effects = owner_ctx.on_peer_gone(0, RuntimeError("gone"), now=1.0)
+    assert owner_ctx.forks == {} and owner_ctx.owners == {} and owner_ctx.fork_holders == {}
+    assert only(of(effects, fx.Released)).rref_id == owner.rref_id
+
+
+def test_a_fork_the_owner_sent_to_a_worker_that_dies_is_released(world):
+    owner_ctx = world[1]
+    rref = owner_ctx.create_owner_rref()
+    data = owner_ctx.prepare_child_fork(rref)
+    owner_ctx.rpc(2, "call", (data,), now=0.0)
+    owner_ctx.take_effects()
+    assert owner_ctx.fork_holders == {data.fork_id: (rref.rref_id, 2)}
+    owner_ctx.on_peer_gone(0, RuntimeError("another one"), now=1.0)
+    assert owner_ctx.forks == {rref.rref_id: {data.fork_id}}  # not the one that died
+    owner_ctx.on_peer_gone(2, RuntimeError("gone"), now=1.0)
+    assert owner_ctx.forks == {} and owner_ctx.owners == {}
+
+
+def test_a_child_that_dies_before_accepting_releases_its_parent(world):
+    user, owner, reply = remote_from_user(world)
+    parent = world[0]
+    parent.handle(1, reply.message, now=0.0)
+    data = parent.prepare_child_fork(user)
+    parent.rpc(2, "call", (data,), now=0.0)
+    parent.take_effects()
+    assert parent.pending_children == {data.fork_id: user} and user.holds == 2
+    parent.on_peer_gone(2, RuntimeError("gone"), now=1.0)
+    assert parent.pending_children == {} and parent.child_holders == {} and user.holds == 1
+
+
+def test_a_forked_user_whose_owner_dies_unconfirmed_fails_and_lets_its_job_run(world):
+    # The child got a fork of rank 1's RRef in a call; it asked the owner
+    # (RREF_FORK_REQUEST), and the owner died before answering: the call
+    # runs anyway, and the RRef fails every use naming the dead.
+    user, owner, reply = remote_from_user(world)
+    parent, child = world[0], world[2]
+    parent.handle(1, reply.message, now=0.0)
+    data = parent.prepare_child_fork(user)
+    parent.rpc(2, "call", (data,), now=0.0)
+    call = only(sends(parent.take_effects(), "PYTHON_CALL"))
+    effects = deliver(parent, child, call)
+    assert of(effects, fx.Execute) == []  # waits for the owner's confirmation
+    only(sends(effects, "RREF_FORK_REQUEST"))
+    effects = child.on_peer_gone(1, RuntimeError("worker 1 died"), now=1.0)
+    execute = only(of(effects, fx.Execute))
+    (forked,) = execute.rrefs
+    assert child.pending_users == {} and forked.creation_failed
+    assert list(child.requests.values()) == []  # the fork request was dropped
+    child.fetch(forked, now=1.0)
+    assert "worker 1 died" in str(only(of(child.take_effects(), fx.Fail)).error)
+    # The parent hears of the death too: its pending child of a dead owner's RRef goes.
+    parent.on_peer_gone(1, RuntimeError("worker 1 died"), now=1.0)
+    assert parent.pending_children == {}
+
+
 def test_a_call_that_was_never_sent_abandons_every_fork_it_carried(world):
     user, owner, reply = remote_from_user(world)
     user_ctx = world[0]

@@ -129,7 +129,14 @@ def skip_shutdown_in_rank(rank: int, skipping_rank: int, out_dir: str, recorded)
         return
     endpoint = _endpoint()
     _to_supervisor(endpoint, cm.ShutdownArrived(rank=rank))
-    _write(out_dir, f"barrier{rank}.json", _as_json(_next_control(endpoint)))
+    # A clean exit without a completed shutdown is a death to the peers
+    # (their calls to it must fail): its PeerExited may come first.
+    notices = []
+    control = _next_control(endpoint)
+    while isinstance(control, cm.PeerExited):
+        notices.append(_as_json(control)[:2])
+        control = _next_control(endpoint)
+    _write(out_dir, f"barrier{rank}.json", [_as_json(control), notices])
     recorded.wait(30)
     sys.exit(4)
 

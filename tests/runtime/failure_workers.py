@@ -195,3 +195,22 @@ def never_reaches_shutdown(rank, results):
     except RuntimeError as exc:
         results.put(str(exc))
         raise
+
+
+def peer_leaves_without_graceful_shutdown(rank, results):
+    """Rank 1 shuts down alone (not gracefully) and exits with 0; rank 0's calls to it
+    must then fail naming it, not hang (no call has a timeout here)."""
+    rpc.init_rpc(f"worker{rank}", rpc_backend_options=rpc.RpcBackendOptions(rpc_timeout=0))
+    if rank == 1:
+        rpc.shutdown(graceful=False)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # report before the supervisor stops us
+    try:
+        while True:
+            rpc.rpc_sync("worker1", getpid)
+    except WorkerGoneError as exc:
+        results.put(("gone", str(exc)))
+    try:
+        rpc.shutdown()
+    except RuntimeError as exc:
+        results.put(("shutdown failed", str(exc)))

@@ -52,6 +52,15 @@ def test_a_peer_killed_in_its_backward_pass_fails_the_backward_at_once_naming_it
     assert "rank 1" in got["shutdown failed"]
 
 
+def test_a_peer_that_leaves_without_a_graceful_shutdown_fails_calls_to_it(results):
+    # It exits with 0, but the world never shut down: to its peers that is
+    # a death like any other.
+    localrref.spawn(fw.peer_leaves_without_graceful_shutdown, args=(results,), nprocs=2)
+    got = dict(drain(results))
+    assert "worker rank 1 ('worker1')" in got["gone"] and "exited with code 0" in got["gone"]
+    assert "rank 1" in got["shutdown failed"]
+
+
 def test_init_rpc_works_again_after_a_clean_shutdown(results):
     localrref.spawn(fw.reinit_after_shutdown, args=(results,), nprocs=2)
     by_rank = dict(drain(results))

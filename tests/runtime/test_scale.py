@@ -1,5 +1,6 @@
-"""Scale: 10,000 calls in flight to one worker (CI); a 32-worker world on this 2-core
-machine (``slow``: ``python -m pytest -m slow tests/runtime/test_scale.py -s``).
+"""Scale: 10,000 calls in flight to one worker (CI); a million live RRefs owned by one
+worker and a 32-worker world on this 2-core machine (``slow``:
+``python -m pytest -m slow tests/runtime/test_scale.py -s``).
 """
 
 import threading
@@ -28,6 +29,24 @@ def test_ten_thousand_calls_in_flight_to_one_worker_all_complete_and_leave_nothi
         "num_outstanding_requests": "0", "num_running_jobs": "1", "agent.num_pending_calls": "0"}
     # Bounded: whatever the callee kept for 10,000 calls is not kept per call.
     assert seen["callee_uss_growth_mib"] < 64, seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_million_live_rrefs_owned_by_one_worker_are_held_then_all_deleted(world, capsys):
+    # The user drops a million RRefs at once: a million RREF_USER_DELETEs
+    # one way and as many acks the other, far more than the two pipes hold
+    # (this deadlocked when a full pipe blocked the thread reading the
+    # other inbox: see transport/outbox.py).
+    seen = world.run(scenarios.a_million_live_rrefs, timeout=800)
+    assert seen["table"] == (1_000_000, 1_000_000)  # one owner entry and one fork each
+    assert seen["values"] == [0, 249_999]  # held[0], held[500_000], held[999_999]
+    assert seen["emptied"] is True
+    assert seen["owner_threads"] < 12, seen
+    with capsys.disabled():
+        print(f"\n1,000,000 live RRefs: made and sent in {seen['make_s']:.1f} s, deleted in "
+              f"{seen['delete_s']:.1f} s; owner {seen['owner_bytes_per_rref']:.0f} B/RRef, "
+              f"user {seen['user_bytes_per_rref']:.0f} B/RRef")
 
 
 def _thirty_two(rank, results):
