@@ -374,7 +374,12 @@ class Agent:
                     self._reply_failed(dst, message, exc)
                 return
             with self.lock:
-                effects = self.core.on_send_failed(message.request_id, exc, now=self.clock())
+                # A dead peer: drop its control messages at once, as the
+                # core does with those pending when it heard of the death
+                # (retrying them would hold their futures for the backoff).
+                effects = self.core.on_send_failed(
+                    message.request_id, exc, now=self.clock(),
+                    peer_gone=isinstance(exc, WorkerGoneError))
                 self.housekeeper.poke_timer_locked()
             self.run(effects)
 

@@ -875,11 +875,14 @@ class RRefContext:
             self._step(request, Event.TIMER)
         return self.take_effects()
 
-    def on_send_failed(self, request_id: int, error: object = None, *, now: float) -> list:
+    def on_send_failed(self, request_id: int, error: object = None, *, now: float,
+                       peer_gone: bool = False) -> list:
         """The transport could not deliver the message of ``request_id``.
 
         Control messages are retried with backoff (torch's faulty-agent
-        "failed sends"); anything else fails its request.
+        "failed sends"), unless ``peer_gone``: the destination is dead, and
+        a control message to it is dropped (its tables died with it), as in
+        :meth:`on_peer_gone`. Anything else fails its request.
         """
         self._advance(now)
         request = self.requests.get(request_id)
@@ -889,9 +892,9 @@ class RRefContext:
                 self._children_in_requests.pop(request_id, None)
                 for fork_data in getattr(request.message, "rrefs", ()):
                     self.abandon_child_fork(fork_data)
-            self._step(request, Event.SEND_FAILED, error if error is not None else
-                       RRefInternalError(f"send of request {request_id} to worker "
-                                         f"{request.dst} failed"))
+            self._step(request, Event.PEER_GONE if peer_gone else Event.SEND_FAILED,
+                       error if error is not None else RRefInternalError(
+                           f"send of request {request_id} to worker {request.dst} failed"))
         return self.take_effects()
 
     def on_peer_gone(self, rank: int, error: object, *, now: float) -> list:

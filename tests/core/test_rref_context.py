@@ -611,6 +611,15 @@ def test_user_delete_retries_with_torch_backoff(world):
     assert ctx.num_pending_futures == 0 and len(ctx.requests) == 0
 
 
+def test_a_user_delete_to_a_dead_owner_is_dropped_at_once_not_retried(world):
+    ctx = RRefContext(0, retry=RetryPolicy(max_retries=5, retry_duration=1.0))
+    ctx.del_user(1, G(1, 0), G(0, 1))
+    rid = only(sends(ctx.take_effects())).message.request_id
+    assert ctx.on_send_failed(rid, RuntimeError("rank 1 died"), now=0.0, peer_gone=True) == []
+    assert ctx.num_pending_futures == 0 and len(ctx.requests) == 0
+    assert ctx.next_deadline() is None
+
+
 def test_user_delete_ack_timeout_counts_as_failed_send(world):
     ctx = RRefContext(0, retry=RetryPolicy(ack_timeout=5.0))
     ctx.del_user(1, G(1, 0), G(0, 1))

@@ -442,6 +442,69 @@ def bad_input_gets_clear_errors():
     return True
 
 
+def _load_only_in(pid):
+    """Unpickles only in process ``pid``: elsewhere it raises (see LoadsOnlyHere)."""
+    import os
+    if os.getpid() != pid:
+        raise ValueError(f"LoadsOnlyHere refuses to be unpickled outside pid {pid}")
+    return "loaded"
+
+
+class LoadsOnlyHere:
+    """Pickles anywhere; unpickles only in the process that made it."""
+
+    def __init__(self):
+        import os
+        self.pid = os.getpid()
+
+    def __reduce__(self):
+        return (_load_only_in, (self.pid,))
+
+
+def make_loads_only_here():
+    return LoadsOnlyHere()
+
+
+def raise_in_the_function():
+    raise ValueError("the function itself failed")
+
+
+def exceptions_at_every_stage_of_a_call():
+    """The crash matrix's exception row: an exception while pickling the arguments,
+    unpickling them at the callee, running the function, pickling the result, or
+    unpickling it at the caller; for rpc_sync, rpc_async and remote() + to_here.
+    Each fails that call only, naming the exception; the tables end empty."""
+    import pytest
+    stages = [
+        ("pickling the arguments", add, (Unpicklable(), 1), TypeError, "Unpicklable"),
+        ("unpickling the arguments at the callee", add, (LoadsOnlyHere(), 1), Exception,
+         "LoadsOnlyHere refuses to be unpickled"),
+        ("running the function", raise_in_the_function, (), ValueError, "the function itself"),
+        ("pickling the result", return_unpicklable, (), TypeError, "Unpicklable"),
+        ("unpickling the result at the caller", make_loads_only_here, (), Exception,
+         "LoadsOnlyHere refuses to be unpickled"),
+    ]
+    for stage, fn, args, kind, text in stages:
+        with pytest.raises(kind, match=text):
+            rpc.rpc_sync("worker1", fn, args=args)
+        with pytest.raises(Exception, match=text):
+            rpc.rpc_async("worker1", fn, args=args).wait()
+        if stage != "pickling the arguments":
+            with pytest.raises(Exception, match=text):
+                rpc.remote("worker1", fn, args=args).to_here()
+        else:
+            with pytest.raises(kind, match=text):
+                rpc.remote("worker1", fn, args=args)
+        assert rpc.rpc_sync("worker1", add, args=(1, 1)) == 2, f"after {stage}"
+        assert rpc.rpc_sync("worker2", add, args=(1, 2)) == 3, f"after {stage}"
+    gc.collect()
+    for worker in ("worker0", "worker1"):
+        left = (wait_tables_empty() if worker == "worker0"
+                else rpc.rpc_sync(worker, wait_tables_empty))
+        assert left is True, (worker, left)
+    return True
+
+
 def _function_only_rank0_has():
     import importlib
     import sys

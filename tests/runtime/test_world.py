@@ -81,6 +81,10 @@ def test_bad_input_gets_clear_errors(world):
     assert world.run(scenarios.bad_input_gets_clear_errors)
 
 
+def test_exceptions_at_every_stage_of_a_call_fail_only_that_call(world):
+    assert world.run(scenarios.exceptions_at_every_stage_of_a_call)
+
+
 def test_threads_per_worker_stay_few(world):
     assert world.run(scenarios.threads_and_debug_info) <= 20
 
