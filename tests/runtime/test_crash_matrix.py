@@ -13,7 +13,8 @@ segment (the ``leak_free`` audit, and the world's own segments).
 The supervisor's death is covered where the supervisor is its own process:
 tests/launch/test_launch_spawn.py (the workers go down with it) and
 tests/launch/test_rendezvous_worlds.py (calls go on, shutdown fails naming it).
-Exceptions at each stage of a call: test_world.py's pickling tests.
+Exceptions at each stage of a call: test_world.py's
+test_exceptions_at_every_stage_of_a_call_fail_only_that_call.
 
 CI runs eight cells (about 3 s each: three workers start); ``-m slow`` adds
 the other victims and steps.
