@@ -167,9 +167,25 @@ def test_a_sender_that_may_wait_is_held_back_at_high_water(small_inboxes):
     assert 0 < backlog.peak <= 9 * len(record)
 
 
-def test_a_sender_that_may_not_wait_queues_everything_and_returns():
+@pytest.fixture
+def one_page_pipe():
+    """A pipe that holds one page: (read fd, write fd)."""
     r, w = os.pipe()
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PAGE)
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def _fill(outbox, tokens) -> int:
+    """Send 40 records of 200 bytes (two pages) nobody reads; how many were queued."""
+    for token in tokens:
+        outbox.send(0, wire.pack(0, b"q" * 200), token)
+    return outbox.queued_records()
+
+
+def test_a_sender_that_may_not_wait_queues_everything_and_returns(one_page_pipe):
+    r, w = one_page_pipe
     outbox = Outbox([w], may_wait=lambda: False,
                     backlog=Backlog(high_water=1000, low_water=100))
     record = wire.pack(0, b"z" * 200)
@@ -180,46 +196,29 @@ def test_a_sender_that_may_not_wait_queues_everything_and_returns():
         assert _read_records(r, 200) == [b"z" * 200] * 200
     finally:
         outbox.close()
-        os.close(r)
-        os.close(w)
 
 
-def test_forgetting_a_gone_peer_drops_its_backlog_frees_its_blocks_and_fails_later_sends():
-    r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PAGE)
+def test_forgetting_a_gone_peer_drops_its_backlog_frees_its_blocks_and_fails_later_sends(
+        one_page_pipe):
     freed = []
-    outbox = Outbox([w], release=freed.append)
+    outbox = Outbox([one_page_pipe[1]], release=freed.append)
     try:
-        for i in range(40):
-            outbox.send(0, wire.pack(0, b"q" * 200), f"block-{i}")
-        queued = outbox.queued_records()
+        queued = _fill(outbox, [f"block-{i}" for i in range(40)])
         assert queued > 0
-        gone = WorkerGoneError("rank 0 died", rank=0)
-        outbox.forget(0, gone)
+        outbox.forget(0, WorkerGoneError("rank 0 died", rank=0))
         assert outbox.queued_records() == 0
         assert freed == [f"block-{i}" for i in range(40 - queued, 40)]
         with pytest.raises(WorkerGoneError, match="rank 0 died"):
             outbox.send(0, wire.pack(0, b"late"))
     finally:
         outbox.close()
-        os.close(r)
-        os.close(w)
 
 
-def test_close_delivers_what_it_can_and_frees_the_rest():
-    r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PAGE)
+def test_close_delivers_what_it_can_and_frees_the_rest(one_page_pipe):
     freed = []
-    outbox = Outbox([w], release=freed.append)
-    try:
-        for i in range(40):  # nobody ever reads: close must give up on these
-            outbox.send(0, wire.pack(0, b"q" * 200), i)
-        queued = outbox.queued_records()
-        outbox.close(flush_s=0.05)
-        assert sorted(freed) == list(range(40 - queued, 40))
-        with pytest.raises(WorkerClosedError):
-            for _ in range(40):
-                outbox.send(0, wire.pack(0, b"q" * 200))
-    finally:
-        os.close(r)
-        os.close(w)
+    outbox = Outbox([one_page_pipe[1]], release=freed.append)
+    queued = _fill(outbox, range(40))  # nobody ever reads: close must give up on these
+    outbox.close(flush_s=0.05)
+    assert sorted(freed) == list(range(40 - queued, 40))
+    with pytest.raises(WorkerClosedError):
+        outbox.send(0, wire.pack(0, b"q" * 200))
