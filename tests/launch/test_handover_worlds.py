@@ -63,6 +63,7 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     return results
 
 
+@pytest.mark.slow  # CI: test_one_program_sees_the_same_api_on_both_engines hands over too
 def test_the_main_job_runs_across_two_torchrun_nodes_on_torch(env):
     port = free_port()
     node = torchrun("--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
