@@ -124,12 +124,14 @@ def test_ctrl_c_stops_a_world_whose_rank_0_waits_inside_torch(tmp_path, served):
     assert "did not exit within" not in err, err[-3000:]
 
 
-def test_a_killed_supervisors_segments_are_unlinked_by_the_resource_tracker():
+def test_a_killed_supervisors_segments_are_unlinked_by_the_resource_tracker(tmp_path):
     # Nobody is left to sweep: the workers die with their supervisor, and the
     # tracker they shared unlinks what they had registered once all are gone.
+    # TMPDIR: the killed supervisor cannot remove its error-file directory.
     supervisor = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "supervisor_to_be_killed.py")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         line = supervisor.stdout.readline()
         assert line.endswith("ready\n"), line + supervisor.stderr.read()
