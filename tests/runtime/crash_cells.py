@@ -170,7 +170,7 @@ def drive(cell: dict, me: int) -> dict:
     return out
 
 
-def worker(rank: int, cell: dict, results) -> None:
+def worker(rank: int, cell: dict, results, arrived, go) -> None:
     options = dict(rpc_timeout=0)  # no timeout: only a death notice can end a call
     if rank == cell["victim"] and cell.get("kill_on"):
         opts = rpc.FaultyRpcBackendOptions(kill_on=cell["kill_on"],
@@ -181,6 +181,11 @@ def worker(rank: int, cell: dict, results) -> None:
     # function returns (torch's spawn does too): they report first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     rpc.init_rpc(f"worker{rank}", rpc_backend_options=opts)
+    # No one starts its step before every init_rpc returned: a peer still
+    # meeting the others when the victim dies fails its init_rpc instead.
+    # (Not a barrier of RPCs: those would pass the kill points.)
+    arrived.put(rank)
+    go.get()  # the test puts one for each worker once all three arrived
     report: dict = {"rank": rank, "world": world.current().world_id}
     victim = cell["victim"]
     driver = 2 if victim == 0 else 0

@@ -71,10 +71,16 @@ def _params():
 @pytest.mark.parametrize("step, victim, kill_on", list(_params()))
 def test_a_worker_killed_at_this_step(step, victim, kill_on, leak_free):
     cell = {"step": step, "victim": victim, "kill_on": kill_on}
-    results = multiprocessing.get_context("spawn").SimpleQueue()
+    mp = multiprocessing.get_context("spawn")
+    results, arrived, go = mp.SimpleQueue(), mp.SimpleQueue(), mp.SimpleQueue()
     try:
-        context = localrref.spawn(crash_cells.worker, args=(cell, results), nprocs=3,
-                                  join=False)
+        context = localrref.spawn(crash_cells.worker, args=(cell, results, arrived, go),
+                                  nprocs=3, join=False)
+        # A barrier: every worker's init_rpc returned before any step starts.
+        for _ in range(3):
+            arrived.get()
+        for _ in range(3):
+            go.put(True)
         with pytest.raises(ProcessExitedException) as info:
             context.join(grace_period=60)
         reports = {}
@@ -82,7 +88,8 @@ def test_a_worker_killed_at_this_step(step, victim, kill_on, leak_free):
             report = results.get()
             reports[report["rank"]] = report
     finally:
-        results.close()
+        for queue in (results, arrived, go):
+            queue.close()
     assert info.value.error_index == victim and "SIGKILL" in str(info.value), str(info.value)
     survivors = sorted(set(range(3)) - {victim})
     assert sorted(reports) == survivors, reports
