@@ -259,11 +259,9 @@ class FaultyTransport:
         return getattr(self._endpoint, name)
 
     def send(self, dst: int, frame) -> None:
+        self._send(dst, frame)
         if self._kill_on:
-            self._send(dst, frame)
             self._maybe_die("send", dst, frame)
-        else:
-            self._send(dst, frame)
 
     def recv(self, timeout: float | None = None):
         got = self._endpoint.recv(timeout)

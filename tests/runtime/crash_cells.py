@@ -85,16 +85,9 @@ def tables():
 def settled_tables(dead: int):
     """On any worker: wait until its tables hold nothing (the dead worker's share
     released, every delete acknowledged); return them as they are then."""
-    agent = rpc.api.current.require()
-    _wait_dead(agent, dead)
+    _wait_dead(rpc.api.current.require(), dead)
     gc.collect()
-
-    def clean():
-        t = tables()
-        # The call that runs this is itself outstanding on its caller, not here.
-        return all(v == 0 for v in t.values())
-
-    agent.block_until(clean, TABLES_SETTLE_S, "the tables to settle", poll=0.05)
+    rpc.api._wait_until_tables_empty(TABLES_SETTLE_S)
     return tables()
 
 
@@ -104,7 +97,7 @@ def _wait_dead(agent, rank: int) -> None:
 
 # -- the cells: what the driver does -----------------------------------------------
 
-def _expect_gone(what, victim: int, fn):
+def _expect_gone(what, fn):
     """Run ``fn``; it must fail naming the victim. Returns a report line."""
     started = time.monotonic()
     try:
@@ -132,32 +125,32 @@ def drive(cell: dict, me: int) -> dict:
 
     rref = None
     if step == "call":
-        out["failed"] = _expect_gone(step, victim, lambda: rpc.rpc_sync(w(1), noop))
+        out["failed"] = _expect_gone(step, lambda: rpc.rpc_sync(w(1), noop))
     elif step == "remote":
-        out["failed"] = _expect_gone(step, victim,
+        out["failed"] = _expect_gone(step,
                                      lambda: rpc.remote(w(1), value).to_here())
     elif step in ("fork request", "child accept"):
         rref = rpc.remote(w(1), value)
         rref.to_here()
         # Passing rank 1's RRef to rank 2 forks it: rank 2 asks the owner
         # (RREF_FORK_REQUEST), the owner acks, rank 2 tells us (RREF_CHILD_ACCEPT).
-        out["failed"] = _expect_gone(step, victim,
+        out["failed"] = _expect_gone(step,
                                      lambda: rpc.rpc_sync(w(2), hold, args=(rref,)))
     elif step == "to_here":
         rref = rpc.remote(w(1), value)
-        out["failed"] = _expect_gone(step, victim, rref.to_here)
+        out["failed"] = _expect_gone(step, rref.to_here)
     elif step == "user delete":
         rref = rpc.remote(w(1), value)
         rref.to_here()
         rref = None
         gc.collect()  # the delete goes now; the owner dies on it
         _wait_dead(agent, victim)
-        out["failed"] = _expect_gone(step, victim, lambda: rpc.rpc_sync(w(1), noop))
+        out["failed"] = _expect_gone(step, lambda: rpc.rpc_sync(w(1), noop))
     elif step == "copy":
-        out["failed"] = _expect_gone(step, victim,
+        out["failed"] = _expect_gone(step,
                                      lambda: rpc.rpc_sync(w(1), big, args=(64 << 20,)))
     elif step == "reader runs the victim's function":
-        out["failed"] = _expect_gone(step, victim, lambda: rpc.rpc_sync(w(1), die_now))
+        out["failed"] = _expect_gone(step, lambda: rpc.rpc_sync(w(1), die_now))
     else:
         raise ValueError(f"no step {step!r}")
     survivor = 2 if victim == 1 else 1
