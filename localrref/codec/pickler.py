@@ -22,6 +22,8 @@ If pickling fails after RRefs were forked or tensors exported, the
 
 from __future__ import annotations
 
+import collections
+import copyreg
 import io
 import pickle
 import struct
@@ -38,7 +40,7 @@ __all__ = ["Encoded", "dumps", "loads", "RemoteException", "wrap_exception",
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-# Tensor persistent ids are single bytes objects: a tag, then a packed header.
+# A tensor's id is one bytes object: a tag, then a packed header.
 _HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG, _STRIDED_TAG = b"t", b"p", b"i", b"s"
 # Inline: the tag, then dtype code, requires_grad, is_param, ndim; then the
 # shape and the C-order bytes ("i"), or the shape, strides, storage offset
@@ -46,7 +48,7 @@ _HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG, _STRIDED_TAG = b"t", b"p", b"i", b"s"
 _INLINE = struct.Struct("<cB??B")
 # torch's kMinRecopyBytes (see _tensor_pid).
 _RECOPY_MIN_BYTES = 8 * 1024
-# A payload that is one tensor's persistent id (a pickle starts with b"\x80").
+# A payload that is one tensor's id (a pickle starts with b"\x80").
 _BARE_TENSOR = b"\x00"
 # A payload that is a plain pickle: nothing in it can be a tensor or an RRef.
 _PLAIN_PICKLE = b"\x01"
@@ -70,47 +72,85 @@ class Encoded:
 
 
 class _Pickler(pickle.Pickler):
+    """Tensors and RRefs leave through ``dispatch_table``, not ``persistent_id``.
+
+    The C pickler calls a ``persistent_id`` hook for every object it meets
+    (a module's state is hundreds of them: attribute names, hook dicts,
+    ints), one Python call each; a dispatch table is a C dict lookup by
+    exact type, so only the tensors and RRefs themselves cost Python (a
+    small MLP pickles in about a third of the time). Each reduces to a call
+    of a function of this module that the receiver's :class:`_Unpickler`
+    binds to its own context (mapper, RRef table, grads) in ``find_class``.
+    The pickler memoizes reduced objects, so a tensor or RRef met twice in
+    one payload is sent (and forked, and exported) once and arrives as one
+    object, as torch's pickler gives.
+    """
+
     def __init__(self, file, *, fork, pool, rref_type, grads):
+        # The C pickler reads dispatch_table when it is initialised; a table
+        # of its own replaces copyreg's, so copyreg's entries (which user
+        # code may extend at any time) are copied in each time.
+        table = dict(copyreg.dispatch_table)
+        table[collections.OrderedDict] = _reduce_ordered_dict
+        table[torch.Tensor] = table[torch.nn.Parameter] = self._reduce_tensor
+        if rref_type is not None:
+            table[rref_type] = self._reduce_rref
+        self.dispatch_table = table
         super().__init__(file, protocol=_PROTOCOL)
         self._fork = fork
         self._pool = pool
-        self._rref_type = rref_type
         self._grads = grads
         self.forks: list = []
         self.handles: list = []
-        # Pickle memoizes objects but not persistent ids: an RRef or tensor
-        # met again in the same payload becomes ("a", k), "the k-th one
-        # again", so the receiver gets one object back, as torch's pickler
-        # (whose reducers are memoized) gives.
-        self._seen: dict[int, int] = {}
-        self._kept: list = []  # keeps the ids in _seen from being reused
 
-    def persistent_id(self, obj):
-        if self._rref_type is not None and isinstance(obj, self._rref_type):
-            make = self._rref_id
-        elif type(obj) in _TENSOR_TYPES:
-            make = self._tensor_id
-        else:
-            return None
-        index = self._seen.get(id(obj))
-        if index is not None:
-            return ("a", index)
-        pid = make(obj)
-        if pid is not None:
-            self._seen[id(obj)] = len(self._kept)
-            self._kept.append(obj)
-        return pid
+    def release(self) -> None:
+        """Drop the memo (it holds every object pickled) and the table (its
+        bound methods make a cycle through this pickler, which would keep the
+        memo alive until the cyclic collector runs)."""
+        self.clear_memo()
+        self.dispatch_table.clear()
 
-    def _rref_id(self, rref):
+    def _reduce_rref(self, rref):
         self.forks.append(self._fork(rref))
-        return ("r", len(self.forks) - 1)
+        return _rref_at, (len(self.forks) - 1,)
 
-    def _tensor_id(self, tensor: torch.Tensor):
-        return _tensor_pid(tensor, self._pool, self.handles, self._grads)
+    def _reduce_tensor(self, tensor: torch.Tensor):
+        pid = _tensor_pid(tensor, self._pool, self.handles, self._grads)
+        if type(pid) is bytes:
+            return _tensor_from_pid, (pid,)
+        if pid is None:
+            return tensor.__reduce_ex__(_PROTOCOL)  # torch's own reducer (sparse, quantized)
+        _, dtype, shape, data, requires_grad, is_param = pid
+        return _tensor_from_bytes, (data, dtype, shape, requires_grad, is_param)
+
+
+def _reduce_ordered_dict(od):
+    # OrderedDict's own __reduce__ asks copyreg._slotnames for its (C) type's
+    # slots on every call, since the answer cannot be cached on the type:
+    # about 2 us each, and every nn.Module holds a dozen OrderedDicts.
+    return collections.OrderedDict, (), (vars(od) or None), None, iter(od.items())
+
+
+# What a payload's tensors and RRefs reduce to. These names are resolved by
+# _Unpickler.find_class to methods bound to the payload's context; resolved
+# any other way (a plain pickle.loads), they refuse.
+def _rref_at(index):
+    raise pickle.UnpicklingError("an RRef in an RPC payload can only be unpickled by localrref")
+
+
+def _tensor_from_pid(pid):
+    raise pickle.UnpicklingError("a tensor in an RPC payload can only be unpickled by localrref")
+
+
+def _tensor_from_bytes(data, dtype, shape, requires_grad, is_param):
+    raise pickle.UnpicklingError("a tensor in an RPC payload can only be unpickled by localrref")
+
+
+_BOUND_NAMES = frozenset({"_rref_at", "_tensor_from_pid", "_tensor_from_bytes"})
 
 
 def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = None):
-    """A tensor's persistent id (exported tensors' handles go to ``handles``), or
+    """A tensor's id (exported tensors' handles go to ``handles``), or
     None for layouts torch's own reducer handles.
 
     ``grads``, if given, collects the tensors that require grad, in pickling
@@ -149,7 +189,7 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = 
         # copies the storage as it is.
         handle = pool.export(tensor) if compact else pool.export_storage(tensor)
         handles.append(handle)
-        # One bytes object: the pickler asks persistent_id about nothing inside it.
+        # One bytes object: one opcode in the stream.
         return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
     flat = tensor.detach()
     if compact:
@@ -187,33 +227,32 @@ class _Unpickler(pickle.Unpickler):
         self._mapper = mapper
         self._grads = grads
         self.used = set()
-        self._loaded: list = []  # persistent objects in stream order, for ("a", k)
 
-    def persistent_load(self, pid):
-        if type(pid) is tuple and pid[0] == "a":
-            return self._loaded[pid[1]]
-        obj = self._load(pid)
-        self._loaded.append(obj)
-        if self._grads is not None and isinstance(obj, torch.Tensor) and obj.requires_grad:
-            self._grads.append(obj)
-        return obj
+    def find_class(self, module, name):
+        # Called once per distinct global in a payload (the pickler memoizes them).
+        if module == __name__ and name in _BOUND_NAMES:
+            return getattr(self, name)
+        return super().find_class(module, name)
 
-    def _load(self, pid):
-        if type(pid) is bytes:
-            return _load_tensor(pid, self._mapper)
-        kind = pid[0]
-        if kind == "r":
-            index = pid[1]
-            self.used.add(index)
-            return self._rrefs[index]
-        if kind == "i":
-            _, dtype, shape, data, requires_grad, is_param = pid
-            return _inline_tensor(data, dtype, shape, requires_grad, is_param)
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+    def _rref_at(self, index):
+        self.used.add(index)
+        return self._rrefs[index]
+
+    def _tensor_from_pid(self, pid):
+        tensor = _load_tensor(pid, self._mapper)
+        if self._grads is not None and tensor.requires_grad:
+            self._grads.append(tensor)
+        return tensor
+
+    def _tensor_from_bytes(self, data, dtype, shape, requires_grad, is_param):
+        tensor = _inline_tensor(data, dtype, shape, requires_grad, is_param)
+        if self._grads is not None and requires_grad:
+            self._grads.append(tensor)
+        return tensor
 
 
 def _load_tensor(pid: bytes, mapper):
-    """The tensor a bytes persistent id describes (see _tensor_pid)."""
+    """The tensor a bytes id describes (see _tensor_pid)."""
     tag = pid[:1]
     if tag == _HANDLE_TAG or tag == _PARAM_HANDLE:
         tensor = mapper.import_packed(memoryview(pid)[1:])
@@ -236,7 +275,7 @@ def _load_tensor(pid: bytes, mapper):
         if is_param:
             return torch.nn.Parameter(tensor, requires_grad)
         return tensor.requires_grad_(requires_grad) if requires_grad else tensor
-    raise pickle.UnpicklingError(f"unknown persistent id {pid[:16]!r}")
+    raise pickle.UnpicklingError(f"unknown tensor id {pid[:16]!r}")
 
 
 def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> torch.Tensor:
@@ -267,7 +306,7 @@ def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None,
         except Exception:
             pass  # a local function, say: the full path below names the culprit
     if type(obj) is torch.Tensor:
-        # A bare tensor (a common return value): its persistent id is the
+        # A bare tensor (a common return value): its id is the
         # whole payload, no pickle stream around it.
         handles: list = []
         mark = len(grads) if grads is not None else 0
@@ -290,6 +329,8 @@ def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None,
                 getattr(exc, "_localrref_named", False):
             raise describe_unpicklable(obj, exc) from exc
         raise
+    finally:
+        pickler.release()
     return Encoded(buffer.getvalue(), tuple(pickler.forks), tuple(pickler.handles))
 
 
@@ -339,7 +380,13 @@ def loads(data: bytes, *, rrefs=(), mapper=None, grads: list | None = None):
             grads.append(tensor)
         return tensor, list(range(len(rrefs)))
     unpickler = _Unpickler(io.BytesIO(data), rrefs=rrefs, mapper=mapper, grads=grads)
-    obj = unpickler.load()
+    try:
+        obj = unpickler.load()
+    finally:
+        # The memo holds every object loaded and, through the bound methods
+        # find_class gave, the unpickler itself: a cycle that would keep the
+        # payload's RRefs and tensors alive until the cyclic collector runs.
+        unpickler.memo.clear()
     unused = [i for i in range(len(rrefs)) if i not in unpickler.used]
     return obj, unused
 

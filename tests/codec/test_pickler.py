@@ -1,5 +1,8 @@
 """Payload pickling: tensors (inline, shared memory, bare), RRef side tables, failures."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -102,6 +105,44 @@ def test_one_tensor_twice_in_a_payload_is_exported_once_and_arrives_once(lane):
     assert len(encoded.tensor_handles) == 1
     assert back[0] is back[2] and back[1] is back[3] and back[4] is not back[1]
     assert torch.equal(back[4], small)
+
+
+def test_both_ends_let_go_of_a_payload_without_the_cyclic_collector(lane):
+    # RRefs and tensors of a payload must die when the caller drops them (the
+    # owner is told at once): neither the pickler nor the unpickler may keep
+    # them in a memo that only a gc pass would free.
+    class FakeRRef:
+        pass
+
+    rref, tensor, module = FakeRRef(), torch.ones(3), torch.nn.Linear(2, 2)
+    sent = [weakref.ref(rref), weakref.ref(tensor), weakref.ref(module)]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        encoded = dumps({"r": rref, "t": tensor, "m": module}, fork=lambda r: "f",
+                        rref_type=FakeRRef, pool=lane[0])
+        del rref, tensor, module
+        assert [ref() for ref in sent] == [None, None, None]
+        value, _ = loads(encoded.data, rrefs=[FakeRRef()], mapper=lane[1])
+        got = [weakref.ref(value["r"]), weakref.ref(value["t"]), weakref.ref(value["m"])]
+        del value
+        assert [ref() for ref in got] == [None, None, None]
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_a_module_arrives_whole_and_its_ordered_dicts_keep_their_type(lane):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 2))
+    model.register_buffer("steps", torch.tensor(3))
+    encoded, back = round_trip(model, lane)
+    assert len(encoded.tensor_handles) == 3  # all but the last bias are over the lane's 1 KiB
+    assert type(back._modules) is type(model._modules) and list(back._modules) == ["0", "1", "2"]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(back(x), model(x))
+    assert [type(p) for p in back.parameters()] == [torch.nn.Parameter] * 4
+    assert back.steps.item() == 3 and all(p.requires_grad for p in back.parameters())
 
 
 def test_an_unpicklable_object_is_named_and_forks_are_abandoned():

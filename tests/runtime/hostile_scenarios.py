@@ -18,7 +18,7 @@ import torch
 import localrref as rpc
 from localrref import world
 from localrref.agent import current
-from localrref.codec import frames
+from localrref.codec import frames, pickler
 from localrref.core import messages
 from localrref.transport import wire
 from localrref.transport.segment import SHM_DIR, world_segments
@@ -51,7 +51,8 @@ def add(a, b):
     return a + b
 
 
-_MARK = object()
+class _Mark:
+    """Stands for the forged tensor in the call's arguments."""
 
 
 def _call_frame(request_id: int, segment: str) -> bytes:
@@ -61,11 +62,12 @@ def _call_frame(request_id: int, segment: str) -> bytes:
                           requires_grad=False)
 
     class Forger(pickle.Pickler):
-        def persistent_id(self, obj):
-            return b"t" + handle.pack() if obj is _MARK else None
+        # What localrref's own pickler writes for a tensor in shared memory.
+        dispatch_table = {_Mark: lambda mark: (pickler._tensor_from_pid,
+                                               (b"t" + handle.pack(),))}
 
     buffer = io.BytesIO()
-    Forger(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump((add, (_MARK, 1), {}))
+    Forger(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump((add, (_Mark(), 1), {}))
     return frames.encode_message(messages.PythonCall(request_id=request_id,
                                                      payload=buffer.getvalue()))
 
