@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
+
 from ..errors import RPCNotInitializedError
 
 _lock = threading.Lock()
@@ -56,3 +58,20 @@ def mark_serving() -> None:
 
 def serving() -> bool:
     return getattr(_bound, "serving", False)
+
+
+def runs_user_code() -> None:
+    """This thread will run user functions (an IO or pool thread): give it
+    the process's torch thread settings.
+
+    OpenMP keeps the thread count per thread. ``torch.set_num_threads(n)``
+    sets the calling thread's, and records ``n`` for ATen's own parallel
+    loops to apply in other threads lazily; BLAS and oneDNN kernels open
+    OpenMP regions of their own, which in a thread that never ran such a
+    loop get a team of one thread per core. On a machine shared by several
+    workers that team's idle members spin after every kernel (a trainer's
+    job thread here had one burning a core). torch's first call in a thread
+    applies the recorded setting; a program that never set one keeps
+    OpenMP's defaults, as its main thread does.
+    """
+    torch.get_num_threads()

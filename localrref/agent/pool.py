@@ -20,7 +20,7 @@ import queue
 import threading
 
 from ..errors import LocalRRefError
-from .current import mark_serving
+from .current import mark_serving, runs_user_code
 
 __all__ = ["ElasticPool", "PoolExhaustedError"]
 
@@ -87,6 +87,7 @@ class ElasticPool:
 
     def _work(self) -> None:
         mark_serving()
+        runs_user_code()
         self._local.pool = self
         while True:
             try:

@@ -36,7 +36,7 @@ from ..core import effects as fx
 from ..core.messages import USER_LEVEL_TYPES
 from ..errors import WorkerClosedError
 from ..transport import wire
-from .current import mark_serving
+from .current import mark_serving, runs_user_code
 from .futures import wait
 from .leadership import LEAD, REQUESTED, Leadership
 
@@ -47,6 +47,8 @@ log = logging.getLogger("localrref")
 # How long a waiting caller waits for the IO thread to hand it the inbox
 # before it waits on its future instead (see wait_reply).
 _HANDOFF_WAIT_S = 0.0002
+# The same, for an IO thread that must first wake from poll(2).
+_WAKE_HANDOFF_WAIT_S = 0.002
 
 
 class Reader:
@@ -118,6 +120,7 @@ class Reader:
         runs user functions itself.
         """
         mark_serving()
+        runs_user_code()
         agent = self.agent
         housekeeper = agent.housekeeper
         lead = self.lead
@@ -247,11 +250,19 @@ class Reader:
         if outcome is not REQUESTED:
             return outcome is LEAD
         transport = self.agent.transport
+        wait_s = _HANDOFF_WAIT_S
         if not transport.nudge():
-            # The IO thread sleeps in poll: waking it to hand over would cost
-            # more than letting it wake for the reply itself.
-            return self.lead.withdraw(me)
-        deadline = time.perf_counter() + _HANDOFF_WAIT_S
+            # The IO thread sleeps in poll. Letting it wake for the reply
+            # would cost the same wake-up, plus a hand-off of the reply to
+            # this thread, and on every later call too: a caller that does
+            # not get the inbox back waits on its futures for good while the
+            # IO thread reads its replies and then spins, beside it, for the
+            # GIL and a core (a trainer calling every millisecond spent as
+            # much CPU in that spin as in its own step). Wake it to hand over
+            # instead; the reply is still in flight meanwhile.
+            transport.wake()
+            wait_s = _WAKE_HANDOFF_WAIT_S
+        deadline = time.perf_counter() + wait_s
         while (handed := self.lead.poll_handoff(me, time.perf_counter() > deadline)) is None:
             os.sched_yield()
         return handed
