@@ -584,6 +584,9 @@ class Agent:
             "agent.shm_segments": str(len(self.shm_pool.segment_names())
                                       if self.shm_pool is not None else 0),
             "agent.num_deferred_releases": str(len(self.housekeeper.releases)),
+            # Replies a waiting caller got from another thread, not by reading
+            # the inbox itself (each one a thread hand-off).
+            "agent.fallback_waits": str(self.reader.lead.fallback_waits),
         })
         # torch's get_debug_info has distributed autograd's counters too
         tape = self._tape

@@ -82,6 +82,7 @@ class Leadership:
                  on_depose: Callable[[], None], idle_followers: int = 1) -> None:
         self.lock = threading.Lock()
         self._turn = threading.Condition(self.lock)
+        self._handed = threading.Condition(self.lock)  # a hand-off happened
         self._start_reader = start_reader
         self._wake_watch = wake_watch
         self._on_depose = on_depose
@@ -93,6 +94,7 @@ class Leadership:
         self.handoff_to: int | None = None  # a caller waiting for the leader's role
         self.followers = 0                  # IO threads waiting for the inbox
         self.fallback_waiters = 0           # threads waiting on futures only others complete
+        self.fallback_waits = 0             # how many waits were (a hand-off each; for debug_info)
         self.io_idents: set[int] = set()    # the live IO threads
         self._busy_spells = 0               # how many times the leader went out
         self._spells_seen = 0               # _busy_spells at the watch's last tick
@@ -159,6 +161,7 @@ class Leadership:
             self.handoff_to = None
             self.leader = wanted_by
             self.busy = False
+            self._handed.notify_all()
             return True
 
     def should_retire(self) -> bool:
@@ -211,6 +214,18 @@ class Leadership:
                 return False
             return None
 
+    def await_handoff(self, me: int, timeout: float) -> bool:
+        """While a claim is :data:`REQUESTED` of a reader that must first wake:
+        sleep until ``me`` leads (True) or ``timeout`` seconds pass, or closing
+        (False; the request is withdrawn)."""
+        with self._handed:
+            self._handed.wait_for(lambda: self.leader == me or self.closing, timeout)
+            if self.leader == me:
+                return True
+            if self.handoff_to == me:
+                self.handoff_to = None
+            return False
+
     def park(self, me: int) -> None:
         """The caller has its reply: keep the inbox, unread, until its next wait."""
         with self.lock:
@@ -233,6 +248,7 @@ class Leadership:
         """A thread will wait on a future only the inbox's reader can complete."""
         with self.lock:
             self.fallback_waiters += 1
+            self.fallback_waits += 1
             if self.parked:
                 self._depose_locked()
 
@@ -272,6 +288,7 @@ class Leadership:
         with self._turn:
             self.closing = True
             self._turn.notify_all()
+            self._handed.notify_all()
 
     # -- internals -----------------------------------------------------------
 

@@ -47,8 +47,9 @@ log = logging.getLogger("localrref")
 # How long a waiting caller waits for the IO thread to hand it the inbox
 # before it waits on its future instead (see wait_reply).
 _HANDOFF_WAIT_S = 0.0002
-# The same, for an IO thread that must first wake from poll(2).
-_WAKE_HANDOFF_WAIT_S = 0.002
+# The same, for an IO thread that must first wake from poll(2) (a wait
+# that sleeps: the reply is still in flight).
+_WAKE_HANDOFF_WAIT_S = 0.005
 
 
 class Reader:
@@ -250,7 +251,6 @@ class Reader:
         if outcome is not REQUESTED:
             return outcome is LEAD
         transport = self.agent.transport
-        wait_s = _HANDOFF_WAIT_S
         if not transport.nudge():
             # The IO thread sleeps in poll. Letting it wake for the reply
             # would cost the same wake-up, plus a hand-off of the reply to
@@ -259,10 +259,10 @@ class Reader:
             # IO thread reads its replies and then spins, beside it, for the
             # GIL and a core (a trainer calling every millisecond spent as
             # much CPU in that spin as in its own step). Wake it to hand over
-            # instead; the reply is still in flight meanwhile.
+            # instead, and sleep until it has: the reply is in flight meanwhile.
             transport.wake()
-            wait_s = _WAKE_HANDOFF_WAIT_S
-        deadline = time.perf_counter() + wait_s
+            return self.lead.await_handoff(me, _WAKE_HANDOFF_WAIT_S)
+        deadline = time.perf_counter() + _HANDOFF_WAIT_S
         while (handed := self.lead.poll_handoff(me, time.perf_counter() > deadline)) is None:
             os.sched_yield()
         return handed

@@ -104,6 +104,30 @@ def test_an_expired_or_withdrawn_request_is_forgotten(rec):
     assert lead.handoff_to is None and lead.leader == IO_THREAD
 
 
+def test_a_caller_sleeps_until_a_woken_reader_hands_over(rec):
+    lead = rec.build()
+    io_leads(lead)
+    assert lead.claim(CALLER) == REQUESTED
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(lead.await_handoff(CALLER, 30.0)))
+    waiter.start()
+    assert lead.hand_off(IO_THREAD)  # the reader woke and saw the request
+    waiter.join(30)
+    assert got == [True] and lead.leader == CALLER
+
+
+@pytest.mark.parametrize("ending", ["timeout", "closing"])
+def test_a_hand_off_that_does_not_come_is_withdrawn(rec, ending):
+    lead = rec.build()
+    io_leads(lead)
+    assert lead.claim(CALLER) == REQUESTED
+    if ending == "closing":
+        lead.close()
+    assert lead.await_handoff(CALLER, 0.0 if ending == "timeout" else 30.0) is False
+    assert lead.handoff_to is None and lead.leader == IO_THREAD
+    assert not lead.hand_off(IO_THREAD)
+
+
 def test_withdraw_reports_a_hand_off_that_raced_in(rec):
     lead = rec.build()
     io_leads(lead)

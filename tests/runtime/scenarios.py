@@ -371,6 +371,26 @@ def a_caller_that_blocks_elsewhere_still_serves():
     return True
 
 
+def _calls_out_with_pauses(dst, n, pause_s):
+    """n rpc_syncs to ``dst``, each after ``pause_s`` of work that releases the
+    GIL (longer than a reader's spin); returns how many replies reached this
+    thread through another one."""
+    before = int(rpc.get_debug_info()["agent.fallback_waits"])
+    for _ in range(n):
+        time.sleep(pause_s)  # the caller's own step, not a synchronisation
+        rpc.rpc_sync(dst, add, args=(1, 1))
+    return int(rpc.get_debug_info()["agent.fallback_waits"]) - before
+
+
+def a_function_that_calls_out_reads_its_own_replies(n=30):
+    """A job on worker1 calls worker0 every few ms (a trainer's loop). The watch
+    gives its parked inbox to an IO thread, which then sleeps in poll; the job's
+    next call must take the inbox back rather than have every reply handed over."""
+    handed = rpc.rpc_sync("worker1", _calls_out_with_pauses, args=("worker0", n, 0.003))
+    assert handed <= n // 3, f"{handed} of {n} replies were handed over by another thread"
+    return True
+
+
 def many_threads_at_once(threads=8, calls=50):
     results = []
     errors = []

@@ -65,6 +65,10 @@ def test_a_caller_that_blocks_elsewhere_still_serves(world):
     assert world.run(scenarios.a_caller_that_blocks_elsewhere_still_serves)
 
 
+def test_a_function_that_calls_out_reads_its_own_replies(world):
+    assert world.run(scenarios.a_function_that_calls_out_reads_its_own_replies)
+
+
 def test_many_threads_at_once(world):
     assert world.run(scenarios.many_threads_at_once) == 400
 
