@@ -54,9 +54,9 @@ _BARE_TENSOR = b"\x00"
 _PLAIN_PICKLE = b"\x01"
 # Objects of these types pickle without ever holding a tensor or an RRef
 # (functions go by name). A payload made only of them, in small containers,
-# skips the Pickler subclass, whose persistent_id hook is a Python call per
-# object, on both sides: a no-argument call's (func, (), {}) pickles in
-# about 2 us instead of 9.
+# skips the Pickler and Unpickler subclasses on both sides (a dispatch table
+# built per payload, find_class in Python): (func, (1,), {"a": [1, 2, 3]})
+# pickles in about 4.5 us instead of 5.7.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes,
                           types.FunctionType, types.BuiltinFunctionType})
 _PLAIN_MAX_DEPTH, _PLAIN_MAX_ITEMS = 4, 16
