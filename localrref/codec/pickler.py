@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import ctypes
 import io
 import pickle
 import struct
@@ -124,10 +125,16 @@ class _Pickler(pickle.Pickler):
         return _tensor_from_bytes, (data, dtype, shape, requires_grad, is_param)
 
 
+_EMPTY_ORDERED_DICT = (collections.OrderedDict, ())
+
+
 def _reduce_ordered_dict(od):
     # OrderedDict's own __reduce__ asks copyreg._slotnames for its (C) type's
     # slots on every call, since the answer cannot be cached on the type:
-    # about 2 us each, and every nn.Module holds a dozen OrderedDicts.
+    # about 2 us each, and every nn.Module holds a dozen OrderedDicts, most
+    # of them empty hook tables.
+    if not od and not od.__dict__:
+        return _EMPTY_ORDERED_DICT
     return collections.OrderedDict, (), (vars(od) or None), None, iter(od.items())
 
 
@@ -191,23 +198,30 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = 
         handles.append(handle)
         # One bytes object: one opcode in the stream.
         return (_PARAM_HANDLE if is_param else _HANDLE_TAG) + handle.pack()
-    flat = tensor.detach()
     if compact:
-        flat = flat.clone()
+        flat = tensor.detach().clone()
         storage_bytes = flat.untyped_storage().nbytes()
+    else:
+        flat = tensor  # only read below: no detach() (0.5 us) needed
     if not known_dtype:
-        flat = flat.contiguous()
+        flat = flat.detach().contiguous()
         return ("i", flat.dtype, tuple(flat.shape), _tensor_bytes(flat), requires_grad, is_param)
     ndim = flat.dim()
     head = _INLINE.pack(_INLINE_TAG, DTYPE_CODES[dtype], requires_grad, is_param, ndim)
     if storage_bytes == nbytes and flat.storage_offset() == 0 and flat.is_contiguous():
         # The common case: the storage is exactly the values, in C order.
-        return b"".join((head, struct.pack(f"<{ndim}q", *flat.shape), _tensor_bytes(flat)))
-    storage = torch.empty((0,), dtype=torch.uint8).set_(flat.untyped_storage())
+        return b"".join((head, struct.pack(f"<{ndim}q", *flat.shape),
+                         _memory_bytes(flat.data_ptr(), nbytes)))
     return b"".join((_STRIDED_TAG, head[1:],
                      struct.pack(f"<{2 * ndim + 1}q", *flat.shape, *flat.stride(),
                                  flat.storage_offset()),
-                     storage.numpy().tobytes()))
+                     _memory_bytes(flat.untyped_storage().data_ptr(), storage_bytes)))
+
+
+def _memory_bytes(address: int, nbytes: int) -> bytes:
+    """A copy of ``nbytes`` of a CPU tensor's memory at ``address``: raw bytes
+    whatever the dtype, half the cost of going through numpy."""
+    return ctypes.string_at(address, nbytes) if nbytes else b""
 
 
 def _tensor_bytes(flat: torch.Tensor) -> bytes:
