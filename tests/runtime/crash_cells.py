@@ -178,7 +178,7 @@ def worker(rank: int, cell: dict, results, arrived, go) -> None:
     # meeting the others when the victim dies fails its init_rpc instead.
     # (Not a barrier of RPCs: those would pass the kill points.)
     arrived.put(rank)
-    go.get()  # the test puts one for each worker once all three arrived
+    go[rank].get()  # the test puts one in each worker's queue once all three arrived
     report: dict = {"rank": rank, "world": world.current().world_id}
     victim = cell["victim"]
     driver = 2 if victim == 0 else 0

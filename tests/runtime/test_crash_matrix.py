@@ -72,15 +72,20 @@ def _params():
 def test_a_worker_killed_at_this_step(step, victim, kill_on, leak_free):
     cell = {"step": step, "victim": victim, "kill_on": kill_on}
     mp = multiprocessing.get_context("spawn")
-    results, arrived, go = mp.SimpleQueue(), mp.SimpleQueue(), mp.SimpleQueue()
+    results, arrived = mp.SimpleQueue(), mp.SimpleQueue()
+    # One start queue per worker: a queue's get holds a lock shared by every
+    # process that reads it, and the victim may die inside its get (its
+    # reader can receive the killing message before its main thread returns
+    # from the get), which would block the others' gets for ever.
+    go = [mp.SimpleQueue() for _ in range(3)]
     try:
         context = localrref.spawn(crash_cells.worker, args=(cell, results, arrived, go),
                                   nprocs=3, join=False)
         # A barrier: every worker's init_rpc returned before any step starts.
         for _ in range(3):
             arrived.get()
-        for _ in range(3):
-            go.put(True)
+        for queue in go:
+            queue.put(True)
         with pytest.raises(ProcessExitedException) as info:
             context.join(grace_period=60)
         reports = {}
@@ -88,7 +93,7 @@ def test_a_worker_killed_at_this_step(step, victim, kill_on, leak_free):
             report = results.get()
             reports[report["rank"]] = report
     finally:
-        for queue in (results, arrived, go):
+        for queue in (results, arrived, *go):
             queue.close()
     assert info.value.error_index == victim and "SIGKILL" in str(info.value), str(info.value)
     survivors = sorted(set(range(3)) - {victim})
