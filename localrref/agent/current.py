@@ -1,4 +1,5 @@
-"""The process's current agent: the one piece of module-level mutable state.
+"""The process's current agent (the one piece of module-level mutable state),
+and what the agent's own threads note or set up about themselves.
 
 A worker has one agent at a time. A test world that runs several agents in
 one process (``Agent(driver=...)``) binds a thread to the agent whose work

@@ -121,8 +121,7 @@ class _Pickler(pickle.Pickler):
             return _tensor_from_pid, (pid,)
         if pid is None:
             return tensor.__reduce_ex__(_PROTOCOL)  # torch's own reducer (sparse, quantized)
-        _, dtype, shape, data, requires_grad, is_param = pid
-        return _tensor_from_bytes, (data, dtype, shape, requires_grad, is_param)
+        return _tensor_from_bytes, pid
 
 
 _EMPTY_ORDERED_DICT = (collections.OrderedDict, ())
@@ -157,8 +156,9 @@ _BOUND_NAMES = frozenset({"_rref_at", "_tensor_from_pid", "_tensor_from_bytes"})
 
 
 def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = None):
-    """A tensor's id (exported tensors' handles go to ``handles``), or
-    None for layouts torch's own reducer handles.
+    """A tensor's id (exported tensors' handles go to ``handles``); for a
+    dtype without a code, the arguments of :func:`_tensor_from_bytes`; None
+    for layouts torch's own reducer handles.
 
     ``grads``, if given, collects the tensors that require grad, in pickling
     order (distributed autograd's send records them; the receiver's
@@ -205,7 +205,8 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = 
         flat = tensor  # only read below: no detach() (0.5 us) needed
     if not known_dtype:
         flat = flat.detach().contiguous()
-        return ("i", flat.dtype, tuple(flat.shape), _tensor_bytes(flat), requires_grad, is_param)
+        return (_memory_bytes(flat.data_ptr(), flat.nbytes), flat.dtype, tuple(flat.shape),
+                requires_grad, is_param)
     ndim = flat.dim()
     head = _INLINE.pack(_INLINE_TAG, DTYPE_CODES[dtype], requires_grad, is_param, ndim)
     if storage_bytes == nbytes and flat.storage_offset() == 0 and flat.is_contiguous():
@@ -222,16 +223,6 @@ def _memory_bytes(address: int, nbytes: int) -> bytes:
     """A copy of ``nbytes`` of a CPU tensor's memory at ``address``: raw bytes
     whatever the dtype, half the cost of going through numpy."""
     return ctypes.string_at(address, nbytes) if nbytes else b""
-
-
-def _tensor_bytes(flat: torch.Tensor) -> bytes:
-    """The bytes of a contiguous tensor, in C order."""
-    if not flat.numel():
-        return b""
-    try:
-        return flat.numpy().tobytes()
-    except TypeError:  # a dtype numpy lacks (bfloat16, float8, ...): as raw bytes
-        return flat.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 class _Unpickler(pickle.Unpickler):

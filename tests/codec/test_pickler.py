@@ -145,6 +145,16 @@ def test_a_module_arrives_whole_and_its_ordered_dicts_keep_their_type(lane):
     assert back.steps.item() == 3 and all(p.requires_grad for p in back.parameters())
 
 
+@pytest.mark.parametrize("bare", [True, False], ids=["bare", "in-tuple"])
+def test_a_dtype_without_a_code_travels_as_its_raw_bytes(bare, lane):
+    dtype = torch.float8_e4m3fnuz  # no code in DTYPES, and numpy has no such type
+    sent = torch.arange(6, dtype=torch.float32).reshape(2, 3).to(dtype)
+    _, back = round_trip(sent if bare else (sent,), lane)
+    back = back if bare else back[0]
+    assert back.dtype == dtype and back.shape == (2, 3)
+    assert torch.equal(back.view(torch.uint8), sent.view(torch.uint8))
+
+
 def test_an_unpicklable_object_is_named_and_forks_are_abandoned():
     class FakeRRef:
         pass
