@@ -293,7 +293,7 @@ class Reader:
                     self.run_on_pool(others)
                 self.lead.busy_begin()
                 try:
-                    agent.run(mine)
+                    agent.run(mine, inline_jobs=True)  # fetches only (see _split_for)
                 except Exception:
                     log.exception("localrref: error carrying out effects")
                 still_leader = self.lead.busy_end(me)
@@ -316,9 +316,13 @@ class Reader:
         for effect in effects:
             if isinstance(effect, (fx.Complete, fx.Fail)):
                 (mine if calls.is_reply_for(future, effect) else others).append(effect)
-            elif isinstance(effect, fx.Execute) or (
-                    isinstance(effect, fx.CreationSettled)
-                    and calls.is_exposed_creation(effect.rref)):
+            elif isinstance(effect, fx.Execute):
+                # A fetch of a value that is ready runs no user function:
+                # serving it here (pickling the value, as an IO thread does)
+                # saves the pool thread's wake-up on the peer's to_here().
+                (mine if effect.kind is fx.JobKind.FETCH else others).append(effect)
+            elif (isinstance(effect, fx.CreationSettled)
+                  and calls.is_exposed_creation(effect.rref)):
                 others.append(effect)
             else:
                 mine.append(effect)

@@ -391,6 +391,35 @@ def a_function_that_calls_out_reads_its_own_replies(n=30):
     return True
 
 
+class _PickledWhere:
+    """A value that notes the thread that pickles it (the one serving a to_here)."""
+
+    threads: list = []
+
+    def __reduce__(self):
+        _PickledWhere.threads.append(threading.current_thread().name)
+        return (int, (5,))
+
+
+def _fetch(rref):
+    return rref.to_here()
+
+
+def a_fetch_that_reaches_a_waiting_caller_is_served_by_it(n=20):
+    """worker1 fetches a value owned by worker0 while worker0's main thread waits
+    in rpc_sync for worker1's answer, reading its own inbox: it serves the fetch
+    itself (no user code runs there), rather than handing it to the pool."""
+    _PickledWhere.threads = []
+    for _ in range(n):
+        assert rpc.rpc_sync("worker1", _fetch, args=(rpc.RRef(_PickledWhere()),)) == 5
+    served = _PickledWhere.threads
+    assert len(served) == n
+    pooled = [name for name in served if name.startswith("localrref-worker")]
+    assert not pooled, f"{len(pooled)} of {n} fetches were served by the pool: {served}"
+    assert served.count("MainThread") >= n // 2, served
+    return True
+
+
 def many_threads_at_once(threads=8, calls=50):
     results = []
     errors = []

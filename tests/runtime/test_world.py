@@ -69,6 +69,10 @@ def test_a_function_that_calls_out_reads_its_own_replies(world):
     assert world.run(scenarios.a_function_that_calls_out_reads_its_own_replies)
 
 
+def test_a_fetch_that_reaches_a_waiting_caller_is_served_by_it(world):
+    assert world.run(scenarios.a_fetch_that_reaches_a_waiting_caller_is_served_by_it)
+
+
 def test_many_threads_at_once(world):
     assert world.run(scenarios.many_threads_at_once) == 400
 
