@@ -19,12 +19,18 @@ freed), so that a second ``backward`` through them fails as torch's does.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 __all__ = ["RecvSlot", "find_leaves", "run_pass", "saves_tensors", "SECOND_BACKWARD"]
+
+# Held around a pass's use of its leaves' ``.grad`` (see _leaf_gradients): two
+# passes at once (two contexts through one parameter server's weights) would
+# read each other's gradients.
+_LEAVES_LOCK = threading.Lock()
 
 # torch's words, for a backward through a graph whose saved tensors were freed
 SECOND_BACKWARD = (
@@ -110,8 +116,7 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
         visit(nodes)
     if not leaves:
         return {}
-    found = torch.autograd.grad(outputs, leaves, grad_outputs=[g for _, g in pairs],
-                                retain_graph=True, allow_unused=True)
+    found = _leaf_gradients(outputs, [g for _, g in pairs], leaves)
     outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
     for leaf, grad in zip(leaves, found):
         if grad is None:
@@ -122,3 +127,28 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
         else:
             outgoing.setdefault((slot.src, slot.message_id), {})[slot.index] = grad
     return outgoing
+
+
+def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
+                    leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of ``leaves``, computed by running their AccumulateGrad nodes.
+
+    ``torch.autograd.grad`` would capture them without running those nodes,
+    and so without the hooks registered on them: DistributedDataParallel's
+    reducer is one (its all-reduce starts from a hook on each parameter's
+    accumulator), and torch's distributed engine runs them. So the pass
+    accumulates into ``.grad`` of each leaf, set to None for it, takes the
+    result, and puts back what ``.grad`` held: the hooks run, and after the
+    pass ``.grad`` is what it was (DDP's averaged gradient is what the pass
+    takes, as under torch, where the reducer writes into the context).
+    """
+    with _LEAVES_LOCK:
+        kept = [leaf.grad for leaf in leaves]
+        try:
+            for leaf in leaves:
+                leaf.grad = None
+            torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=leaves)
+            return [leaf.grad for leaf in leaves]
+        finally:
+            for leaf, grad in zip(leaves, kept):
+                leaf.grad = grad

@@ -376,13 +376,69 @@ def remote_module_forward_and_training():
     assert_close(other.forward(x), local[1](x).detach())
 
 
+def _ddp_trainer(remote, pg_file, steps, lr):
+    """A trainer of the ddp_rpc tutorial: its own data through a RemoteModule, then a
+    DDP-wrapped Linear; DistributedOptimizer over the Linear. Its parameters after each step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    rank = me() - 1
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(Det(7).lin)
+        optimizer = DistributedOptimizer(torch.optim.SGD,
+                                         [rpc.RRef(p) for p in model.parameters()], lr=lr)
+        seen = []
+        for step in range(steps):
+            with dist_autograd.context() as cid:
+                loss = model(remote.forward(_ddp_input(rank, step))).pow(2).mean()
+                dist_autograd.backward(cid, [loss])
+                optimizer.step(cid)
+            assert all(p.grad is None for p in model.parameters()), ".grad was written"
+            seen.append([p.detach().clone() for p in model.parameters()])
+        return seen
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_input(rank, step):
+    return torch.randn(6, 4, generator=torch.Generator().manual_seed(100 * rank + step))
+
+
+def ddp_trainers_average_their_gradients():
+    """DistributedDataParallel under distributed autograd (torch's ddp_rpc tutorial): the
+    backward runs DDP's hooks, so both trainers step with the average of their gradients."""
+    pg_file = OUTFILE + ".pg"
+    remote = RemoteModule("worker0/cpu", Det, args=(5,))
+    steps, lr = 3, 0.5
+    try:
+        futures = [rpc.rpc_async(f"worker{r}", _ddp_trainer, args=(remote, pg_file, steps, lr))
+                   for r in (1, 2)]
+        first, second = [f.wait() for f in futures]
+    finally:
+        if os.path.exists(pg_file):
+            os.remove(pg_file)
+    embed, dense = Det(5), Det(7).lin
+    for step in range(steps):
+        grads = [torch.autograd.grad(dense(embed(_ddp_input(r, step))).pow(2).mean(),
+                                     list(dense.parameters())) for r in (0, 1)]
+        with torch.no_grad():
+            for p, g0, g1 in zip(dense.parameters(), *grads):
+                p -= lr * (g0 + g1) / 2
+        for got in (first[step], second[step]):
+            for g, want in zip(got, dense.parameters()):
+                assert_close(g, want.detach(), msg=lambda m: f"step {step}: {m}")
+
+
 SCENARIOS = [one_hop, three_hops_and_back_to_the_caller, several_roots, retain_graph,
              a_tensor_sent_twice_accumulates, tensors_that_do_not_require_grad,
              an_error_in_a_remote_backward_reaches_the_caller, cleanup_reaches_every_participant,
              remote_and_to_here, rref_proxies, distributed_optimizer_sgd,
              distributed_optimizer_adam, distributed_optimizer_step_outside_a_context,
              an_error_in_one_owners_step_surfaces_and_the_others_step,
-             remote_module_forward_and_training]
+             remote_module_forward_and_training, ddp_trainers_average_their_gradients]
+
+
+OUTFILE = sys.argv[2]
 
 
 def run(rank, outfile):

@@ -111,3 +111,44 @@ def test_a_second_backward_through_freed_nodes_fails_as_on_torch():
         run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
                  lambda seen, i=backward_id: _free(freed, i, True, seen))
     assert freed == {}
+
+
+def test_a_pass_runs_the_hooks_of_each_leafs_accumulator_and_puts_grad_back():
+    # DistributedDataParallel's all-reduce starts from hooks on the parameters'
+    # accumulators; torch's distributed engine runs them, and so must a pass.
+    w = torch.randn(3, requires_grad=True)
+    earlier = torch.full((3,), 7.0)
+    w.grad = earlier  # left by some local backward: the pass must not touch it
+    ran = []
+    w.register_post_accumulate_grad_hook(lambda leaf: ran.append(leaf.grad.clone()))
+    loss = (w * torch.tensor([1.0, 2.0, 3.0])).sum()
+    grads, accumulate = accumulator()
+    run_pass([loss], [torch.ones(())], {}, accumulate)
+    assert len(ran) == 1 and torch.equal(ran[0], torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(grads[w], torch.tensor([1.0, 2.0, 3.0]))  # not 7 + that
+    assert w.grad is earlier
+
+
+def test_passes_on_two_threads_through_one_leaf_keep_their_gradients_apart():
+    import threading
+    w = torch.randn(256, 256, requires_grad=True)
+    results = {}
+
+    def one(scale: float) -> None:
+        grads, accumulate = accumulator()
+        for _ in range(20):
+            grads.clear()
+            loss = (w * scale).sum()
+            run_pass([loss], [torch.ones(())], {}, accumulate)
+            if not torch.equal(grads[w], torch.full_like(w, scale)):
+                results[scale] = grads[w]
+                return
+        results[scale] = None
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {1.0: None, 2.0: None}
+    assert w.grad is None
