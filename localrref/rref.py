@@ -174,6 +174,30 @@ class RRef:
                                            {}, timeout)
         return source.then(functools.partial(_cache_type, self, self._record.is_owner))
 
+    # ------------------------------------------------------------ autograd
+
+    def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+        """Run backward from the value (a tensor) as the root, on its owner (torch's API).
+
+        With a distributed autograd context id, a distributed backward pass
+        in that context starts on the owner (the gradients go to the
+        context: ``get_gradients``); without one, a local ``backward()``,
+        which only the owner may run.
+
+        Raises:
+            RuntimeError: a user RRef without a context id, a value that is
+                not a tensor, or what the backward itself raised (on the owner).
+        """
+        agent = self._live_agent()
+        if self._record.is_owner:
+            _backward_on_owner(self, dist_autograd_ctx_id, retain_graph)
+            return
+        if dist_autograd_ctx_id == -1:
+            raise RuntimeError("User RRefs require 'dist_autograd_ctx_id' to be specified")
+        agent.reader.wait_reply(agent.calls.rpc_async(
+            self._record.owner, _backward_on_owner, (self, dist_autograd_ctx_id, retain_graph),
+            {}, constants.UNSET_RPC_TIMEOUT, will_wait=True))
+
     # ------------------------------------------------------------ proxies
 
     def rpc_sync(self, timeout: float = constants.UNSET_RPC_TIMEOUT):
@@ -200,6 +224,16 @@ class RRef:
         if record.is_owner:
             return f"OwnerRRef({record.rref_id})"
         return f"UserRRef(RRefId = {record.rref_id}, ForkId = {record.fork_id})"
+
+
+def _backward_on_owner(rref: RRef, context_id: int, retain_graph: bool) -> None:
+    root = rref.local_value()
+    if not isinstance(root, torch.Tensor):
+        raise RuntimeError("RRef should contain a tensor for .backward()")
+    if context_id == -1:
+        torch.autograd.backward(root)  # torch's local path ignores retain_graph too
+    else:
+        rref._live_agent().autograd_tape().backward(context_id, [root], retain_graph)
 
 
 def _rref_typeof_on_owner(rref: RRef):

@@ -34,6 +34,11 @@ def test_rref_methods_match_torch():
         assert callable(getattr(localrref.RRef, method)), method
         assert hasattr(torch_rpc.RRef, method), method
     assert inspect.signature(localrref.RRef.to_here).parameters["timeout"].default == -1.0
+    public = {name for name in dir(torch_rpc.RRef) if not name.startswith("_")}
+    assert public == {name for name in dir(localrref.RRef) if not name.startswith("_")}
+    backward = inspect.signature(localrref.RRef.backward).parameters
+    assert [(p.name, p.default) for p in list(backward.values())[1:]] == [
+        ("dist_autograd_ctx_id", -1), ("retain_graph", False)]  # torch's docstring
 
 
 def test_defaults_are_torchs():

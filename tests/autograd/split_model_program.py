@@ -429,13 +429,61 @@ def ddp_trainers_average_their_gradients():
                 assert_close(g, want.detach(), msg=lambda m: f"step {step}: {m}")
 
 
+def _sum(x):
+    return (x * weight(me())).sum()
+
+
+def _identity(x):
+    return x
+
+
+def _raises(fn, text):
+    try:
+        fn()
+    except RuntimeError as exc:
+        assert text in str(exc), str(exc)
+    else:
+        raise AssertionError(f"no error; expected one saying {text!r}")
+
+
+def rref_backward_on_the_owner_and_from_a_user():
+    """``RRef.backward``: distributed from the owner and from a user (run on the
+    owner), twice with retain_graph; locally on the owner; torch's errors."""
+    t = torch.linspace(0.0, 1.0, 4).requires_grad_()
+    w1 = local_weights()[1]
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", _sum, args=(t,))
+        rref.backward(cid, retain_graph=True)
+        rref.backward(cid)
+        assert_close(dist_autograd.get_gradients(cid)[t], w1.detach() * 2)
+        assert_close(rpc.rpc_sync("worker1", grad_here, args=(cid,)), t.detach() * 2)
+        _raises(lambda: rpc.remote("worker1", _identity, args=("foo",)).backward(cid),
+                "RRef should contain a tensor for .backward()")
+        _raises(lambda: rref.backward(), "User RRefs require 'dist_autograd_ctx_id' to be "
+                                         "specified")
+    with dist_autograd.context() as cid:
+        mine = rpc.rpc_sync("worker1", torch.mul, args=(t, 3.0))
+        owned = rpc.RRef(mine.sum())
+        owned.backward(cid, retain_graph=True)
+        owned.backward(cid)
+        assert_close(dist_autograd.get_gradients(cid)[t], torch.full((4,), 6.0))
+    local = torch.linspace(0.0, 1.0, 3).requires_grad_()
+    rpc.RRef((local * 5).sum()).backward()
+    assert_close(local.grad, torch.full((3,), 5.0))
+    _raises(lambda: rpc.RRef(torch.rand(3)).backward(), "does not require grad")
+    _raises(lambda: rpc.RRef(torch.rand(3, requires_grad=True).sum()).backward(123),
+            "Could not find autograd context with id: 123")
+    _raises(lambda: rpc.RRef("foo").backward(), "RRef should contain a tensor for .backward()")
+
+
 SCENARIOS = [one_hop, three_hops_and_back_to_the_caller, several_roots, retain_graph,
              a_tensor_sent_twice_accumulates, tensors_that_do_not_require_grad,
              an_error_in_a_remote_backward_reaches_the_caller, cleanup_reaches_every_participant,
              remote_and_to_here, rref_proxies, distributed_optimizer_sgd,
              distributed_optimizer_adam, distributed_optimizer_step_outside_a_context,
              an_error_in_one_owners_step_surfaces_and_the_others_step,
-             remote_module_forward_and_training, ddp_trainers_average_their_gradients]
+             remote_module_forward_and_training, ddp_trainers_average_their_gradients,
+             rref_backward_on_the_owner_and_from_a_user]
 
 
 OUTFILE = sys.argv[2]
