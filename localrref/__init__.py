@@ -15,7 +15,7 @@ _EXPORTS = {
     "init_rpc": "api", "rpc_sync": "api", "rpc_async": "api", "remote": "api",
     "shutdown": "api", "get_worker_info": "api", "WorkerInfo": "api",
     "get_debug_info": "api", "get_rpc_timeout": "api", "set_rpc_timeout": "api",
-    "share_tensor": "api",
+    "share_tensor": "api", "BackendType": "api", "is_available": "api",
     "RRef": "rref", "spawn": "launch.supervisor",
     "RpcBackendOptions": "options", "TensorPipeRpcBackendOptions": "options",
     "FaultyRpcBackendOptions": "options",

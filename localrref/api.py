@@ -13,6 +13,8 @@ import os
 import threading
 
 from torch.distributed.rpc import WorkerInfo
+# torch programs pass BackendType.TENSORPIPE to init_rpc routinely; it is torch's own enum.
+from torch.distributed.rpc.backend_registry import BackendType
 
 from . import constants, handover
 from .agent import current
@@ -24,7 +26,13 @@ from .options import RpcBackendOptions
 from .rref import RRef, worker_info
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
-           "get_rpc_timeout", "set_rpc_timeout", "get_debug_info", "share_tensor", "WorkerInfo"]
+           "BackendType", "is_available", "get_rpc_timeout", "set_rpc_timeout",
+           "get_debug_info", "share_tensor", "WorkerInfo"]
+
+
+def is_available() -> bool:
+    """True: localrref's RPC is always available (torch's ``rpc.is_available``)."""
+    return True
 
 log = logging.getLogger("localrref")
 _init_lock = threading.Lock()

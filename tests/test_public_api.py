@@ -15,9 +15,21 @@ def test_all_is_pinned():
         "init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info", "RRef",
         "WorkerInfo", "functions", "spawn", "get_debug_info", "get_rpc_timeout",
         "set_rpc_timeout", "share_tensor", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
-        "FaultyRpcBackendOptions", "DEFAULT_RPC_TIMEOUT_SEC", "UNSET_RPC_TIMEOUT"])
+        "FaultyRpcBackendOptions", "DEFAULT_RPC_TIMEOUT_SEC", "UNSET_RPC_TIMEOUT",
+        "BackendType", "is_available"])
     for name in localrref.__all__:
         assert hasattr(localrref, name), name
+
+
+def test_torchs_exports_are_here_but_the_backend_registry():
+    # A program whose only change is `import localrref as rpc` finds every name
+    # of torch's __all__ but the machinery for registering other RPC backends.
+    missing = set(torch_rpc.__all__) - set(dir(localrref))
+    assert missing == {"AllGatherStates", "BackendValue", "backend_registered",
+                       "construct_rpc_backend_options", "init_backend", "method_factory",
+                       "new_method", "register_backend"}
+    assert localrref.BackendType is torch_rpc.BackendType
+    assert localrref.is_available() is True
 
 
 @pytest.mark.parametrize("name", SHARED)
