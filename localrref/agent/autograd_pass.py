@@ -25,12 +25,14 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["RecvSlot", "find_leaves", "run_pass", "saves_tensors", "SECOND_BACKWARD"]
+__all__ = ["RecvSlot", "find_leaves", "run_pass", "saves_tensors", "SECOND_BACKWARD",
+           "GRAD_LOCK"]
 
-# Held around a pass's use of its leaves' ``.grad`` (see _leaf_gradients): two
-# passes at once (two contexts through one parameter server's weights) would
-# read each other's gradients.
-_LEAVES_LOCK = threading.Lock()
+# Held by whatever sets parameters' ``.grad`` aside for a moment: a pass (see
+# _leaf_gradients) and a DistributedOptimizer step (optim/). Two of them at
+# once on one parameter server's weights would read, or add into, each
+# other's gradients.
+GRAD_LOCK = threading.Lock()
 
 # torch's words, for a backward through a graph whose saved tensors were freed
 SECOND_BACKWARD = (
@@ -142,7 +144,7 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
     pass ``.grad`` is what it was (DDP's averaged gradient is what the pass
     takes, as under torch, where the reducer writes into the context).
     """
-    with _LEAVES_LOCK:
+    with GRAD_LOCK:
         kept = [leaf.grad for leaf in leaves]
         try:
             for leaf in leaves:

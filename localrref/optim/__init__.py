@@ -18,11 +18,11 @@ A world handed over to ``torch.distributed.rpc`` gets torch's own class.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 from .. import api, autograd, handover
 from ..agent import current
+from ..agent.autograd_pass import GRAD_LOCK
 from ..rref import RRef
 
 __all__ = ["DistributedOptimizer"]
@@ -31,7 +31,10 @@ __all__ = ["DistributedOptimizer"]
 class _LocalOptimizer:
     """The optimizer of the parameters one worker owns (lives on that worker)."""
 
-    global_lock = threading.Lock()
+    # torch's global_lock serialises the steps; it is also the lock a
+    # distributed backward pass holds while it sets .grad aside, since a
+    # step sets .grad to the context's gradients meanwhile.
+    global_lock = GRAD_LOCK
 
     def __init__(self, optimizer_class, local_params_rref, *args, **kwargs) -> None:
         self._local_params = [rref.local_value() for rref in local_params_rref]

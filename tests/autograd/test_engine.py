@@ -152,3 +152,48 @@ def test_passes_on_two_threads_through_one_leaf_keep_their_gradients_apart():
         t.join(timeout=60)
     assert results == {1.0: None, 2.0: None}
     assert w.grad is None
+
+
+class _Held:
+    """What an RRef gives its owner: the value itself."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def local_value(self):
+        return self.value
+
+
+def test_optimizer_steps_and_passes_through_one_parameter_do_not_mix(monkeypatch):
+    # A parameter server: one trainer's DistributedOptimizer step sets .grad to
+    # its context's gradient while another trainer's pass sets .grad aside.
+    import threading
+
+    import localrref.optim as optim
+    w = torch.zeros(512, 512, requires_grad=True)
+    context_grad = torch.ones(512, 512)
+    monkeypatch.setattr(optim.autograd, "get_gradients", lambda context_id: {w: context_grad})
+    stepper = optim._LocalOptimizer(torch.optim.SGD, [_Held(w)], lr=0.0)
+    bad = []
+
+    def passes() -> None:
+        grads, accumulate = accumulator()
+        for _ in range(200):
+            grads.clear()
+            run_pass([(w * 2).sum()], [torch.ones(())], {}, accumulate)
+            if not torch.equal(grads[w], torch.full_like(w, 2.0)):
+                bad.append("a pass saw another gradient")
+                return
+
+    def steps() -> None:
+        for _ in range(200):
+            stepper.step(1)
+
+    threads = [threading.Thread(target=passes), threading.Thread(target=steps)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not bad
+    assert torch.equal(context_grad, torch.ones(512, 512)), "a pass added into a context's gradient"
+    assert w.grad is None
