@@ -29,11 +29,6 @@ __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worke
            "BackendType", "is_available", "get_rpc_timeout", "set_rpc_timeout",
            "get_debug_info", "share_tensor", "WorkerInfo"]
 
-
-def is_available() -> bool:
-    """True: localrref's RPC is always available (torch's ``rpc.is_available``)."""
-    return True
-
 log = logging.getLogger("localrref")
 _init_lock = threading.Lock()
 
@@ -52,6 +47,11 @@ def _close_at_exit():
     agent = current.get()
     if agent is not None:
         _close(agent, graceful=False)
+
+
+def is_available() -> bool:
+    """True: localrref's RPC is always available (torch's ``rpc.is_available``)."""
+    return True
 
 
 def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=None):

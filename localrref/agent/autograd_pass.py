@@ -143,6 +143,10 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
     result, and puts back what ``.grad`` held: the hooks run, and after the
     pass ``.grad`` is what it was (DDP's averaged gradient is what the pass
     takes, as under torch, where the reducer writes into the context).
+
+    A gradient that is a view is copied: DDP with ``gradient_as_bucket_view``
+    leaves a view of its bucket in ``.grad``, which its next iteration
+    overwrites, and the context must keep this one's.
     """
     with GRAD_LOCK:
         kept = [leaf.grad for leaf in leaves]
@@ -150,7 +154,10 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
             for leaf in leaves:
                 leaf.grad = None
             torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=leaves)
-            return [leaf.grad for leaf in leaves]
+            return [None if leaf.grad is None
+                    else leaf.grad.clone() if leaf.grad._base is not None
+                    else leaf.grad
+                    for leaf in leaves]
         finally:
             for leaf, grad in zip(leaves, kept):
                 leaf.grad = grad

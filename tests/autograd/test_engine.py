@@ -197,3 +197,26 @@ def test_optimizer_steps_and_passes_through_one_parameter_do_not_mix(monkeypatch
     assert not bad
     assert torch.equal(context_grad, torch.ones(512, 512)), "a pass added into a context's gradient"
     assert w.grad is None
+
+
+def test_ddp_bucket_views_are_copied_into_the_context(tmp_path):
+    # DDP with gradient_as_bucket_view leaves a view of its bucket in .grad;
+    # its next backward overwrites the bucket, and a context keeps its own.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        model = DistributedDataParallel(torch.nn.Linear(4, 2), gradient_as_bucket_view=True)
+        kept = []
+        for step in range(3):  # DDP rebuilds its buckets once, after the first
+            grads, accumulate = accumulator()
+            x = torch.full((3, 4), float(step + 1))
+            run_pass([model(x).sum()], [torch.ones(())], {}, accumulate)
+            kept.append(grads[model.module.weight])
+        assert torch.equal(kept[0], torch.full((2, 4), 3.0))  # three rows of ones
+        assert torch.equal(kept[1], torch.full((2, 4), 6.0))
+        assert torch.equal(kept[2], torch.full((2, 4), 9.0))
+        assert model.module.weight.grad is None
+    finally:
+        dist.destroy_process_group()
