@@ -61,6 +61,11 @@ class Jobs:
         try:
             self.executor.submit(self.run, job)
         except Exception as exc:
+            if self.agent.closing:
+                exc = RuntimeError(
+                    f"worker {self.agent.name!r} shut down RPC before it could run this call "
+                    f"(its shutdown(graceful=False) fails the calls it has not started; a "
+                    f"graceful shutdown() waits for them)")
             self._fail(job, exc)
 
     def run(self, job: fx.Execute) -> None:

@@ -156,6 +156,28 @@ def close_inboxes(inboxes: list) -> None:
         inbox.close()
 
 
+_READING_STATE_LOCK = threading.Lock()
+
+
+def _reading_state(inbox) -> tuple[threading.Lock, wire.Unframer]:
+    """The lock and the buffer of bytes read but not yet returned, of ``inbox`` in this process.
+
+    One read takes every whole frame the pipe holds and perhaps the start of
+    the next, so the buffer belongs to the inbox, not to one endpoint: an
+    endpoint closed by ``shutdown()`` may hold frames (or half of one) that
+    arrived for the agent ``init_rpc`` starts next on the same inbox; a
+    fresh buffer would drop them and read the rest of a half frame as the
+    start of a new one. The lock keeps to one reader per inbox across
+    endpoints, for the same reason.
+    """
+    with _READING_STATE_LOCK:
+        state = getattr(inbox, "_localrref_reading", None)
+        if state is None:
+            state = (threading.Lock(), wire.Unframer())
+            inbox._localrref_reading = state
+        return state
+
+
 def _grow_pipe(fd: int) -> None:
     try:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_CAPACITY)
@@ -198,9 +220,7 @@ class Endpoint:
         self._inboxes = inboxes
         self._reader = inboxes[rank]._reader
         self._read_fd = self._reader.fileno()
-        # Bytes read but not yet returned: one read takes every whole frame
-        # the pipe holds (and perhaps the start of the next).
-        self._unframer = wire.Unframer()
+        self._recv_lock, self._unframer = _reading_state(inboxes[rank])
         if spin_s < 0:
             raise ValueError(f"spin_s must be >= 0, got {spin_s}")
         self._spin_s = spin_s
@@ -223,7 +243,6 @@ class Endpoint:
         self._poller = select.poll()
         self._poller.register(self._reader.fileno(), select.POLLIN)
         self._poller.register(self._wake_r, select.POLLIN)
-        self._recv_lock = threading.Lock()
         # Guards the wake pipe's fds against close(): writing to a closed fd
         # number could hit an unrelated file that reused it.
         self._wake_lock = threading.Lock()

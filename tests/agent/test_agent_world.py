@@ -169,6 +169,35 @@ def test_a_dead_peer_fails_pending_calls_at_once_naming_it(world3):
     assert result(world3, call(world3, 2, 0, add, 1, 1)) == 2  # the survivors go on
 
 
+class _PoolShutDownUnder:
+    """An executor that worker 1's shutdown(graceful=False) stops just as a request arrives."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+
+    def submit(self, fn, *args) -> None:
+        self.agent.closing = True
+        raise RuntimeError("the worker pool is shut down")
+
+
+@pytest.mark.timeout(60)
+def test_a_call_that_reaches_a_worker_shutting_down_fails_naming_it(world3):
+    # The world runs jobs on the reading thread; here worker 1 hands its job
+    # to the pool instead, as a worker's reader does when it keeps reading.
+    jobs = world3.agents[1].jobs
+    inline, jobs.executor = jobs.executor, _PoolShutDownUnder(world3.agents[1])
+    jobs.run = jobs.submit
+    try:
+        with pytest.raises(RuntimeError, match="worker 'worker1' shut down RPC before it could "
+                                               "run this call"):
+            result(world3, call(world3, 0, 1, add, 1, 1))
+    finally:
+        world3.agents[1].closing = False
+        jobs.executor = inline
+        del jobs.run
+    assert result(world3, call(world3, 0, 1, add, 1, 1)) == 2
+
+
 # ------------------------------------------------------------ the handshake and shutdown
 
 def test_a_name_resolves_once_the_handshake_completes():

@@ -134,7 +134,7 @@ def reinit_after_shutdown(rank, results):
     results.put((rank, outcomes))
 
 
-def restart_while_the_peer_still_reads(rank, results, hello_sent):
+def restart_while_the_peer_still_reads(rank, results, hello_sent, first_done):
     """Rank 1 restarts RPC while rank 0's first agent still reads its inbox.
 
     Rank 1's new hello reaches rank 0's old agent (the inbox is FIFO, and rank
@@ -145,6 +145,9 @@ def restart_while_the_peer_still_reads(rank, results, hello_sent):
     rpc.init_rpc(f"first{rank}", rpc_backend_options=options)
     first = float(rpc.rpc_sync(f"first{1 - rank}", torch.add, args=(torch.ones(1), 1)))
     if rank == 1:
+        # Not before rank 0 has its answer: a non-graceful shutdown fails
+        # the calls it has not served.
+        assert first_done.wait(30), "rank 0's first call never returned"
         rpc.shutdown(graceful=False)
         send = Endpoint.send
 
@@ -157,6 +160,7 @@ def restart_while_the_peer_still_reads(rank, results, hello_sent):
         rpc.init_rpc("again1", rpc_backend_options=options)
         Endpoint.send = send
     else:
+        first_done.set()
         assert hello_sent.wait(30), "rank 1 never said hello again"
         rpc.rpc_sync("first0", torch.add, args=(torch.ones(1), 0))  # read past the hello
         rpc.shutdown(graceful=False)

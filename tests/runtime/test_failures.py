@@ -73,8 +73,9 @@ def test_init_rpc_works_again_after_a_clean_shutdown(results):
 
 
 def test_a_restart_whose_hello_the_peers_old_agent_read_still_meets_the_peer(results):
-    hello_sent = multiprocessing.get_context("spawn").Event()
-    localrref.spawn(fw.restart_while_the_peer_still_reads, args=(results, hello_sent), nprocs=2)
+    hello_sent, first_done = (multiprocessing.get_context("spawn").Event() for _ in range(2))
+    localrref.spawn(fw.restart_while_the_peer_still_reads, args=(results, hello_sent, first_done),
+                    nprocs=2)
     assert dict(drain(results)) == {r: (2.0, ["again0", "again1"], 3.0) for r in (0, 1)}
 
 def test_duplicate_names_are_refused(results):

@@ -183,6 +183,23 @@ def test_wake_returns_blocked_recv_with_none(inboxes):
     ep.close()
 
 
+def test_frames_read_by_a_closed_endpoint_reach_the_next_one_on_the_inbox(inboxes):
+    # shutdown() then init_rpc: a new endpoint on the same inbox. One read
+    # takes up to 64 KiB, so the old endpoint holds the frames behind the
+    # one it returned, the last of them cut in half.
+    first = Endpoint(0, inboxes)
+    frames = [bytes([i]) * (MAX_INLINE - 8) for i in range(40)]
+    for frame in frames:
+        first.send(0, frame)
+    assert first.recv(5) == (0, frames[0])
+    assert pipe_bytes(inboxes[0]) > 0  # the rest of the frames were not read yet
+    first.close()
+    second = Endpoint(0, inboxes)
+    assert [second.recv(5) for _ in frames[1:]] == [(0, f) for f in frames[1:]]
+    assert second.recv(0) is None
+    second.close()
+
+
 def test_close_unblocks_recv_then_refuses_use(inboxes):
     ep = Endpoint(0, inboxes)
     results = []
