@@ -40,7 +40,10 @@ ALLOWED = {
     # Built on the public API, as torch's are on torch's.
     "localrref.optim": {"localrref.api", "localrref.autograd", "localrref.rref",
                         "localrref.agent", *LEAVES},
-    "localrref.nn": {"localrref.api", "localrref.rref", "localrref.agent", *LEAVES},
+    # nn registers RemoteModule's RPC-only reducer with the codec, as torch's
+    # remote_module does with its _internal_rpc_pickler.
+    "localrref.nn": {"localrref.api", "localrref.rref", "localrref.agent", "localrref.codec",
+                     *LEAVES},
     # The runner: the public API under torch's names, and the launcher.
     "localrref.run": {"localrref", "localrref.api", "localrref.rref", "localrref.launch",
                       "localrref.optim", "localrref.nn", *LEAVES},

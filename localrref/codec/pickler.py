@@ -36,7 +36,7 @@ import torch
 
 from ..dtypes import DTYPE_CODES, DTYPES
 
-__all__ = ["Encoded", "dumps", "loads", "RemoteException", "wrap_exception",
+__all__ = ["Encoded", "dumps", "loads", "register_reducer", "RemoteException", "wrap_exception",
            "rebuild_exception", "describe_unpicklable"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -72,6 +72,18 @@ class Encoded:
     tensor_handles: tuple  # TensorHandle objects exported (for release on failure)
 
 
+# type -> reducer used only inside RPC payloads (torch's
+# _internal_rpc_pickler._register_reducer): a type that plain pickle must
+# refuse, as torch's RemoteModule does, still travels in an RPC.
+_RPC_REDUCERS: dict[type, object] = {}
+
+
+def register_reducer(cls: type, reducer) -> None:
+    """Pickle instances of exactly ``cls`` in RPC payloads with ``reducer(obj)``
+    (a ``__reduce__`` result), whatever plain pickle would do with them."""
+    _RPC_REDUCERS[cls] = reducer
+
+
 class _Pickler(pickle.Pickler):
     """Tensors and RRefs leave through ``dispatch_table``, not ``persistent_id``.
 
@@ -93,6 +105,7 @@ class _Pickler(pickle.Pickler):
         # code may extend at any time) are copied in each time.
         table = dict(copyreg.dispatch_table)
         table[collections.OrderedDict] = _reduce_ordered_dict
+        table.update(_RPC_REDUCERS)
         table[torch.Tensor] = table[torch.nn.Parameter] = self._reduce_tensor
         if rref_type is not None:
             table[rref_type] = self._reduce_rref

@@ -8,12 +8,17 @@ so gradients reach the remote parameters. ``remote_parameters()`` gives RRefs
 to them for :class:`localrref.optim.DistributedOptimizer`. The rest of
 ``nn.Module``'s methods fail with torch's errors: the parameters live
 elsewhere. A RemoteModule passed in an RPC arrives as a RemoteModule on the
-same remote module.
+same remote module, with torch's attributes (``on``, ``device``,
+``is_device_map_set``, ``is_scriptable``, ``generated_methods``,
+``module_rref``, and ``forward``/``forward_async``) and no ``nn.Module``
+state; plain ``pickle`` refuses it, with torch's error.
 
 A world handed over to ``torch.distributed.rpc`` gets torch's own class.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -21,6 +26,7 @@ from torch.distributed import _remote_device
 
 from .. import api, handover
 from ..agent import current
+from ..codec.pickler import register_reducer
 from ..rref import RRef
 
 __all__ = ["RemoteModule"]
@@ -48,11 +54,44 @@ def _raise_not_supported(name: str) -> None:
     raise ValueError(f"Method ``{name}`` not supported for RemoteModule")
 
 
-def _receive(on, device, is_device_map_set, is_scriptable, module_rref) -> "RemoteModule":
-    module = RemoteModule.__new__(RemoteModule)
-    nn.Module.__init__(module)
-    module._set_fields(on, device, module_rref)
+# What travels when a RemoteModule is sent in an RPC, in torch's order
+# (torch.distributed.nn.api.remote_module._REMOTE_MODULE_PICKLED_ATTRIBUTES).
+_PICKLED_ATTRIBUTES = ("on", "device", "is_device_map_set", "is_scriptable",
+                       "generated_methods", "module_rref")
+
+
+def _reduce_remote_module(module) -> tuple:
+    return _receive, tuple(module.__dict__[name] for name in _PICKLED_ATTRIBUTES)
+
+
+def _receive(*attributes) -> "RemoteModule":
+    # As torch's _remote_module_receiver: only the pickled attributes and the
+    # generated methods, no nn.Module state (the module lives elsewhere).
+    module = object.__new__(RemoteModule)
+    module.__dict__.update(zip(_PICKLED_ATTRIBUTES, attributes))
+    module._install_generated_methods()
     return module
+
+
+class _GeneratedMethod:
+    """``forward``/``forward_async`` as instance attributes (torch installs them so),
+    holding their module weakly: a bound method would make a cycle that keeps
+    the module's RRef alive until the cyclic collector runs."""
+
+    __slots__ = ("_module", "_function", "__weakref__")
+
+    def __init__(self, module, function) -> None:
+        self._module = weakref.ref(module)
+        self._function = function
+
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        if module is None:
+            raise ReferenceError(f"the RemoteModule of {self._function.__name__} is gone")
+        return self._function(module, *args, **kwargs)
+
+    def __reduce__(self):
+        return getattr, (self._module(), self._function.__name__)
 
 
 class RemoteModule(nn.Module):
@@ -106,7 +145,13 @@ class RemoteModule(nn.Module):
         self.device = device
         self.is_device_map_set = False  # localrref has no device maps: one host, CPU tensors
         self.is_scriptable = False
+        self.generated_methods = (RemoteModule.forward_async, RemoteModule.forward)
         self.module_rref = module_rref
+        self._install_generated_methods()
+
+    def _install_generated_methods(self) -> None:
+        for method in self.generated_methods:
+            self.__dict__[method.__name__] = _GeneratedMethod(self, method)
 
     # -- what runs remotely ---------------------------------------------------------
 
@@ -138,9 +183,13 @@ class RemoteModule(nn.Module):
 
     # -- pickling: in an RPC, the RRef travels and a RemoteModule is rebuilt ------------
 
-    def __reduce__(self):
-        return _receive, (self.on, self.device, self.is_device_map_set, self.is_scriptable,
-                          self.module_rref)
+    def __getstate__(self):
+        raise RuntimeError("Cannot pickle RemoteModule in python pickler. RemoteModule can only "
+                           "be pickled when using RPC")
+
+    def __setstate__(self, state):
+        raise RuntimeError("Cannot unpickle RemoteModule in python pickler. RemoteModule can "
+                           "only be unpickled when using RPC")
 
     # -- what nn.Module offers that a remote module cannot (torch's errors) -------------
 
@@ -164,3 +213,5 @@ for _name in ("register_buffer", "register_parameter", "add_module", "apply", "c
               "zero_grad", "share_memory", "extra_repr"):
     setattr(RemoteModule, _name, _unsupported(_name))
 del _name
+
+register_reducer(RemoteModule, _reduce_remote_module)

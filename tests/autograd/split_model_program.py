@@ -11,6 +11,7 @@ on torch and on localrref.
 
 import json
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -106,6 +107,10 @@ def param_rrefs(module_rref):
 
 def params_of(module_rref):
     return [p.detach().clone() for p in module_rref.local_value().parameters()]
+
+
+def attribute_names(remote_module) -> list:
+    return list(remote_module.__dict__)
 
 
 def forward_through(remote_module, x):
@@ -351,6 +356,16 @@ def remote_module_forward_and_training():
     assert len(remote.remote_parameters()) == 2
     assert_close(rpc.rpc_sync("worker2", forward_through, args=(remote, x)),
                  local[0](x).detach() * 2)
+    # torch's test_send_remote_module_over_the_wire: what a receiver gets.
+    assert rpc.rpc_sync("worker2", attribute_names, args=(remote,)) == [
+        "on", "device", "is_device_map_set", "is_scriptable", "generated_methods",
+        "module_rref", "forward_async", "forward"]
+    try:
+        pickle.dumps(remote)
+    except RuntimeError as exc:
+        assert "Cannot pickle RemoteModule in python pickler" in str(exc), str(exc)
+    else:
+        raise AssertionError("plain pickle took a RemoteModule")
     for method in (lambda: remote.parameters(), lambda: remote.to("cpu"),
                    lambda: remote.state_dict()):
         try:

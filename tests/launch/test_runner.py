@@ -152,6 +152,15 @@ from torch.distributed.nn.api.remote_module import RemoteModule as Defined
 import localrref.nn, localrref.optim
 assert DistributedOptimizer is DefinedOptimizer is localrref.optim.DistributedOptimizer
 assert RemoteModule is Defined is localrref.nn.RemoteModule
+# What torch's own test helpers (torch.testing._internal.dist_utils) reach.
+from torch.distributed.rpc import _rref_context_get_debug_info
+import torch.distributed.rpc.api as api
+api._ignore_rref_leak = False
+assert api.rpc_sync is rpc.rpc_sync
+try:
+    api._all_gather
+except AttributeError as exc:
+    print(exc)
 """
 
 
@@ -163,7 +172,8 @@ def test_what_localrref_lacks_fails_naming_it_and_the_rest_is_localrrefs(env, tm
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(" is not provided by localrref")[0] for line in lines] == [
-        "torch.distributed.rpc._get_current_rpc_agent", "torch.distributed.autograd._current_context"]
+        "torch.distributed.rpc._get_current_rpc_agent", "torch.distributed.autograd._current_context",
+        "torch.distributed.rpc.api._all_gather"]
 
 
 SITE = """\

@@ -1,0 +1,26 @@
+"""``torch.distributed.rpc.api`` under ``python -m localrref.run``: the public calls, and
+the one private setting torch's own test helpers write.
+
+torch's ``dist_utils.dist_init`` sets ``api._ignore_rref_leak``; localrref
+reports leaked RRefs through its own leak check at shutdown, so the flag is
+kept but changes nothing. Other private names raise an ``AttributeError``
+that names them.
+"""
+
+from __future__ import annotations
+
+from localrref.api import (get_worker_info, init_rpc, remote, rpc_async, rpc_sync,
+                           shutdown)
+
+__all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info"]
+
+_ignore_rref_leak = True
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise AttributeError(
+        f"torch.distributed.rpc.api.{name} is not provided by localrref: this program runs "
+        f"under `python -m localrref.run`, which puts localrref in place of "
+        f"torch.distributed.rpc. Run it without the runner (plain torch) to use it")
