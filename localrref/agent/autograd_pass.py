@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["RecvSlot", "find_leaves", "run_pass", "saves_tensors", "SECOND_BACKWARD",
-           "GRAD_LOCK"]
+__all__ = ["RecvSlot", "EarlierLeaves", "find_leaves", "run_pass", "saves_tensors",
+           "SECOND_BACKWARD", "GRAD_LOCK"]
 
 # Held by whatever sets parameters' ``.grad`` aside for a moment: a pass (see
 # _leaf_gradients) and a DistributedOptimizer step (optim/). Two of them at
@@ -99,6 +99,8 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
              recv_slots: dict[int, RecvSlot],
              accumulate: Callable[[torch.Tensor, torch.Tensor], None],
              visit: Callable[[list], None] | None = None,
+             earlier: "EarlierLeaves | None" = None,
+             replace: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
              ) -> dict[tuple[int, int], dict[int, torch.Tensor]]:
     """Run one pass; returns the recv tensors' gradients by (src, message id) and index.
 
@@ -106,6 +108,10 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
     A start with no gradient (None) is skipped; gradients are summed where
     a leaf is reached from several starts, as autograd sums them. ``visit``
     gets the graph's nodes before anything runs (it may raise to stop the pass).
+
+    ``earlier``: the leaves that the earlier passes of this backward on this
+    worker took gradients of (see :class:`EarlierLeaves`); one whose ``.grad``
+    this pass rewrote gets that as its gradient through ``replace``.
     """
     pairs = [(t, g) for t, g in zip(starts, grads, strict=True)
              if g is not None and t.requires_grad]
@@ -118,7 +124,10 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
         visit(nodes)
     if not leaves:
         return {}
-    found = _leaf_gradients(outputs, [g for _, g in pairs], leaves)
+    found, rewritten = _leaf_gradients(outputs, [g for _, g in pairs], leaves, earlier)
+    for leaf, grad in rewritten:
+        if replace is not None:
+            replace(leaf, grad)
     outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
     for leaf, grad in zip(leaves, found):
         if grad is None:
@@ -131,9 +140,40 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
     return outgoing
 
 
+class EarlierLeaves:
+    """The leaves that earlier passes of one backward on this worker took gradients of.
+
+    DistributedDataParallel's reducer writes the averaged gradients of every
+    parameter in its buckets once the last bucket is ready, at the end of
+    that pass: when the parameters were reached by several passes (a model
+    whose forward goes through an RPC and back, wrapped whole in DDP), that
+    writes the ``.grad`` of leaves an earlier pass already took. Under
+    torch, whose engine runs one graph task per worker and backward, the
+    reducer writes into the context instead; here a pass finds the ``.grad``
+    of an earlier leaf rewritten *during* it, hands that to the context in
+    place of what the earlier pass took, and puts ``.grad`` back.
+    """
+
+    __slots__ = ("_leaves",)
+
+    def __init__(self) -> None:
+        self._leaves: dict[int, torch.Tensor] = {}
+
+    def note(self, leaves: list[torch.Tensor]) -> None:
+        for leaf in leaves:
+            self._leaves[id(leaf)] = leaf
+
+    def others(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        skip = {id(leaf) for leaf in leaves}
+        return [leaf for key, leaf in self._leaves.items() if key not in skip]
+
+
 def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
-                    leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The gradients of ``leaves``, computed by running their AccumulateGrad nodes.
+                    leaves: list[torch.Tensor], earlier: EarlierLeaves | None = None,
+                    ) -> tuple[list[torch.Tensor | None], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The gradients of ``leaves``, computed by running their AccumulateGrad nodes,
+    and the leaves of earlier passes whose ``.grad`` the pass rewrote (see
+    :class:`EarlierLeaves`), with their new gradients.
 
     ``torch.autograd.grad`` would capture them without running those nodes,
     and so without the hooks registered on them: DistributedDataParallel's
@@ -150,14 +190,32 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
     """
     with GRAD_LOCK:
         kept = [leaf.grad for leaf in leaves]
+        others = [] if earlier is None else earlier.others(leaves)
+        before = [(leaf.grad, -1 if leaf.grad is None else leaf.grad._version)
+                  for leaf in others]
+        rewritten: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
             for leaf in leaves:
                 leaf.grad = None
             torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=leaves)
-            return [None if leaf.grad is None
-                    else leaf.grad.clone() if leaf.grad._base is not None
-                    else leaf.grad
-                    for leaf in leaves]
+            found = [None if leaf.grad is None else _own(leaf.grad) for leaf in leaves]
+            for leaf, (grad, version) in zip(others, before):
+                now = leaf.grad
+                if now is None or (now is grad and now._version == version):
+                    continue
+                # Rewritten in place, it is the user's .grad tensor: a copy.
+                rewritten.append((leaf, now.clone() if now is grad else _own(now)))
+            return found, rewritten
         finally:
             for leaf, grad in zip(leaves, kept):
                 leaf.grad = grad
+            for leaf, (grad, _) in zip(others, before):
+                leaf.grad = grad  # a tensor rewritten in place keeps its new values
+            if earlier is not None:
+                earlier.note(leaves)
+
+
+def _own(grad: torch.Tensor) -> torch.Tensor:
+    # A view (DDP's gradient_as_bucket_view) is overwritten by the next
+    # iteration: the context keeps a copy.
+    return grad.clone() if grad._base is not None else grad

@@ -33,7 +33,7 @@ import threading
 import torch
 
 from ..core import dist_autograd as da
-from .autograd_pass import SECOND_BACKWARD, RecvSlot, run_pass, saves_tensors
+from .autograd_pass import SECOND_BACKWARD, EarlierLeaves, RecvSlot, run_pass, saves_tensors
 
 __all__ = ["Tape", "HEADER", "split_header"]
 
@@ -52,7 +52,7 @@ def split_header(data: bytes) -> tuple[bytes, int, int] | None:
 
 
 class _Tables:
-    __slots__ = ("sends", "recv_slots", "recv_tensors", "grads", "freed")
+    __slots__ = ("sends", "recv_slots", "recv_tensors", "grads", "freed", "earlier")
 
     def __init__(self) -> None:
         self.sends: dict[int, list[torch.Tensor]] = {}
@@ -62,6 +62,7 @@ class _Tables:
         # nodes a backward without retain_graph went through, by id (the
         # node is kept, so its id stays its own)
         self.freed: dict[int, tuple] = {}  # id(node) -> (node, backward id)
+        self.earlier: dict[int, EarlierLeaves] = {}  # backward id -> its passes' leaves
 
 
 class Tape:
@@ -289,9 +290,13 @@ class Tape:
                         starts = tables.sends.get(message_id, [])
                         grads = [by_index.get(i) for i in range(len(starts))]
                 visit = functools.partial(_free, tables.freed, run.backward_id, run.retain_graph)
+                with self.lock:
+                    earlier = tables.earlier.setdefault(run.backward_id, EarlierLeaves())
                 found = run_pass(starts, grads, tables.recv_slots,
                                  lambda leaf, grad: _accumulate(self.lock, tables.grads, leaf,
-                                                                grad), visit)
+                                                                grad), visit, earlier,
+                                 lambda leaf, grad: _replace(self.lock, tables.grads, leaf,
+                                                             grad))
                 outgoing = tuple(da.Outgoing(src=src, message_id=message_id, grads=by_index)
                                  for (src, message_id), by_index in found.items())
             except Exception as exc:  # noqa: BLE001 - the error travels to backward's caller
@@ -316,6 +321,11 @@ def _free(freed: dict, backward_id: int, retain_graph: bool, nodes: list) -> Non
     if not retain_graph:
         for node in nodes:
             freed.setdefault(id(node), (node, backward_id))
+
+
+def _replace(lock, grads: dict, leaf, grad) -> None:
+    with lock:
+        grads[leaf] = grad
 
 
 def _accumulate(lock, grads: dict, leaf, grad) -> None:

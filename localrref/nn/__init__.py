@@ -18,7 +18,7 @@ A world handed over to ``torch.distributed.rpc`` gets torch's own class.
 
 from __future__ import annotations
 
-import weakref
+import types
 
 import torch
 from torch import nn
@@ -71,27 +71,6 @@ def _receive(*attributes) -> "RemoteModule":
     module.__dict__.update(zip(_PICKLED_ATTRIBUTES, attributes))
     module._install_generated_methods()
     return module
-
-
-class _GeneratedMethod:
-    """``forward``/``forward_async`` as instance attributes (torch installs them so),
-    holding their module weakly: a bound method would make a cycle that keeps
-    the module's RRef alive until the cyclic collector runs."""
-
-    __slots__ = ("_module", "_function", "__weakref__")
-
-    def __init__(self, module, function) -> None:
-        self._module = weakref.ref(module)
-        self._function = function
-
-    def __call__(self, *args, **kwargs):
-        module = self._module()
-        if module is None:
-            raise ReferenceError(f"the RemoteModule of {self._function.__name__} is gone")
-        return self._function(module, *args, **kwargs)
-
-    def __reduce__(self):
-        return getattr, (self._module(), self._function.__name__)
 
 
 class RemoteModule(nn.Module):
@@ -147,11 +126,14 @@ class RemoteModule(nn.Module):
         self.is_scriptable = False
         self.generated_methods = (RemoteModule.forward_async, RemoteModule.forward)
         self.module_rref = module_rref
-        self._install_generated_methods()
 
     def _install_generated_methods(self) -> None:
+        # As torch's receiver does. The bound methods make a reference cycle,
+        # so a received module is freed by the cyclic collector (a module
+        # that travels back to its sender arrives as a new one, with its
+        # own); the creator's module uses the class's methods and has none.
         for method in self.generated_methods:
-            self.__dict__[method.__name__] = _GeneratedMethod(self, method)
+            self.__dict__[method.__name__] = types.MethodType(method, self)
 
     # -- what runs remotely ---------------------------------------------------------
 

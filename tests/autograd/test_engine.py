@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from localrref.agent.autograd_pass import RecvSlot, find_leaves, run_pass
+from localrref.agent.autograd_pass import EarlierLeaves, RecvSlot, find_leaves, run_pass
 
 
 def accumulator():
@@ -218,5 +218,60 @@ def test_ddp_bucket_views_are_copied_into_the_context(tmp_path):
         assert torch.equal(kept[1], torch.full((2, 4), 6.0))
         assert torch.equal(kept[2], torch.full((2, 4), 9.0))
         assert model.module.weight.grad is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_over_a_model_split_by_an_rpc_gives_each_pass_the_reduced_gradient(tmp_path):
+    # torch's DdpUnderDistAutogradTest.test_backward_ddp_outside, on one
+    # worker: DDP wraps a model whose forward leaves through an RPC and comes
+    # back, so its parameters are reached by two passes of one backward. The
+    # reducer writes the reduced gradients of both layers at the end of the
+    # second; the context must hold those (torch's reducer writes into the
+    # context), and .grad must stay untouched.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Split(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = torch.nn.Linear(4, 3)
+            self.fc2 = torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            self.sent = self.fc1(x)
+            self.received = self.sent.detach().requires_grad_()  # there and back
+            return self.fc2(self.received).sum()
+
+    def times_ten(state, bucket):  # a reduction that shows whose gradient is kept
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer() * 10)
+        return future
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        model = DistributedDataParallel(Split())
+        model.register_comm_hook(None, times_ten)
+        x = torch.randn(5, 4)
+        for _ in range(2):
+            grads, accumulate = accumulator()
+            earlier = EarlierLeaves()
+            loss = model(x)
+            inner = model.module
+            slot = RecvSlot(src=1, message_id=5, index=0)
+
+            def replace(leaf, grad):
+                grads[leaf] = grad
+            back = run_pass([loss], [torch.ones(())], {id(inner.received): slot}, accumulate,
+                            earlier=earlier, replace=replace)
+            run_pass([inner.sent], [back[(1, 5)][0]], {}, accumulate, earlier=earlier,
+                     replace=replace)
+            expected = torch.autograd.grad(inner.fc2(inner.fc1(x)).sum(),
+                                           list(inner.parameters()))
+            for param, local in zip(inner.parameters(), expected, strict=True):
+                torch.testing.assert_close(grads[param], local * 10)
+                assert param.grad is None
     finally:
         dist.destroy_process_group()
