@@ -18,8 +18,6 @@ A world handed over to ``torch.distributed.rpc`` gets torch's own class.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.distributed import _remote_device
@@ -71,6 +69,30 @@ def _receive(*attributes) -> "RemoteModule":
     module.__dict__.update(zip(_PICKLED_ATTRIBUTES, attributes))
     module._install_generated_methods()
     return module
+
+
+class _GeneratedMethod:
+    """``forward`` or ``forward_async`` of a received RemoteModule, holding what the
+    call needs (the module's RRef, device, device-map flag), not the module."""
+
+    __slots__ = ("_function", "module_rref", "device", "is_device_map_set")
+
+    def __init__(self, function, module_rref, device, is_device_map_set) -> None:
+        self._function = function
+        self.module_rref = module_rref
+        self.device = device
+        self.is_device_map_set = is_device_map_set
+
+    @property
+    def __name__(self) -> str:
+        return self._function.__name__
+
+    def __call__(self, *args, **kwargs):
+        return self._function(self, *args, **kwargs)
+
+    def __reduce__(self):
+        return _GeneratedMethod, (self._function, self.module_rref, self.device,
+                                  self.is_device_map_set)
 
 
 class RemoteModule(nn.Module):
@@ -128,12 +150,13 @@ class RemoteModule(nn.Module):
         self.module_rref = module_rref
 
     def _install_generated_methods(self) -> None:
-        # As torch's receiver does. The bound methods make a reference cycle,
-        # so a received module is freed by the cyclic collector (a module
-        # that travels back to its sender arrives as a new one, with its
-        # own); the creator's module uses the class's methods and has none.
+        # As torch's receiver does, but not as bound methods: those would make
+        # a reference cycle, and a received module dropped by the program
+        # would keep its RRef alive until a full collection (the leak report
+        # at shutdown named it). The creator's module uses the class's methods.
         for method in self.generated_methods:
-            self.__dict__[method.__name__] = types.MethodType(method, self)
+            self.__dict__[method.__name__] = _GeneratedMethod(
+                method, self.module_rref, self.device, self.is_device_map_set)
 
     # -- what runs remotely ---------------------------------------------------------
 
