@@ -226,7 +226,7 @@ class Tape:
             with self.lock:
                 self._roots.pop(token, None)
         if error is not None:
-            raise RuntimeError(f"Error on the distributed backward pass: {error}")
+            raise RuntimeError(error)
 
     def check_context(self, context_id: int) -> None:
         """torch's error if ``context_id`` is not a context this worker knows."""
@@ -300,7 +300,8 @@ class Tape:
                 outgoing = tuple(da.Outgoing(src=src, message_id=message_id, grads=by_index)
                                  for (src, message_id), by_index in found.items())
             except Exception as exc:  # noqa: BLE001 - the error travels to backward's caller
-                error = f"{type(exc).__name__}: {exc}"
+                # torch's words: the caller of backward sees which worker failed.
+                error = f"Error on Node {self.agent.rank}: {exc}"
         with self.lock:
             self.core.pass_finished(run.pass_id, outgoing, error)
             effects = self.core.take_effects()

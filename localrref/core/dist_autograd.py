@@ -483,4 +483,4 @@ class AutogradContexts:
 
 
 def _died(worker: int) -> str:
-    return f"worker {worker} died during the distributed backward pass"
+    return f"Error on Node {worker}: worker {worker} died during the distributed backward pass"
