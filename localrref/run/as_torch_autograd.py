@@ -13,6 +13,8 @@ from __future__ import annotations
 from localrref.autograd import (  # noqa: F401
     _get_debug_info, _is_valid_context, backward, context, get_gradients)
 
+from .missing import refuse as _refuse
+
 __all__ = ["context", "backward", "get_gradients", "is_available"]
 
 
@@ -20,11 +22,7 @@ def is_available() -> bool:
     return False
 
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise AttributeError(
-        f"torch.distributed.autograd.{name} is not provided by localrref: this program runs "
-        f"under `python -m localrref.run`, whose torch.distributed.autograd is localrref's "
-        f"(context, backward, get_gradients, _is_valid_context, _get_debug_info). Run it "
-        f"without the runner to use torch's")
+__getattr__ = _refuse(
+    "torch.distributed.autograd",
+    "whose torch.distributed.autograd is localrref's (context, backward, get_gradients, "
+    "_is_valid_context, _get_debug_info). Run it without the runner to use torch's")

@@ -19,6 +19,7 @@ from localrref.options import RpcBackendOptions, TensorPipeRpcBackendOptions
 from localrref.rref import RRef
 
 from . import as_torch_rpc_api as api
+from .missing import refuse as _refuse
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
            "WorkerInfo", "RRef", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
@@ -40,10 +41,7 @@ def is_available() -> bool:
     return True
 
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise AttributeError(
-        f"torch.distributed.rpc.{name} is not provided by localrref: this program runs under "
-        f"`python -m localrref.run`, which puts localrref in place of torch.distributed.rpc. "
-        f"Run it without the runner (plain torch) to use torch.distributed.rpc.{name}")
+__getattr__ = _refuse(
+    "torch.distributed.rpc",
+    "which puts localrref in place of torch.distributed.rpc. Run it without the runner (plain "
+    "torch) to use {name}")

@@ -12,15 +12,14 @@ from __future__ import annotations
 from localrref.api import (get_worker_info, init_rpc, remote, rpc_async, rpc_sync,
                            shutdown)
 
+from .missing import refuse as _refuse
+
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info"]
 
 _ignore_rref_leak = True
 
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise AttributeError(
-        f"torch.distributed.rpc.api.{name} is not provided by localrref: this program runs "
-        f"under `python -m localrref.run`, which puts localrref in place of "
-        f"torch.distributed.rpc. Run it without the runner (plain torch) to use it")
+__getattr__ = _refuse(
+    "torch.distributed.rpc.api",
+    "which puts localrref in place of torch.distributed.rpc. Run it without the runner (plain "
+    "torch) to use it")
