@@ -201,11 +201,28 @@ class Tape:
     # -- backward ----------------------------------------------------------------
 
     def backward(self, context_id: int, roots, retain_graph: bool = False) -> None:
+        if (not isinstance(context_id, int) or isinstance(context_id, bool)
+                or not isinstance(roots, (list, tuple))
+                or not all(isinstance(root, torch.Tensor) for root in roots)):
+            # torch's binding refuses these before anything runs, in pybind's words.
+            raise TypeError(
+                "backward(): incompatible function arguments. The following argument types are "
+                "supported:\n    1. (context_id: int, roots: list[torch.Tensor], "
+                f"retain_graph: bool = False) -> None\n\nInvoked with: {context_id!r}, "
+                f"{roots!r}")
         roots = list(roots)
+        # torch's checks (DistEngine::execute: the context, then
+        # validateRootsAndRetrieveEdges), in its order and words.
+        self.check_context(context_id)
+        if not roots:
+            raise RuntimeError("No tensors provided for gradient computation.")
         for root in roots:
-            if not isinstance(root, torch.Tensor) or not root.requires_grad:
-                raise RuntimeError("element of the roots of backward does not require grad "
-                                   "and does not have a grad_fn")
+            if not root.requires_grad:
+                raise RuntimeError("requires_grad not set on root")
+            if root.numel() != 1:
+                raise RuntimeError(" is not a scalar, all roots need to be scalar")
+            if root.grad_fn is None:
+                raise RuntimeError(" does not have a valid gradient function.")
         token = object()
         waiter = torch.futures.Future()
         with self.lock:

@@ -218,6 +218,26 @@ def tensors_that_do_not_require_grad():
         check_grads(cid, reference(lambda w: (plain * w[1] * 2 + X * w[0] * 7).sum()))
 
 
+def backward_refuses_bad_arguments_in_torchs_words():
+    # torch's DistAutogradTest.test_backward_invalid_args
+    def refused(error, text, context_id, roots):
+        try:
+            dist_autograd.backward(context_id, roots)
+        except error as exc:
+            assert text in str(exc), str(exc)
+        else:
+            raise AssertionError(f"backward({context_id!r}, {roots!r}) passed")
+    with dist_autograd.context() as cid:
+        refused(TypeError, "incompatible function arguments", cid, None)
+        refused(TypeError, "incompatible function arguments", None, None)
+        refused(RuntimeError, "No tensors provided for gradient computation", cid, [])
+        refused(RuntimeError, "requires_grad not set on", cid, [torch.rand(3, 3)])
+        refused(RuntimeError, "is not a scalar, all roots need to be scalar", cid,
+                [torch.rand(3, 3, requires_grad=True)])
+        refused(RuntimeError, "does not have a valid gradient function", cid,
+                [torch.rand(1, requires_grad=True)])
+
+
 def an_error_in_a_remote_backward_reaches_the_caller():
     with dist_autograd.context() as cid:
         loss = rpc.rpc_sync("worker1", explode, args=(X * weight(0),)).sum()
@@ -496,7 +516,8 @@ def rref_backward_on_the_owner_and_from_a_user():
 
 SCENARIOS = [one_hop, three_hops_and_back_to_the_caller, several_roots, retain_graph,
              a_tensor_sent_twice_accumulates, tensors_that_do_not_require_grad,
-             an_error_in_a_remote_backward_reaches_the_caller, cleanup_reaches_every_participant,
+             an_error_in_a_remote_backward_reaches_the_caller,
+             backward_refuses_bad_arguments_in_torchs_words, cleanup_reaches_every_participant,
              remote_and_to_here, rref_proxies, distributed_optimizer_sgd,
              distributed_optimizer_adam, distributed_optimizer_step_outside_a_context,
              an_error_in_one_owners_step_surfaces_and_the_others_step,
