@@ -28,10 +28,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 
 SUITES = {
     "DistOptimizerTest": "torch.testing._internal.distributed.rpc.dist_optimizer_test",
@@ -120,15 +122,38 @@ def main(argv: list[str] | None = None) -> int:
                    f"--timeout={args.test_timeout:.0f}"]
         if args.keyword:
             command += ["-k", args.keyword]
+        # pytest's output goes to stderr as it comes (a long run shows its
+        # progress, and a run cut short leaves what it did) and is kept for
+        # the summary.
+        lines: list[str] = []
+        # Its own session: at --timeout the whole group goes, the test's
+        # worker processes with pytest.
+        process = subprocess.Popen(command, cwd=where, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+        def kill_group() -> None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(args.timeout, kill_group)
+        timer.start()
         try:
-            done = subprocess.run(command, cwd=where, capture_output=True, text=True,
-                                  timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"torch_suites: the run outlasted --timeout={args.timeout:.0f} s",
-                  file=sys.stderr)
-            return 2
-    print(summary(done.stdout))
-    return done.returncode
+            for line in process.stdout:
+                lines.append(line)
+                sys.stderr.write(line)
+            returncode = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:
+                kill_group()
+                process.wait()
+        if returncode < 0:
+            print(f"torch_suites: the run was killed (signal {-returncode}; --timeout is "
+                  f"{args.timeout:.0f} s)", file=sys.stderr)
+    print(summary("".join(lines)))
+    return returncode
 
 
 _SECTION = re.compile(r"^_{3,} (\S+) _{3,}$")
