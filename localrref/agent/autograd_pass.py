@@ -125,8 +125,8 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
     if not leaves:
         return {}
     found, rewritten = _leaf_gradients(outputs, [g for _, g in pairs], leaves, earlier)
-    for leaf, grad in rewritten:
-        if replace is not None:
+    if replace is not None:
+        for leaf, grad in rewritten:
             replace(leaf, grad)
     outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
     for leaf, grad in zip(leaves, found):
