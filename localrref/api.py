@@ -21,8 +21,8 @@ from .agent import current
 from .agent.agent import Agent
 from .agent.futures import expose
 from .control_messages import ShutdownFailed
-from .errors import RPCNotInitializedError, UnknownWorkerError
-from .options import RpcBackendOptions
+from .errors import NOT_INITIALIZED_MESSAGE, RPCNotInitializedError, UnknownWorkerError
+from .options import FaultyRpcBackendOptions, RpcBackendOptions
 from .rref import RRef, worker_info
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
@@ -99,7 +99,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
                                       None, unset=None)
             handover.start(name, rank, world_size, rpc_backend_options, choice.reason)
             return
-        options = _options(rpc_backend_options)
+        options = _options(rpc_backend_options, backend)
         membership = None
         if spec is None:
             membership = _join(name, rank, world_size, options)
@@ -194,10 +194,17 @@ def _resolve_int(what, given, env, world_value, *, unset):
     return world_value
 
 
-def _options(options) -> RpcBackendOptions:
+def _options(options, backend) -> RpcBackendOptions:
     if options is None:
         return RpcBackendOptions()
+    if type(options) in (RpcBackendOptions, FaultyRpcBackendOptions):
+        return options
     if isinstance(options, RpcBackendOptions):
+        # A class of the program's own: torch infers the backend from the
+        # options' class, and refuses one it does not know.
+        if backend is None:
+            raise TypeError(f"Could not infer backend for options {options!r}: pass backend= "
+                            f"to init_rpc, or use localrref.RpcBackendOptions")
         return options
     # torch's TensorPipeRpcBackendOptions: take the fields both understand.
     try:
@@ -205,8 +212,9 @@ def _options(options) -> RpcBackendOptions:
                                  num_worker_threads=options.num_worker_threads,
                                  init_method=getattr(options, "init_method", "env://"))
     except AttributeError:
-        raise TypeError(f"rpc_backend_options must be localrref.RpcBackendOptions, got "
-                        f"{type(options).__name__}") from None
+        raise TypeError(f"Argument rpc_backend_options must be an instance of "
+                        f"RpcBackendOptions (localrref.RpcBackendOptions, or torch's "
+                        f"TensorPipeRpcBackendOptions), got {type(options).__name__}") from None
 
 
 def _to_rank(agent: Agent, to) -> int:
@@ -219,8 +227,10 @@ def _to_rank(agent: Agent, to) -> int:
     if isinstance(to, str):
         rank = agent.rank_of(to)
         if rank is None:
-            raise UnknownWorkerError(f"unknown worker name {to!r}: this world's workers are "
-                                     f"{_names(agent)}")
+            # torch's words first: programs match "could not find destination".
+            raise UnknownWorkerError(
+                f"name:{agent.name},rank:{agent.rank} could not find destination name {to}: "
+                f"unknown worker name {to!r}; this world's workers are {_names(agent)}")
         return rank
     if isinstance(to, numbers.Integral) and not isinstance(to, bool):
         if not 0 <= to < agent.world_size:
@@ -313,8 +323,7 @@ def shutdown(graceful=True, timeout=constants.DEFAULT_SHUTDOWN_TIMEOUT):
     if agent is None:
         torch_rpc = handover.active()
         if torch_rpc is None:
-            raise RPCNotInitializedError(
-                "RPC has not been initialized. Call localrref.init_rpc first.")
+            raise RPCNotInitializedError(NOT_INITIALIZED_MESSAGE)
         try:
             torch_rpc.shutdown(graceful=graceful, timeout=timeout)
         finally:
@@ -369,6 +378,14 @@ def _wait_until_tables_empty(timeout: float = 30.0) -> bool:
     return current.require().wait_until_quiet(timeout)
 
 
+def _rref_context_get_debug_info() -> dict[str, str]:
+    """The RRef context's part of :func:`get_debug_info` (torch's name for it)."""
+    agent = current.get()
+    if agent is None:
+        return _handed_over()._rref_context_get_debug_info()
+    return agent.rref_debug_info()
+
+
 def get_debug_info() -> dict[str, str]:
     """torch's four RRef counters, localrref's own protocol counters and the agent's figures.
 
@@ -378,3 +395,123 @@ def get_debug_info() -> dict[str, str]:
     return _handed_over()._get_debug_info() if agent is None else agent.debug_info()
 
 
+
+
+# ------------------------------------------------- torch's private helpers programs use
+#
+# torch.distributed.rpc's own tests, and some programs, reach past the
+# public API for these: an all-gather and a barrier over RPC, and the
+# current agent's list of workers. They follow torch's api.py: the worker
+# with the smallest name gathers everyone's object, then sends the whole
+# map to each of the others; a sequence id per set of names keeps
+# consecutive gathers apart.
+
+class _GatherState:
+    __slots__ = ("gathered", "proceed")
+
+    def __init__(self) -> None:
+        self.gathered: dict = {}
+        self.proceed = threading.Event()
+
+
+_gather_lock = threading.RLock()
+_gather_sequence: dict[str, int] = {}
+_gather_states: dict[str, _GatherState] = {}
+
+
+def _gather_to_leader(sequence_id: str, worker_name: str, obj, worker_names) -> None:
+    with _gather_lock:
+        state = _gather_states.setdefault(sequence_id, _GatherState())
+        if worker_name in state.gathered:
+            raise AssertionError(f"{worker_name} reported intent sequence id {sequence_id} twice.")
+        state.gathered[worker_name] = obj
+        if set(worker_names) == set(state.gathered):
+            state.proceed.set()
+
+
+def _broadcast_to_followers(sequence_id: str, objects_map: dict) -> None:
+    with _gather_lock:
+        state = _gather_states.setdefault(sequence_id, _GatherState())
+    if state.proceed.is_set():
+        raise AssertionError(f"Termination signal sequence id {sequence_id} got set twice.")
+    state.gathered = objects_map
+    state.proceed.set()
+
+
+def _all_gather(obj, worker_names=None, timeout: float = constants.UNSET_RPC_TIMEOUT) -> dict:
+    """``{worker name: obj}`` from every worker of ``worker_names`` (default: all); torch's
+    ``api._all_gather``. Every worker named must call it."""
+    agent = current.require()
+    names = set(worker_names) if worker_names else {peer.name for peer in agent.peers()}
+    leader = min(names)
+    me = agent.name
+    with _gather_lock:
+        joined = "".join(sorted(names))
+        number = _gather_sequence.get(joined, 0)
+        _gather_sequence[joined] = number + 1
+        sequence_id = joined + str(number)
+    if timeout == constants.UNSET_RPC_TIMEOUT:
+        rpc_timeout, signal_timeout = get_rpc_timeout(), None
+    elif timeout == constants.DEFAULT_SHUTDOWN_TIMEOUT:
+        rpc_timeout, signal_timeout = timeout, None
+    else:
+        rpc_timeout = signal_timeout = timeout
+    if me == leader:
+        _gather_to_leader(sequence_id, me, obj, names)
+    else:
+        rpc_sync(leader, _gather_to_leader, args=(sequence_id, me, obj, names),
+                 timeout=rpc_timeout)
+    with _gather_lock:
+        state = _gather_states.setdefault(sequence_id, _GatherState())
+    state.proceed.wait(timeout=signal_timeout)
+    if me == leader:
+        futures = {name: rpc_async(name, _broadcast_to_followers,
+                                   args=(sequence_id, state.gathered), timeout=rpc_timeout)
+                   for name in names - {leader}}
+        errors = []
+        for name, future in futures.items():
+            try:
+                future.wait()
+            except RuntimeError as exc:
+                errors.append((name, exc))
+        if errors:
+            raise RuntimeError(
+                f"Followers {[name for name, _ in errors]} timed out in _all_gather after "
+                f"{rpc_timeout:.2f} seconds. The first exception is {errors[0][1]}")
+    with _gather_lock:
+        state = _gather_states.pop(sequence_id, state)
+    return state.gathered
+
+
+def _barrier(worker_names) -> None:
+    """Return once every worker of ``worker_names`` called it (torch's ``api._barrier``)."""
+    try:
+        _all_gather(None, set(worker_names))
+    except RuntimeError:
+        log.exception("Failed to complete barrier")
+
+
+class _AgentView:
+    """What torch's ``_get_current_rpc_agent()`` offers programs: the workers and debug info."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def get_worker_info(self, worker_name=None):
+        return get_worker_info(worker_name)
+
+    def get_worker_infos(self) -> list:
+        return [worker_info(self._agent, peer.rank) for peer in self._agent.peers()]
+
+    def get_debug_info(self) -> dict[str, str]:
+        return self._agent.agent_debug_info()
+
+
+def _get_current_rpc_agent() -> _AgentView:
+    """This worker's agent as torch's ``_get_current_rpc_agent()`` shows it (its workers,
+    its debug info); torch's error when RPC is not initialized."""
+    return _AgentView(current.require())
+
+
+def _is_current_rpc_agent_set() -> bool:
+    return current.get() is not None

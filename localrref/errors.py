@@ -102,6 +102,13 @@ class RPCNotInitializedError(LocalRRefError):
     """An RPC API was used before ``init_rpc`` or after ``shutdown``."""
 
 
+# torch's words first, as programs match them; then localrref's fix.
+NOT_INITIALIZED_MESSAGE = (
+    "Current RPC agent is not set! Did you initialize the RPC framework (e.g. by calling "
+    "`rpc.init_rpc`)? RPC has not been initialized, or was shut down: call "
+    "localrref.init_rpc first.")
+
+
 class UnknownWorkerError(LocalRRefError, ValueError):
     """A destination (name, rank or ``WorkerInfo``) names no worker of this world.
 

@@ -46,14 +46,21 @@ class Choice:
     reason: str
 
 
+# torch's words first (a TypeError, as torch raises), then what localrref takes.
+_BAD_BACKEND = ("Argument backend must be a member of BackendType, got {backend!r}: localrref "
+                "takes None or torch's BackendType.TENSORPIPE (localrref chooses), 'localrref' "
+                "(this machine) and 'torch' (torch.distributed.rpc with TensorPipe, for worlds "
+                "across machines)")
+
+
 def _asked(backend: object, environ: Mapping[str, str]) -> tuple[Engine, str] | None:
     if isinstance(backend, str):
         try:
             return Engine(backend.lower()), f"init_rpc(backend={backend!r})"
         except ValueError:
-            raise ValueError(f"init_rpc(backend={backend!r}): localrref knows the backends "
-                             f"'localrref' (this machine) and 'torch' (torch.distributed.rpc "
-                             f"with TensorPipe, for worlds across machines)") from None
+            raise TypeError(_BAD_BACKEND.format(backend=backend)) from None
+    if backend is not None and type(backend).__name__ != "BackendType":
+        raise TypeError(_BAD_BACKEND.format(backend=backend))
     # None or torch's BackendType.TENSORPIPE (torch programs pass it routinely): no preference.
     value = environ.get(ENV, "").strip().lower()
     if not value:

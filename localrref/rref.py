@@ -71,17 +71,20 @@ class RRef:
 
     def _record_for(self, agent):
         if agent is not self._agent or self._agent.closed:
-            raise WorkerClosedError(
-                f"{self!r} belongs to an RPC session that was shut down; RRefs cannot be used "
-                f"after shutdown() (create new ones after init_rpc)")
+            raise WorkerClosedError(self._after_shutdown("fork an UserRRef"))
         return self._record
 
-    def _live_agent(self):
+    def _live_agent(self, use: str = "to_here()"):
         if self._agent.closed:
-            raise WorkerClosedError(
-                f"{self!r} belongs to an RPC session that was shut down; RRefs cannot be used "
-                f"after shutdown() (create new ones after init_rpc)")
+            raise WorkerClosedError(self._after_shutdown(use))
         return self._agent
+
+    def _after_shutdown(self, use: str) -> str:
+        # torch's words first ("Cannot call to_here() on it after deletion."),
+        # as programs match them.
+        return (f"{self!r} has been deleted. Cannot call {use} on it after deletion: it "
+                f"belongs to an RPC session that was shut down, and RRefs cannot be used after "
+                f"shutdown() (create new ones after init_rpc)")
 
     # ------------------------------------------------------------ identity
 
@@ -111,17 +114,19 @@ class RRef:
         """
         record = self._record
         if not record.is_owner:
+            # torch's words (programs match them), then the fix.
             raise RuntimeError(
-                f"Cannot call local_value() on a non-owner RRef ({self!r}); it is owned by "
-                f"{self.owner_name()!r}. Call to_here() to fetch a copy.")
+                f"For UserRRef(rref_id={record.rref_id}, fork_id={record.fork_id}), can't call "
+                f"localValue() on user {worker_info(self._agent, self._agent.rank)}. Call it on "
+                f"owner {self.owner()}; to_here() fetches a copy here")
         if record.has_value:
             # A lookup, as on torch: the value is set once and never changes.
-            self._live_agent()
+            self._live_agent("local_value()")
             error = record.error
             if error is None:
                 return record.value
             raise_copy(self._agent.calls.owner_error(record))
-        return wait(self._live_agent().calls.fetch(self._record, 0))
+        return wait(self._live_agent("local_value()").calls.fetch(self._record, 0))
 
     def to_here(self, timeout: float = constants.UNSET_RPC_TIMEOUT):
         """Fetch the value from its owner (a copy; the owner's value is untouched).
@@ -233,7 +238,7 @@ def _backward_on_owner(rref: RRef, context_id: int, retain_graph: bool) -> None:
     if context_id == -1:
         torch.autograd.backward(root)  # torch's local path ignores retain_graph too
     else:
-        rref._live_agent().autograd_tape().backward(context_id, [root], retain_graph)
+        rref._live_agent("backward()").autograd_tape().backward(context_id, [root], retain_graph)
 
 
 def _rref_typeof_on_owner(rref: RRef):

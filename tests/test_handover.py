@@ -66,8 +66,14 @@ def test_the_rendezvous_host_is_looked_up_only_when_nothing_else_decided():
 
 
 def test_unknown_backends_are_named_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"backend='gloo'.*'localrref'.*'torch'"):
+    # torch's TypeError and words ("Argument backend must be a member of
+    # BackendType"), then what localrref takes.
+    with pytest.raises(TypeError, match=r"^Argument backend must be a member of BackendType, "
+                                        r"got 'gloo'.*'localrref'.*'torch'"):
         engine("gloo")
+    with pytest.raises(TypeError, match=r"Argument backend must be a member of BackendType, "
+                                        r"got 3"):
+        engine(3)
     with pytest.raises(ValueError, match=r"LOCALRREF_BACKEND='tensorpipe': set it to "
                                          r"'localrref' or 'torch'"):
         engine(environ={"LOCALRREF_BACKEND": "tensorpipe"})

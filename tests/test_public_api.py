@@ -89,8 +89,10 @@ def test_calls_before_init_rpc_say_what_to_do():
                  lambda: localrref.get_worker_info(),
                  lambda: localrref.RRef(1),
                  lambda: localrref.shutdown()):
-        with pytest.raises(RuntimeError, match="RPC has not been initialized. Call "
-                                               "localrref.init_rpc first."):
+        # torch's words first (programs match them), then the fix.
+        with pytest.raises(RuntimeError, match=r"^Current RPC agent is not set! Did you "
+                                               r"initialize the RPC framework.*call "
+                                               r"localrref.init_rpc first."):
             call()
 
 

@@ -573,11 +573,31 @@ class Agent:
     # ------------------------------------------------------------------
 
     def debug_info(self) -> dict[str, str]:
+        """Everything below, in one map (torch's ``_get_debug_info()``)."""
+        out = self.rref_debug_info()
+        out.update(self.agent_debug_info())
+        out.update(self.autograd_debug_info())
+        return out
+
+    def rref_debug_info(self) -> dict[str, str]:
+        """The RRef context's counters (torch's ``_rref_context_get_debug_info()``)."""
         with self.lock:
             info = self.core.get_debug_info()
+        return {key: str(value) for key, value in info.items()}
+
+    def autograd_debug_info(self) -> dict[str, str]:
+        """Distributed autograd's counters (torch's ``dist_autograd._get_debug_info()``)."""
+        tape = self._tape
+        autograd = tape.debug_info() if tape is not None else {
+            "num_current_backward_passes": 0, "num_autograd_contexts": 0,
+            "num_send_functions": 0, "num_recv_functions": 0}
+        return {key: str(value) for key, value in autograd.items()}
+
+    def agent_debug_info(self) -> dict[str, str]:
+        """The agent's own figures (torch's ``_get_current_rpc_agent().get_debug_info()``)."""
+        with self.lock:
             pending = len(self.calls.pending)
-        out = {key: str(value) for key, value in info.items()}
-        out.update({
+        return {
             "agent.num_pending_calls": str(pending),
             "agent.worker_threads": str(self.jobs.executor.thread_count),
             "agent.threads": str(threading.active_count()),
@@ -587,14 +607,7 @@ class Agent:
             # Replies a waiting caller got from another thread, not by reading
             # the inbox itself (each one a thread hand-off).
             "agent.fallback_waits": str(self.reader.lead.fallback_waits),
-        })
-        # torch's get_debug_info has distributed autograd's counters too
-        tape = self._tape
-        autograd = tape.debug_info() if tape is not None else {
-            "num_current_backward_passes": 0, "num_autograd_contexts": 0,
-            "num_send_functions": 0, "num_recv_functions": 0}
-        out.update({key: str(value) for key, value in autograd.items()})
-        return out
+        }
 
     def graceful_shutdown(self, timeout: float) -> list[dict]:
         """The worker's half of the supervisor-driven shutdown; returns leak records."""

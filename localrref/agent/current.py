@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from ..errors import RPCNotInitializedError
+from ..errors import NOT_INITIALIZED_MESSAGE, RPCNotInitializedError
 
 _lock = threading.Lock()
 _agent = None
@@ -45,8 +45,7 @@ def set(agent) -> None:  # noqa: A001 - mirrors torch's _set_and_start_rpc_agent
 def require():
     agent = getattr(_bound, "agent", None) or _agent
     if agent is None:
-        raise RPCNotInitializedError(
-            "RPC has not been initialized. Call localrref.init_rpc first.")
+        raise RPCNotInitializedError(NOT_INITIALIZED_MESSAGE)
     return agent
 
 

@@ -20,6 +20,7 @@ never holds the lock while user code or pickling runs.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -86,7 +87,14 @@ class Jobs:
             # since a request nobody can unpickle may not come from localrref.
             log.warning("localrref: could not unpickle a call from rank %d: %s: %s", job.src,
                         type(load_error).__name__, load_error)
-            self._fail(job, load_error)
+            if isinstance(load_error, AttributeError):
+                # A function (or class) the caller has and this worker's
+                # modules lack: torch's words, which name the fix.
+                cause, load_error = load_error, RuntimeError(
+                    f"{load_error} Default RPC pickler does not serialize function code. "
+                    f"Ensure that UDFs are defined on both caller and callee modules.")
+                load_error.__cause__ = cause
+            self._fail(job, load_error, announce=True)
             return
         is_async = getattr(func, "_wrapped_async_rpc_function", None) is not None
         name = getattr(func, "__qualname__", repr(func))
@@ -105,7 +113,7 @@ class Jobs:
         # them (a shutdown that follows would report them as leaked).
         del func, args, kwargs
         if error is not None:
-            self._fail(job, error)
+            self._fail(job, error, announce=True)
             return
         if is_async:
             if not isinstance(result, torch._C.Future):
@@ -160,10 +168,16 @@ class Jobs:
         agent.run(effects)
         agent.signal_progress()
 
-    def _fail(self, job, exc: BaseException) -> None:
+    def _fail(self, job, exc: BaseException, *, announce: bool = False) -> None:
+        """Fail ``job``'s caller with ``exc``; ``announce``: the user function raised
+        it (or could not be unpickled), which torch also prints to this worker's
+        stderr, as its caller may never look."""
         agent = self.agent
         self.contexts.pop(job.job_id, None)
-        payload = dumps_exception(wrap_exception(exc, agent.worker_info_text()))
+        remote = wrap_exception(exc, agent.worker_info_text())
+        if announce:
+            print(remote.msg, file=sys.stderr)
+        payload = dumps_exception(remote)
         # The formatted traceback travels; the frames (and the arguments they
         # hold) are let go before the reply is sent.
         exc.__traceback__ = None

@@ -90,9 +90,9 @@ def _is_valid_context(context_id: int) -> None:
 
 
 def _get_debug_info() -> dict[str, int]:
-    """torch's two counters of this worker's distributed autograd."""
+    """torch's two counters of this worker's distributed autograd, and its send and recv
+    functions (the autograd part of ``localrref.get_debug_info()``)."""
     torch_autograd = _torch_autograd()
     if torch_autograd is not None:
         return torch_autograd._get_debug_info()
-    info = _tape().debug_info()
-    return {key: info[key] for key in ("num_autograd_contexts", "num_current_backward_passes")}
+    return dict(_tape().debug_info())

@@ -688,7 +688,7 @@ class RRefContext:
             rref = self.get_pending_user(expected_fork_id)
             self._handle_error(rref, error, timed_out)
         self.del_pending_user(expected_fork_id)
-        self._settle_creation(rref)
+        self._settle_creation(rref, error if timed_out else None)
 
     def finish_creating_owner_rref(self, rref_id: GloballyUniqueId, *,
                                    reply: RemoteRet | None = None, error: object = None,
@@ -706,7 +706,7 @@ class RRefContext:
             owner = self.get_owner_rref(rref_id, force_created=True)
             self._handle_error(owner, error, timed_out)
         deleted = self.del_fork_of_owner(rref_id, rref_id)
-        self._settle_creation(owner)
+        self._settle_creation(owner, error if timed_out else None)
         return deleted
 
     def _handle_error(self, rref, error: object, timed_out: bool) -> None:
@@ -718,10 +718,14 @@ class RRefContext:
             rref.creation_error = error if error is not None else RRefCreationError(
                 f"creation of RRef {rref.rref_id} failed")
 
-    def _settle_creation(self, rref) -> None:
+    def _settle_creation(self, rref, timeout_error: object = None) -> None:
+        """Settle the creation future; one that timed out fails with the timeout
+        itself (as torch's ``_get_future()`` does), later uses with
+        :data:`TIMED_OUT_CREATION_MESSAGE`."""
         error = None
         if rref.timed_out:
-            error = RRefCreationError(TIMED_OUT_CREATION_MESSAGE)
+            error = timeout_error if timeout_error is not None else RRefCreationError(
+                TIMED_OUT_CREATION_MESSAGE)
         elif rref.creation_error is not None:
             error = rref.creation_error
         self._emit(CreationSettled(rref=rref, error=error))

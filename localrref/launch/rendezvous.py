@@ -310,8 +310,8 @@ def decide(record: WorldRecord | None, arrival: Arrival, rendezvous: Rendezvous,
                     f"rendezvous), and a new world starts")
     for m in record.members:
         if m.name == arrival.name and not m.left and alive(m.pid, m.started):
-            return Refuse(f"worker name {arrival.name!r} is taken in {where} by rank {m.rank} "
-                          f"(pid {m.pid}); give every worker its own name")
+            return Refuse(f"worker name {arrival.name!r} is not unique: it is taken in {where} "
+                          f"by rank {m.rank} (pid {m.pid}); give every worker its own name")
     return Join(record)
 
 

@@ -433,8 +433,13 @@ def test_confirmPendingUser_on_timeout_marks_timed_out(world):
     assert ctx.next_deadline() == 0.5
     effects = ctx.on_tick(0.5)
     settled = only(of(effects, fx.CreationSettled))
-    assert isinstance(settled.error, RRefCreationError) and user.timed_out
+    # The creation future fails with the timeout (torch's _get_future());
+    # later uses of the RRef with the creation error.
+    assert isinstance(settled.error, RPCTimeoutError) and user.timed_out
+    assert "RPC ran for more than set timeout" in str(settled.error)
     assert ctx.pending_users == {} and user.fork_id in ctx.confirmed_users
+    with pytest.raises(RRefCreationError, match="RRef creation via rpc.remote\\(\\) timed out"):
+        ctx.prepare_child_fork(user)
 
 
 def test_confirmPendingUser_on_remote_error_remembers_it(world):
@@ -479,7 +484,7 @@ def test_finishCreatingOwnerRRef_timeout_marks_owner(world):
     ctx.take_effects()
     effects = ctx.on_tick(1.5)
     assert owner.timed_out and ctx.owners == {} and ctx.forks == {}
-    assert isinstance(only(of(effects, fx.CreationSettled)).error, RRefCreationError)
+    assert isinstance(only(of(effects, fx.CreationSettled)).error, RPCTimeoutError)
 
 
 def test_finishCreatingOwnerRRef_rejects_a_fork_reply(world):

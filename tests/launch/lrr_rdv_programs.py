@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -31,9 +32,12 @@ def _membership():
 
 def _dump(outdir, rank, record):
     path = os.path.join(outdir, f"rank{rank}.json")
-    with open(path + ".tmp", "w") as f:
+    # A temporary name per thread: kill_a_rank's victim writes its record
+    # from its main thread and from a call it serves, perhaps at once.
+    tmp = f"{path}.{threading.get_ident()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _total(rref):

@@ -118,7 +118,7 @@ def test_world_sizes_that_disagree_are_refused_with_both_sizes():
 
 def test_a_name_taken_by_a_live_member_is_refused():
     decision = decide(record(member(0, name="ps")), arrival(1, name="ps"), RDV, everyone_alive)
-    assert isinstance(decision, Refuse) and "'ps' is taken" in decision.reason
+    assert isinstance(decision, Refuse) and "'ps' is not unique: it is taken" in decision.reason
 
 
 def test_a_rank_outside_the_world_is_refused():

@@ -241,7 +241,7 @@ def test_world_sizes_that_disagree(founded):
 
 def test_a_name_taken_twice(founded):
     message = join_elsewhere(1, 3, "ps")
-    assert "'ps' is taken" in message
+    assert "'ps' is not unique: it is taken" in message
 
 
 def test_a_good_second_member_joins(founded):

@@ -157,8 +157,9 @@ from torch.distributed.rpc import _rref_context_get_debug_info
 import torch.distributed.rpc.api as api
 api._ignore_rref_leak = False
 assert api.rpc_sync is rpc.rpc_sync
+assert api._all_gather is rpc.api._all_gather  # a private helper programs use
 try:
-    api._all_gather
+    api._delete_all_user_and_unforked_owner_rrefs
 except AttributeError as exc:
     print(exc)
 """
@@ -168,12 +169,12 @@ except AttributeError as exc:
 def test_what_localrref_lacks_fails_naming_it_and_the_rest_is_localrrefs(env, tmp_path):
     script = tmp_path / "missing.py"
     script.write_text(MISSING)
-    done = run(["-m", "localrref.run", str(script), "_get_current_rpc_agent"], env)
+    done = run(["-m", "localrref.run", str(script), "_init_rpc_backend"], env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(" is not provided by localrref")[0] for line in lines] == [
-        "torch.distributed.rpc._get_current_rpc_agent", "torch.distributed.autograd._current_context",
-        "torch.distributed.rpc.api._all_gather"]
+        "torch.distributed.rpc._init_rpc_backend", "torch.distributed.autograd._current_context",
+        "torch.distributed.rpc.api._delete_all_user_and_unforked_owner_rrefs"]
 
 
 SITE = """\
