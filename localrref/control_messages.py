@@ -15,6 +15,8 @@ Who sends what::
     worker -> supervisor  Joined, Leaving                  a world met through a rendezvous
                                                            (launch/join.py): who to watch, and
                                                            which exits are not deaths
+    refused -> worker     ArrivalRefused                   a process the rendezvous refused
+                                                           left a rank empty: init_rpc fails
 
 The graceful-shutdown barrier (``launch/control.py`` drives it)::
 
@@ -38,7 +40,7 @@ from typing import Any
 __all__ = [
     "Hello", "HelloBack", "PeerExited", "ShutdownArrived", "ShutdownDrained", "ShutdownDone",
     "ShutdownFinished", "ShutdownProceed", "ShutdownAgain", "ShutdownFailed", "LeakReport",
-    "Joined", "Leaving", "Control", "CONTROL_TYPES", "describe_exitcode",
+    "Joined", "Leaving", "ArrivalRefused", "Control", "CONTROL_TYPES", "describe_exitcode",
 ]
 
 _RECORD = dict(frozen=True, slots=True, kw_only=True)
@@ -208,12 +210,29 @@ class Leaving:
         _rank(self.rank)
 
 
+@dataclass(**_RECORD)
+class ArrivalRefused:
+    """The process (``pid``) arriving as rank ``rank`` was refused: this world cannot form.
+
+    Sent by that process to the members already in its world (launch/join.py),
+    whose ``init_rpc`` would otherwise wait for the rank until it timed out.
+    """
+
+    rank: int
+    pid: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        _rank(self.rank)
+
+
 Control = (Hello | HelloBack | PeerExited | ShutdownArrived | ShutdownDrained | ShutdownDone
            | ShutdownFinished | ShutdownProceed | ShutdownAgain | ShutdownFailed | LeakReport
-           | Joined | Leaving)
+           | Joined | Leaving | ArrivalRefused)
+
 CONTROL_TYPES = (Hello, HelloBack, PeerExited, ShutdownArrived, ShutdownDrained, ShutdownDone,
                  ShutdownFinished, ShutdownProceed, ShutdownAgain, ShutdownFailed, LeakReport,
-                 Joined, Leaving)
+                 Joined, Leaving, ArrivalRefused)
 
 
 def describe_exitcode(exitcode: int | None) -> str:

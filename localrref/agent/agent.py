@@ -51,7 +51,7 @@ import time
 from ..codec import frames
 from ..codec.pickler import dumps, dumps_exception, loads, wrap_exception
 from ..control_messages import (
-    Hello, HelloBack, PeerExited, ShutdownAgain, ShutdownFailed, ShutdownProceed,
+    ArrivalRefused, Hello, HelloBack, PeerExited, ShutdownAgain, ShutdownFailed, ShutdownProceed,
 )
 from ..core import effects as fx
 from ..core.messages import REQUEST_TYPES, USER_LEVEL_TYPES, ExceptionMessage
@@ -128,6 +128,8 @@ class Agent:
         self._tape = None  # distributed autograd, see autograd_tape()
         # rank -> the error every later use of that peer raises.
         self.dead: dict[int, BaseException] = {}
+        # Set when the world is known never to form (see _on_arrival_refused).
+        self._init_failure: BaseException | None = None
         self._handshake = Handshake(rank=rank, name=name, pid=os.getpid(),
                                     world_size=world_size, serial=next(_AGENT_SERIALS))
         self._progress = threading.Condition()
@@ -172,8 +174,11 @@ class Agent:
 
     def await_peers(self, init_timeout: float) -> None:
         """Wait until every peer answered our hello (or one died first, or time ran out)."""
-        met = self.block_until(lambda: self._handshake.complete or self.dead or self.closing,
+        met = self.block_until(lambda: (self._handshake.complete or self.dead or self.closing
+                                        or self._init_failure is not None),
                                init_timeout, "every peer to call init_rpc")
+        if self._init_failure is not None and not self._handshake.complete:
+            raise self._init_failure
         if not met:
             raise RuntimeError(
                 f"init_rpc timed out after {init_timeout:.0f} s waiting for ranks "
@@ -481,9 +486,22 @@ class Agent:
                 self._on_peer_exited(control)
             case ShutdownProceed() | ShutdownAgain() | ShutdownFailed():
                 self.shutdown.deliver(control)
+            case ArrivalRefused():
+                self._on_arrival_refused(control)
             case _:
                 log.warning("localrref: ignored a control message of unknown type %s from "
                             "rank %d", type(control).__name__, src)
+
+    def _on_arrival_refused(self, refused: ArrivalRefused) -> None:
+        if self._handshake.complete:
+            # A stray process knocked on a world that formed without it.
+            log.warning("localrref: a process (pid %d) was refused as rank %d: %s", refused.pid,
+                        refused.rank, refused.reason)
+            return
+        self._init_failure = RuntimeError(
+            f"init_rpc failed: this world cannot form, since the process (pid {refused.pid}) "
+            f"arriving as rank {refused.rank} was refused: {refused.reason}")
+        self.signal_progress()
 
     def _on_peer_exited(self, exited: PeerExited) -> None:
         rank = exited.rank

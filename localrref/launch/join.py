@@ -11,7 +11,10 @@ Steps (the decisions are ``rendezvous.decide``; this module does the I/O)::
                        (launch/standalone.py, its own session), write the record
             Reclaim -> a finished world (or a crashed run's): remove it, then Create
             Join    -> add this member to the record
-            Refuse  -> RuntimeError naming the problem and the fix
+            Refuse  -> RuntimeError naming the problem and the fix; a refusal that
+                       leaves a rank empty (a name taken twice) first marks the
+                       record and tells the supervisor (ArrivalRefused), which
+                       tells every member, so their init_rpc fails too
         open every inbox; tell the supervisor: Joined(rank, pid, start time)
       -> Membership: the WorldSpec the agent runs on, and leave()
 
@@ -37,15 +40,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from localrref import world
-from localrref.control_messages import Joined, Leaving
+from localrref.control_messages import ArrivalRefused, Joined, Leaving
 from localrref.launch import rendezvous_dir
 from localrref.launch.inbox import send_control
 from localrref.launch.rendezvous import (Arrival, Create, Join, Reclaim, Refuse, Rendezvous,
                                          Wait, WorldRecord, decide, is_local_host)
-from localrref.transport.fifo import make_fifos, open_fifos
+from localrref.transport.fifo import FifoInbox, fifo_path, make_fifos, open_fifos
 from localrref.transport.segment import new_world_id, sweep_world_segments
 
 __all__ = ["Membership", "join", "check_local", "remote_host", "NotThisHostError"]
@@ -199,6 +202,13 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
             record = rendezvous_dir.read_record(key_dir)
             decision = decide(record, arrival, rendezvous, rendezvous_dir.same_process)
             match decision:
+                case Refuse(reason=reason, dooms_world=True):
+                    # Later arrivals read it in the record; those who joined
+                    # hear it from the supervisor, before any death it causes.
+                    rendezvous_dir.write_record(key_dir, replace(record, refused=reason))
+                    _tell_refused(os.path.join(key_dir, record.world_id), record.world_size,
+                                  ArrivalRefused(rank=rank, pid=pid, reason=reason))
+                    raise RuntimeError(reason)
                 case Refuse(reason=reason):
                     raise RuntimeError(reason)
                 case Wait(reason=reason):
@@ -236,6 +246,22 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
         raise
     return Membership(rendezvous=rendezvous, root=root, key_dir=key_dir, spec=spec,
                       started=started, supervisor=supervisor)
+
+
+def _tell_refused(world_dir: str, world_size: int, refused: ArrivalRefused) -> None:
+    """Tell the world's supervisor, which tells every member, that the world cannot
+    form (the caller holds the lock, so the world's inboxes are there); best
+    effort: a member that misses it times out."""
+    try:
+        inbox = FifoInbox(fifo_path(world_dir, world_size))
+    except OSError:
+        return
+    try:
+        send_control(inbox, refused.rank, refused, _NOTIFY_TIMEOUT)
+    except (OSError, ValueError):
+        pass
+    finally:
+        inbox.close()
 
 
 def _member(arrival: Arrival):

@@ -155,6 +155,9 @@ class WorldRecord:
     supervisor_pid: int
     supervisor_started: int
     members: tuple[Member, ...] = ()
+    # Why this world can never form (a refused arrival left a rank empty);
+    # later arrivals are refused with it rather than wait in it (see decide).
+    refused: str = ""
     version: int = RECORD_VERSION
 
     def member(self, rank: int) -> Member | None:
@@ -185,6 +188,7 @@ class WorldRecord:
             "version": self.version, "world_id": self.world_id, "world_size": self.world_size,
             "supervisor_pid": self.supervisor_pid, "supervisor_started": self.supervisor_started,
             "members": [[m.rank, m.name, m.pid, m.started, m.left] for m in self.members],
+            "refused": self.refused,
         })
 
     @classmethod
@@ -199,7 +203,8 @@ class WorldRecord:
                             for r, n, p, s, left in data["members"])
             return cls(world_id=str(data["world_id"]), world_size=int(data["world_size"]),
                        supervisor_pid=int(data["supervisor_pid"]),
-                       supervisor_started=int(data["supervisor_started"]), members=members)
+                       supervisor_started=int(data["supervisor_started"]), members=members,
+                       refused=str(data.get("refused", "")))
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a localrref world record: {exc}") from None
 
@@ -244,9 +249,16 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Joining is an error; ``reason`` names the problem and the fix."""
+    """Joining is an error; ``reason`` names the problem and the fix.
+
+    ``dooms_world``: the refusal leaves a rank of the world found there that
+    no process will take (a name taken twice: each process has its own
+    rank, so the refused one's stays empty). Its members would wait for it
+    until ``init_rpc`` timed out; they are told instead (launch/join.py).
+    """
 
     reason: str
+    dooms_world: bool = False
 
 
 Decision = Create | Join | Reclaim | Wait | Refuse
@@ -271,6 +283,12 @@ def decide(record: WorldRecord | None, arrival: Arrival, rendezvous: Rendezvous,
     if record is None:
         return Create()
     supervisor_alive = alive(record.supervisor_pid, record.supervisor_started)
+    where = f"the world at {rendezvous.describe()}"
+    if record.refused and (supervisor_alive or not record.finished(alive)):
+        # Until its supervisor removes it: stragglers of the same start fail
+        # too, rather than found a world that waits for ranks already gone.
+        return Refuse(f"{where} cannot form, since an earlier arrival was refused: "
+                      f"{record.refused}. Start every worker again")
     if record.finished(alive):
         return Reclaim(record, stale=not supervisor_alive)
     if not supervisor_alive:
@@ -281,7 +299,6 @@ def decide(record: WorldRecord | None, arrival: Arrival, rendezvous: Rendezvous,
         return Refuse(f"the world at {rendezvous.describe()} lost its supervisor (pid "
                       f"{record.supervisor_pid}) and still has live members "
                       f"({_members(live)}); stop them, or use another rendezvous")
-    where = f"the world at {rendezvous.describe()}"
     if arrival.world_size != record.world_size:
         return Refuse(f"world size mismatch: this process says world_size="
                       f"{arrival.world_size} but {where} has {record.world_size} workers "
@@ -311,7 +328,8 @@ def decide(record: WorldRecord | None, arrival: Arrival, rendezvous: Rendezvous,
     for m in record.members:
         if m.name == arrival.name and not m.left and alive(m.pid, m.started):
             return Refuse(f"worker name {arrival.name!r} is not unique: it is taken in {where} "
-                          f"by rank {m.rank} (pid {m.pid}); give every worker its own name")
+                          f"by rank {m.rank} (pid {m.pid}); give every worker its own name",
+                          dooms_world=True)
     return Join(record)
 
 

@@ -12,6 +12,9 @@ watches them by pid (``pidfd_open``), and learns who they are from their
     Leaving in its inbox         -> Roster.leaving(...)    member; the shutdown barrier
                                                            learns of the departure either way
     Joined in its inbox          -> Roster.joined(...), pidfd_open(pid)
+    ArrivalRefused in its inbox  -> to every member, and to any that joins later: a
+                                    process refused at the rendezvous left a rank
+                                    empty, so this world cannot form
     other control messages       -> ControlDispatcher (graceful-shutdown barrier, leak reports)
     every member departed        -> sweep the world's segments, remove its inboxes and
                                     directory (and the record, if it is still this world's)
@@ -33,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from localrref.control_messages import Control, Joined, Leaving, PeerExited
+from localrref.control_messages import ArrivalRefused, Control, Joined, Leaving, PeerExited
 from localrref.launch import rendezvous_dir
 from localrref.launch.control import ControlDispatcher, format_leak_line
 from localrref.launch.inbox import InboxReader, send_control
@@ -119,6 +122,8 @@ class _Supervisor:
                                             arrive_timeout=arrive_timeout)
         self.dispatcher.register(Joined, self._on_joined)
         self.dispatcher.register(Leaving, self._on_leaving)
+        self.dispatcher.register(ArrivalRefused, self._on_arrival_refused)
+        self.refused: ArrivalRefused | None = None
         self.pidfds: dict[int, int] = {}  # pidfd -> rank
 
     def run(self) -> None:
@@ -173,6 +178,15 @@ class _Supervisor:
             self._exited(message.rank)
             return
         self.pidfds[fd] = message.rank
+        if self.refused is not None:
+            self._send(message.rank, self.refused)  # it joined before the refusal
+
+    def _on_arrival_refused(self, src: int, message: ArrivalRefused) -> None:
+        # Passed on from here, in order with the deaths it will cause: every
+        # member hears why the world cannot form before it hears of them.
+        self.refused = message
+        for rank in self.roster.live():
+            self._send(rank, message)
 
     def _on_leaving(self, src: int, message: Leaving) -> None:
         self._departed(message.rank, self.roster.leaving(message), left=True)

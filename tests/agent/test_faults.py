@@ -69,7 +69,7 @@ def test_the_environment_switch_reads_every_key():
     ("delay=PYTHON_CALL:-1", "delays must be >= 0"),
     ("duplicate=PYTHON_CALL,RREF_ACK", "PYTHON_CALL cannot be duplicated"),
     ("kill=PYTHON_CALL", "cannot kill on 'PYTHON_CALL': write send:TYPE, recv:TYPE or copy"),
-    ("kill=recv:Bogus", "or a control record (Hello, HelloBack"),
+    ("kill=recv:Bogus", "or a control record (ArrivalRefused, Hello, HelloBack"),
     ("kill=copy;kill_after=0", "kill_after must be >= 1"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(text, fragment):

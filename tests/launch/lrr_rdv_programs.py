@@ -85,6 +85,22 @@ def _record_here(outdir, rank):
     _dump(outdir, rank, _identity(rank))
 
 
+def duplicate_name(rank, world_size, outdir):
+    """The last rank takes rank 0's name: every init_rpc fails, long before its timeout."""
+    name = f"worker{rank % (world_size - 1)}"
+    options = rpc.RpcBackendOptions(init_timeout=20)
+    start = time.monotonic()
+    try:
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+    except RuntimeError as exc:
+        record = {"error": str(exc)}
+    else:
+        record = {"error": None}
+        rpc.shutdown()
+    record["failed_after_s"] = time.monotonic() - start
+    _dump(outdir, rank, record)
+
+
 def kill_a_rank(rank, world_size, outdir, victim):
     """The victim is SIGKILLed inside a call; its peers' calls to it fail at once, naming it."""
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size)

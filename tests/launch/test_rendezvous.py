@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from localrref.control_messages import Joined, Leaving
@@ -119,6 +121,28 @@ def test_world_sizes_that_disagree_are_refused_with_both_sizes():
 def test_a_name_taken_by_a_live_member_is_refused():
     decision = decide(record(member(0, name="ps")), arrival(1, name="ps"), RDV, everyone_alive)
     assert isinstance(decision, Refuse) and "'ps' is not unique: it is taken" in decision.reason
+    # Rank 1 stays empty: the members are told (they would wait for it).
+    assert decision.dooms_world
+
+
+def test_a_world_a_refusal_doomed_refuses_later_arrivals():
+    doomed = dataclasses.replace(record(member(0, name="ps")),
+                                 refused="worker name 'ps' is not unique: ...")
+    decision = decide(doomed, arrival(2, name="trainer"), RDV, everyone_alive)
+    assert isinstance(decision, Refuse) and "cannot form" in decision.reason
+    assert "'ps' is not unique" in decision.reason
+    assert WorldRecord.from_json(doomed.to_json()) == doomed
+    # Every member gone: still refused until the supervisor removes the
+    # world; a crashed run's record (its supervisor dead too) is reclaimed.
+    gone = dataclasses.replace(doomed, members=(member(0, name="ps", left=True),))
+    assert isinstance(decide(gone, arrival(2), RDV, everyone_alive), Refuse)
+    supervisor_dead = lambda pid, started: pid != gone.supervisor_pid  # noqa: E731
+    assert isinstance(decide(gone, arrival(2), RDV, supervisor_dead), Reclaim)
+
+
+def test_a_rank_claimed_twice_leaves_the_world_whole():
+    decision = decide(record(member(0, name="ps")), arrival(0, name="other"), RDV, everyone_alive)
+    assert isinstance(decision, Refuse) and not decision.dooms_world
 
 
 def test_a_rank_outside_the_world_is_refused():

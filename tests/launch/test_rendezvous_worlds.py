@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -183,6 +184,31 @@ def test_torch_spawn_stops_the_world_when_a_rank_dies_and_nothing_is_left(root, 
     # torch's spawn SIGTERMed the survivors; the supervisor saw every member go.
     victim = json.loads((outdir / "rank1.json").read_text())
     assert_nothing_left(root, [victim["world_id"]], [victim["supervisor_pid"]])
+
+
+def test_a_name_taken_twice_fails_every_rank_at_once(root, outdir, master):
+    # torch's test_duplicate_name_2: every rank's init_rpc raises "is not
+    # unique". The refused rank has the supervisor tell the members, who would
+    # otherwise wait for its empty rank until init_rpc timed out (20 s here);
+    # a rank arriving later is refused while the world is still there.
+    tmp.spawn(programs.duplicate_name, args=(3, str(outdir)), nprocs=3, join=True)
+    seen = results(outdir, 3)
+    refused = [r for r in seen if r["error"] and "is not unique: it is taken" in r["error"]
+               and "cannot form" not in r["error"]]
+    assert len(refused) == 1, seen
+    for record in seen:
+        if record is refused[0]:
+            continue
+        # A straggler that arrives once the doomed world is gone (under load)
+        # founds a new one, and its init_rpc names the ranks that never came.
+        straggler = record["error"] and "timed out after 20 s waiting for ranks" in record["error"]
+        assert straggler or ("cannot form" in record["error"]
+                             and "'worker0' is not unique" in record["error"]), record
+        assert straggler or record["failed_after_s"] < 15, record
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while sorted(p.name for p in root.iterdir()) != ["rendezvous.lock"]:
+        assert time.monotonic() < deadline, f"left behind: {list(root.iterdir())}"
+        time.sleep(0.05)
 
 
 def test_sigkill_of_the_supervisor_fails_graceful_shutdown_naming_it(root, outdir, master):
