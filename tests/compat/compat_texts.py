@@ -16,18 +16,7 @@ import time
 import torch
 
 import compat_backend as B
-from compat_scenarios import block_on, release, reset, worker
-
-
-def _raises(kind, fn, *args, **kwargs) -> str:
-    try:
-        fn(*args, **kwargs)
-    except kind as exc:
-        return str(exc)
-    except BaseException as exc:
-        raise AssertionError(f"{fn}{args} raised {type(exc).__name__}, not "
-                             f"{kind.__name__}: {exc}") from None
-    raise AssertionError(f"{fn}{args} raised nothing")
+from compat_scenarios import _raises, block_on, release, reset, worker
 
 
 def _only_on_rank0():
