@@ -128,8 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         lines: list[str] = []
         # Its own session: at --timeout the whole group goes, the test's
         # worker processes with pytest.
+        # torch's harness makes a temporary file per test for its file://
+        # rendezvous and never removes it: keep them in this run's directory.
+        scratch = os.path.join(where, "tmp")
+        os.mkdir(scratch)
+        env = dict(os.environ, TMPDIR=scratch)
         process = subprocess.Popen(command, cwd=where, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                   env=env)
 
         def kill_group() -> None:
             try:
