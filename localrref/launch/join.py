@@ -46,8 +46,9 @@ from localrref import world
 from localrref.control_messages import ArrivalRefused, Joined, Leaving
 from localrref.launch import rendezvous_dir
 from localrref.launch.inbox import send_control
-from localrref.launch.rendezvous import (Arrival, Create, Join, Reclaim, Refuse, Rendezvous,
-                                         Wait, WorldRecord, decide, is_local_host)
+from localrref.launch.rendezvous import (REFUSAL_LINGER_S, Arrival, Create, Join, Reclaim,
+                                         Refuse, Rendezvous, Wait, WorldRecord, decide,
+                                         is_local_host)
 from localrref.transport.fifo import FifoInbox, fifo_path, make_fifos, open_fifos
 from localrref.transport.segment import new_world_id, sweep_world_segments
 
@@ -120,11 +121,13 @@ class Membership:
         finally:
             for inbox in spec.inboxes:
                 inbox.close()
+        doomed = False
         with rendezvous_dir.locked(self.root):
             record = rendezvous_dir.read_record(self.key_dir)
             if record is None or record.world_id != spec.world_id:
                 pass  # reclaimed already: a newer world took the key
             else:
+                doomed = bool(record.refused)
                 record = record.leaving(spec.rank, os.getpid())
                 if (record.finished(rendezvous_dir.same_process)
                         and not rendezvous_dir.same_process(record.supervisor_pid,
@@ -134,7 +137,12 @@ class Membership:
                 else:
                     rendezvous_dir.write_record(self.key_dir, record)
         if self._pidfd >= 0:
-            if graceful:
+            if doomed and self.supervisor is not None:
+                # The supervisor of a world a refusal doomed outlives its
+                # members by REFUSAL_LINGER_S (launch/standalone.py); as its
+                # parent, wait and reap it, or it would be left to init.
+                select.select([self._pidfd], [], [], REFUSAL_LINGER_S + _DEPART_WAIT)
+            elif graceful:
                 # Every member passed the shutdown barrier and is leaving too:
                 # the supervisor prints the leak report, cleans up and exits at
                 # once. Waiting for it means that when the program ends its

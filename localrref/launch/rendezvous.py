@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "Rendezvous", "parse_init_method", "is_local_host", "Member", "WorldRecord", "Arrival",
     "Create", "Join", "Reclaim", "Wait", "Refuse", "Decision", "decide", "RECORD_VERSION",
+    "REFUSAL_LINGER_S",
 ]
 
 RECORD_VERSION = 1
@@ -262,6 +263,14 @@ class Refuse:
 
 
 Decision = Create | Join | Reclaim | Wait | Refuse
+
+
+# How long the supervisor of a world a refusal doomed keeps it (and so its
+# record) once every member is gone: processes of one start arrive seconds
+# apart (each imports torch), and a straggler must find the refusal, not an
+# empty rendezvous where it would found a world and wait for ranks that
+# already failed.
+REFUSAL_LINGER_S = 5.0
 
 
 def decide(record: WorldRecord | None, arrival: Arrival, rendezvous: Rendezvous,

@@ -14,7 +14,9 @@ watches them by pid (``pidfd_open``), and learns who they are from their
     Joined in its inbox          -> Roster.joined(...), pidfd_open(pid)
     ArrivalRefused in its inbox  -> to every member, and to any that joins later: a
                                     process refused at the rendezvous left a rank
-                                    empty, so this world cannot form
+                                    empty, so this world cannot form; the world
+                                    then stays REFUSAL_LINGER_S after the last member
+                                    goes, for stragglers to find the refusal
     other control messages       -> ControlDispatcher (graceful-shutdown barrier, leak reports)
     every member departed        -> sweep the world's segments, remove its inboxes and
                                     directory (and the record, if it is still this world's)
@@ -40,6 +42,7 @@ from localrref.control_messages import ArrivalRefused, Control, Joined, Leaving,
 from localrref.launch import rendezvous_dir
 from localrref.launch.control import ControlDispatcher, format_leak_line
 from localrref.launch.inbox import InboxReader, send_control
+from localrref.launch.rendezvous import REFUSAL_LINGER_S
 from localrref.transport import wire
 from localrref.transport.fifo import open_fifos
 from localrref.transport.segment import sweep_world_segments
@@ -124,6 +127,7 @@ class _Supervisor:
         self.dispatcher.register(Leaving, self._on_leaving)
         self.dispatcher.register(ArrivalRefused, self._on_arrival_refused)
         self.refused: ArrivalRefused | None = None
+        self.refused_until: float | None = None  # time.monotonic()
         self.pidfds: dict[int, int] = {}  # pidfd -> rank
 
     def run(self) -> None:
@@ -145,6 +149,10 @@ class _Supervisor:
                 if not self.roster.pids and time.monotonic() >= first_deadline:
                     break
             self._dispatch_all(reader)
+            if self.refused_until is not None:
+                # Keep the doomed world's record for the stragglers of the
+                # same start (REFUSAL_LINGER_S); the founder waits for us.
+                time.sleep(max(0.0, self.refused_until - time.monotonic()))
             for leak in self.dispatcher.leaks:  # the launcher's report, on the founder's stderr
                 print(format_leak_line(leak), file=sys.stderr, flush=True)
         finally:
@@ -185,6 +193,7 @@ class _Supervisor:
         # Passed on from here, in order with the deaths it will cause: every
         # member hears why the world cannot form before it hears of them.
         self.refused = message
+        self.refused_until = time.monotonic() + REFUSAL_LINGER_S
         for rank in self.roster.live():
             self._send(rank, message)
 

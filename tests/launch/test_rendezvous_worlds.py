@@ -199,8 +199,9 @@ def test_a_name_taken_twice_fails_every_rank_at_once(root, outdir, master):
     for record in seen:
         if record is refused[0]:
             continue
-        # A straggler that arrives once the doomed world is gone (under load)
-        # founds a new one, and its init_rpc names the ranks that never came.
+        # A straggler finds the refusal while the doomed world's supervisor
+        # lingers (REFUSAL_LINGER_S); one later still (under load) founds a
+        # new world, and its init_rpc names the ranks that never came.
         straggler = record["error"] and "timed out after 20 s waiting for ranks" in record["error"]
         assert straggler or ("cannot form" in record["error"]
                              and "'worker0' is not unique" in record["error"]), record
