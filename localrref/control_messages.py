@@ -15,8 +15,8 @@ Who sends what::
     worker -> supervisor  Joined, Leaving                  a world met through a rendezvous
                                                            (launch/join.py): who to watch, and
                                                            which exits are not deaths
-    refused -> worker     ArrivalRefused                   a process the rendezvous refused
-                                                           left a rank empty: init_rpc fails
+    refused -> supervisor ArrivalRefused                   a process the rendezvous refused
+    supervisor -> worker                                   left a rank empty: init_rpc fails
 
 The graceful-shutdown barrier (``launch/control.py`` drives it)::
 
@@ -214,8 +214,9 @@ class Leaving:
 class ArrivalRefused:
     """The process (``pid``) arriving as rank ``rank`` was refused: this world cannot form.
 
-    Sent by that process to the members already in its world (launch/join.py),
-    whose ``init_rpc`` would otherwise wait for the rank until it timed out.
+    Sent by that process to its world's supervisor (launch/join.py), which passes
+    it on to every member; their ``init_rpc`` would otherwise wait for the rank
+    until it timed out.
     """
 
     rank: int

@@ -13,11 +13,12 @@ from torch.distributed.rpc.backend_registry import BackendType
 
 import localrref
 from localrref import constants, functions
-from localrref.api import _rref_context_get_debug_info as _api_rref_context_get_debug_info
+# The private names are what torch's test helpers (torch.testing._internal.
+# dist_utils) and some programs reach for.
 from localrref.api import (WorkerInfo, _get_current_rpc_agent,  # noqa: F401
-                           _is_current_rpc_agent_set, get_debug_info, get_rpc_timeout,
-                           get_worker_info, init_rpc, remote, rpc_async, rpc_sync,
-                           set_rpc_timeout, shutdown)
+                           _is_current_rpc_agent_set, _rref_context_get_debug_info,
+                           get_debug_info, get_rpc_timeout, get_worker_info, init_rpc, remote,
+                           rpc_async, rpc_sync, set_rpc_timeout, shutdown)
 from localrref.options import RpcBackendOptions, TensorPipeRpcBackendOptions
 from localrref.rref import RRef
 
@@ -30,9 +31,6 @@ __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worke
 
 _set_rpc_timeout = set_rpc_timeout
 _get_debug_info = get_debug_info
-# torch's test helpers (torch.testing._internal.dist_utils) read the RRef
-# counters through this name.
-_rref_context_get_debug_info = _api_rref_context_get_debug_info
 _DEFAULT_INIT_METHOD = constants.DEFAULT_INIT_METHOD
 _DEFAULT_RPC_TIMEOUT_SEC = constants.DEFAULT_RPC_TIMEOUT_SEC
 _UNSET_RPC_TIMEOUT = constants.UNSET_RPC_TIMEOUT
