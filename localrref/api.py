@@ -21,6 +21,7 @@ from .agent import current
 from .agent.agent import Agent
 from .agent.futures import expose
 from .control_messages import ShutdownFailed
+from .launch import paused_gc
 from .errors import NOT_INITIALIZED_MESSAGE, RPCNotInitializedError, UnknownWorkerError
 from .options import FaultyRpcBackendOptions, RpcBackendOptions
 from .rref import RRef, worker_info
@@ -90,6 +91,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         if current.get() is not None or handover.active() is not None:
             raise RuntimeError("RPC is already initialized: call localrref.shutdown() before "
                                "calling init_rpc again")
+        paused_gc.freeze_at_first_init()
         spec = current_world()
         choice = handover.choose(backend, os.environ, launcher_world=spec is not None,
                                  remote_host=lambda: _remote_host(rpc_backend_options))

@@ -8,7 +8,8 @@ Steps (the decisions are ``rendezvous.decide``; this module does the I/O)::
         under <root>/rendezvous.lock:
           read <root>/<key>/world.json -> decide():
             Create  -> new world id, <key>/<id>/inbox-0..n (FIFOs), start the supervisor
-                       (launch/standalone.py, its own session), write the record
+                       (launch/standalone.py, its own session) without waiting for
+                       it, write the record
             Reclaim -> a finished world (or a crashed run's): remove it, then Create
             Join    -> add this member to the record
             Refuse  -> RuntimeError naming the problem and the fix; a refusal that
@@ -17,6 +18,8 @@ Steps (the decisions are ``rendezvous.decide``; this module does the I/O)::
                        tells every member, so their init_rpc fails too
         open every inbox; tell the supervisor: Joined(rank, pid, start time)
       -> Membership: the WorldSpec the agent runs on, and leave()
+        the founder, after the lock: Membership.confirm_supervisor() waits until the
+          supervisor reads its inbox (it started meanwhile, while others joined)
 
     shutdown() / exit:  Membership.leave(graceful)
         Leaving(rank, graceful) -> supervisor (an exit that follows is no death)
@@ -58,6 +61,7 @@ _NOTIFY_TIMEOUT = 5.0
 # How long a graceful leave waits for the supervisor to finish the world.
 _DEPART_WAIT = 10.0
 _SUPERVISOR_START_TIMEOUT = 60.0
+_SUPERVISOR_EXIT_WAIT = 5.0
 
 
 class NotThisHostError(RuntimeError):
@@ -78,6 +82,36 @@ class Membership:
     _watcher: threading.Thread | None = None
     _stop: tuple[int, int] = (-1, -1)  # leave() wakes the watcher through this pipe
     _pidfd: int = -1  # the supervisor's, open from watch_supervisor() to the end of leave()
+    _ready_fd: int = -1  # the founder's: the supervisor writes b"1" here once it reads its inbox
+
+    def confirm_supervisor(self, timeout: float = _SUPERVISOR_START_TIMEOUT) -> None:
+        """The founder's last step of :func:`join`, after the lock is released:
+        wait until the supervisor it started reads its inbox (at once for
+        everyone else, and once it answered).
+
+        Raises:
+            RuntimeError: it exited or did not answer within ``timeout``.
+        """
+        fd, self._ready_fd = self._ready_fd, -1
+        if fd < 0:
+            return
+        try:
+            readable, _, _ = select.select([fd], [], [], timeout)
+            if readable and os.read(fd, 1) == b"1":
+                return
+        finally:
+            os.close(fd)
+        try:
+            # Readable without its byte: it exited (the pipe's end closed with it).
+            code = self.supervisor.wait(_SUPERVISOR_EXIT_WAIT if readable else 0)
+        except subprocess.TimeoutExpired:
+            code = None
+            self.supervisor.kill()
+            self.supervisor.wait()
+        raise RuntimeError(
+            f"the localrref supervisor of the world at {self.key_dir} did not start "
+            f"({'exit code ' + str(code) if code is not None else f'no answer in {timeout:g} s'}); "
+            f"its errors, if any, are on this process's stderr")
 
     def watch_supervisor(self, on_gone: Callable[[str], None]) -> None:
         """Call ``on_gone(reason)`` from a daemon thread if the supervisor dies before we leave.
@@ -202,6 +236,7 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
     started = rendezvous_dir.process_started(pid)
     arrival = Arrival(rank=rank, world_size=world_size, name=name, pid=pid, started=started)
     supervisor = None
+    ready_fd = -1
     me = _member(arrival)
     deadline = time.monotonic() + timeout
     pause = 0.002
@@ -230,7 +265,8 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
                     if isinstance(decision, Reclaim):
                         _remove_locked(key_dir, decision.record, keep_dir=True,
                                        sweep=decision.stale)
-                    record, supervisor = _found(key_dir, arrival, me, shutdown_timeout)
+                    record, supervisor, ready_fd = _found(key_dir, arrival, me,
+                                                          shutdown_timeout)
         if not isinstance(decision, Wait):
             break
         # Peers leave a world within milliseconds of each other after a
@@ -239,7 +275,12 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
     world_dir = os.path.join(key_dir, record.world_id)
-    inboxes = open_fifos(world_dir, world_size + 1)
+    try:
+        inboxes = open_fifos(world_dir, world_size + 1)
+    except BaseException:
+        if ready_fd >= 0:
+            os.close(ready_fd)
+        raise
     try:
         spec = world.WorldSpec(world_id=record.world_id, rank=rank, world_size=world_size,
                                inboxes=tuple(inboxes), supervisor_pid=record.supervisor_pid,
@@ -251,9 +292,19 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
     except BaseException:
         for inbox in inboxes:
             inbox.close()
+        if ready_fd >= 0:
+            os.close(ready_fd)
         raise
-    return Membership(rendezvous=rendezvous, root=root, key_dir=key_dir, spec=spec,
-                      started=started, supervisor=supervisor)
+    membership = Membership(rendezvous=rendezvous, root=root, key_dir=key_dir, spec=spec,
+                            started=started, supervisor=supervisor, _ready_fd=ready_fd)
+    # The founder says hello only once its supervisor reads its inbox, so no
+    # init_rpc of the world returns before someone watches it.
+    try:
+        membership.confirm_supervisor()
+    except BaseException:
+        membership.leave(graceful=False)
+        raise
+    return membership
 
 
 def _tell_refused(world_dir: str, world_size: int, refused: ArrivalRefused) -> None:
@@ -278,7 +329,14 @@ def _member(arrival: Arrival):
 
 
 def _found(key_dir: str, arrival: Arrival, me, shutdown_timeout: float):
-    """Create a world (under the lock): its directory, inboxes, supervisor and record."""
+    """Create a world (under the lock): its directory, inboxes, supervisor and record.
+
+    Returns the record, the supervisor and the read end of its ready pipe,
+    which :meth:`Membership.confirm_supervisor` reads once the lock is
+    released: others join while the supervisor starts, since every member
+    holds every inbox open (``transport/fifo.py``), so their ``Joined`` waits
+    in its pipe until it reads.
+    """
     world_id = new_world_id()
     world_dir = os.path.join(key_dir, world_id)
     with contextlib.suppress(FileExistsError):
@@ -293,34 +351,18 @@ def _found(key_dir: str, arrival: Arrival, me, shutdown_timeout: float):
              "--ready-fd", str(ready_w)],
             stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True,
             pass_fds=(ready_w,))
-        os.close(ready_w)
-        ready_w = -1
-        # Until the supervisor holds its inbox open, a frame written there is
-        # lost as soon as the writer closes its own end (a FIFO keeps data
-        # only while someone has it open): wait until it does.
-        readable, _, _ = select.select([ready_r], [], [], _SUPERVISOR_START_TIMEOUT)
-        if not readable or os.read(ready_r, 1) != b"1":
-            code = supervisor.poll()
-            if code is None:
-                supervisor.kill()
-                supervisor.wait()
-            raise RuntimeError(
-                f"the localrref supervisor of the world at {key_dir} did not start "
-                f"({'exit code ' + str(code) if code is not None else 'no answer in ' + str(_SUPERVISOR_START_TIMEOUT) + ' s'}); "
-                f"its errors, if any, are on this process's stderr")
     except BaseException:
         shutil.rmtree(world_dir, ignore_errors=True)
+        os.close(ready_r)
         raise
     finally:
-        os.close(ready_r)
-        if ready_w >= 0:
-            os.close(ready_w)
+        os.close(ready_w)
     supervisor_started = rendezvous_dir.process_started(supervisor.pid) or 0
     record = WorldRecord(world_id=world_id, world_size=arrival.world_size,
                          supervisor_pid=supervisor.pid, supervisor_started=supervisor_started,
                          members=(me,))
     rendezvous_dir.write_record(key_dir, record)
-    return record, supervisor
+    return record, supervisor, ready_r
 
 
 def _remove_locked(key_dir: str, record: WorldRecord, *, keep_dir: bool = False,

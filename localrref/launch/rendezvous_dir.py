@@ -25,8 +25,7 @@ import os
 import shutil
 import stat
 import tempfile
-
-from filelock import FileLock
+from collections.abc import Iterator
 
 from localrref.launch.rendezvous import WorldRecord
 
@@ -35,6 +34,7 @@ __all__ = ["RUNTIME_DIR_ENV", "runtime_root", "locked", "read_record", "write_re
 
 RUNTIME_DIR_ENV = "LOCALRREF_RUNTIME_DIR"
 RECORD_NAME = "world.json"
+_LOCK_POLL_S = 0.001
 
 
 class RendezvousDirError(RuntimeError):
@@ -69,9 +69,18 @@ def check_private(path: str) -> None:
             f"to a private directory")
 
 
-def locked(root: str, timeout: float = 60.0) -> FileLock:
-    """The lock of every record under ``root`` (a context manager)."""
-    return FileLock(os.path.join(root, "rendezvous.lock"), timeout=timeout, mode=0o600)
+@contextlib.contextmanager
+def locked(root: str, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the lock of every record under ``root`` for the ``with`` block."""
+    # Imported here: the supervisor locks only when its world ends, and
+    # filelock's import is a fifth of its start.
+    from filelock import FileLock
+    lock = FileLock(os.path.join(root, "rendezvous.lock"), timeout=timeout, mode=0o600)
+    # filelock retries a held lock every 50 ms by default, and the lock is
+    # held for a few file operations: ranks that arrive together would each
+    # wait a whole interval for a lock freed long before.
+    with lock.acquire(poll_interval=_LOCK_POLL_S):
+        yield
 
 
 def read_record(key_dir: str) -> WorldRecord | None:

@@ -32,8 +32,8 @@ Torch-free: it starts in a few tens of milliseconds.
 from __future__ import annotations
 
 import argparse
-import multiprocessing.connection
 import os
+import select
 import sys
 import time
 from dataclasses import dataclass
@@ -139,7 +139,7 @@ class _Supervisor:
                                          None if self.roster.pids else first_deadline)
                              if d is not None]
                 timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-                ready = multiprocessing.connection.wait([reader, *self.pidfds], timeout)
+                ready = select.select([reader, *self.pidfds], [], [], timeout)[0]
                 if reader in ready:
                     self._dispatch_all(reader)
                 self.dispatcher.check_deadline(time.monotonic())
@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = _Supervisor(world_dir, args.world_id, args.world_size, args.key_dir,
                              args.shutdown_timeout, args.arrive_timeout)
     if args.ready_fd >= 0:
-        os.write(args.ready_fd, b"1")
+        try:
+            os.write(args.ready_fd, b"1")
+        except BrokenPipeError:
+            pass  # the founder is gone; the members it told of this world need us still
         os.close(args.ready_fd)
     supervisor.run()
     return 0

@@ -9,6 +9,8 @@ import random
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -60,6 +62,25 @@ def test_the_spawn_command_line_pauses_the_collector_before_spawn_main():
     spawn_ctx, fork_ctx = multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")
     assert paused_gc.process_class(spawn_ctx) is paused_gc.SpawnProcess
     assert paused_gc.process_class(fork_ctx) is fork_ctx.Process
+
+
+@pytest.mark.parametrize("switch, frozen", [("", True), ("0", False)])
+def test_the_first_init_rpc_freezes_what_exists_once(switch, frozen):
+    # In a process of its own: freezing is for the life of the process.
+    program = (
+        "import gc\n"
+        "from localrref.launch import paused_gc\n"
+        "paused_gc.freeze_at_first_init()\n"
+        "first = gc.get_freeze_count()\n"
+        "later = [[] for _ in range(1000)]\n"
+        "paused_gc.freeze_at_first_init()\n"
+        "print(first, gc.get_freeze_count())\n")
+    env = {**os.environ, paused_gc.SWITCH_ENV: switch}
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    first, second = map(int, done.stdout.split())
+    assert (first > 0) is frozen
+    assert second == first  # the second call froze nothing new
 
 
 def test_peer_exited_describes_the_death():

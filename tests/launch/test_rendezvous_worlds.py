@@ -357,3 +357,16 @@ def test_sigkill_of_the_supervisor_while_joining_members_wait(root):
     assert "lost its supervisor" in message
     membership.leave(False)  # the last member out cleans up in its place
     assert_nothing_left(root, [membership.spec.world_id])
+
+
+def test_a_founder_whose_supervisor_cannot_start_is_told_why(root, monkeypatch):
+    # The founder starts its supervisor and lets others join meanwhile; it
+    # confirms the supervisor came up before join returns. Here the
+    # "interpreter" exits at once.
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    with pytest.raises(RuntimeError, match=r"supervisor of the world .* did not start "
+                                           r"\(exit code 1\)"):
+        join(RDV, rank=0, world_size=2, name="a", shutdown_timeout=5)
+    monkeypatch.undo()
+    # It left: its supervisor is gone, so it removed the world itself.
+    assert sorted(p.name for p in root.iterdir()) == ["rendezvous.lock"]
