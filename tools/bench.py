@@ -427,11 +427,15 @@ def build_rows(cfg: Config) -> list[Row]:
                 label=f"graceful shutdown, {n} workers", unit="ms", better="lower",
                 pick=_world_median(n, "shutdown_ms")),
         ]
-    rows += [
-        Row(key=f"world_mp_start_{n}", group="world_mpspawn",
-            label=f"world start, {n} workers, plain torch.multiprocessing.spawn + MASTER_ADDR",
-            unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_mpspawn"))
-        for n in cfg.world_sizes]
+    for n in cfg.world_sizes:
+        rows += [
+            Row(key=f"world_mp_start_{n}", group="world_mpspawn",
+                label=f"world start, {n} workers, plain torch.multiprocessing.spawn + MASTER_ADDR",
+                unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_mpspawn")),
+            Row(key=f"world_mp_shutdown_{n}", group="world_mpspawn",
+                label=f"graceful shutdown, {n} workers, plain torch.multiprocessing.spawn",
+                unit="ms", better="lower", pick=_world_median(n, "shutdown_ms", "world_mpspawn")),
+        ]
     rows += [
         Row(key=f"world_fs_start_{n}", group="world_forkserver",
             label=f"world start, {n} workers, opt-in forkserver, torch preloaded",

@@ -244,9 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             pass  # the founder is gone; the members it told of this world need us still
         os.close(args.ready_fd)
+    # The world's end takes the rendezvous lock, and graceful members wait
+    # for that end: load the lock's module now, while the world runs.
+    import filelock  # noqa: F401
     supervisor.run()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Members that shut down gracefully wait for this process to end; the
+    # world is cleaned up and every report flushed, so skip the interpreter's
+    # teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
