@@ -17,9 +17,9 @@ Steps (the decisions are ``rendezvous.decide``; this module does the I/O)::
                        record and tells the supervisor (ArrivalRefused), which
                        tells every member, so their init_rpc fails too
         open every inbox; tell the supervisor: Joined(rank, pid, start time)
+        the founder: Membership.confirm_supervisor() waits until the supervisor
+          reads its inbox (it started meanwhile, while others joined)
       -> Membership: the WorldSpec the agent runs on, and leave()
-        the founder, after the lock: Membership.confirm_supervisor() waits until the
-          supervisor reads its inbox (it started meanwhile, while others joined)
 
     shutdown() / exit:  Membership.leave(graceful)
         Leaving(rank, graceful) -> supervisor (an exit that follows is no death)
