@@ -33,11 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import shlex
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +55,8 @@ for _path in (os.path.dirname(_TOOLS), _TOOLS):
 
 import bench_workloads as wl  # noqa: E402
 
-GROUPS = wl.IN_WORLD_GROUPS + ("world", "world_mpspawn", "world_forkserver")
+GROUPS = wl.IN_WORLD_GROUPS + ("world", "world_mpspawn", "world_runner", "world_forkserver")
+WORLD_GROUPS = ("world", "world_mpspawn", "world_runner", "world_forkserver")
 # What a forkserver imports once, before it forks any worker (opt-in fast start).
 FORKSERVER_PRELOAD = ["torch", "torch.distributed.rpc", "localrref.api", "bench_workloads"]
 GROUP_ALIASES = {"tensor": ("tensor_return", "tensor_arg"), "threads": ("idle",),
@@ -265,18 +268,23 @@ class WorldRun:
 
 def run_world(cfg: Config, backend: str, entry: Callable, *, world_size: int,
               groups: tuple[str, ...], start_method: str = "spawn",
-              torch_launcher: bool = False) -> WorldRun:
+              torch_launcher: bool = False, runner: bool = False) -> WorldRun:
+    """``runner``: localrref's world, but the workers run the torch backend's code
+    under ``python -m localrref.run`` (``bench_runner_world.py``)."""
     outdir = tempfile.mkdtemp(prefix=f"bench-{backend}-")
     try:
-        plan = wl.WorldPlan(backend=backend, world_size=world_size, outdir=outdir,
-                            groups=groups, iters=cfg.iters,
+        plan = wl.WorldPlan(backend="torch" if runner else backend, world_size=world_size,
+                            outdir=outdir, groups=groups, iters=cfg.iters,
                             port=free_port() if backend == "torch" or torch_launcher else 0,
                             tp_transports=cfg.tp_transports, tp_channels=cfg.tp_channels,
                             watchdog_s=cfg.watchdog_s)
         error = None
         t_spawn = time.monotonic()
         try:
-            launch(backend, entry, plan, start_method, torch_launcher)
+            if runner:
+                t_spawn = _run_under_runner(plan)
+            else:
+                launch(backend, entry, plan, start_method, torch_launcher)
         except Exception as exc:  # noqa: BLE001 -- a failed world is reported, not fatal
             error = f"world died: {_last_line(exc)}"
             _progress(f"[{backend}] world of {world_size} failed:\n{exc}")
@@ -287,6 +295,20 @@ def run_world(cfg: Config, backend: str, entry: Callable, *, world_size: int,
                         ranks=[r for r in ranks if r is not None], error=error)
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
+
+
+def _run_under_runner(plan: wl.WorldPlan) -> float:
+    """Run one world of ``plan`` as an unmodified torch program under ``python -m
+    localrref.run``; returns the moment its workers were started (time.monotonic())."""
+    plan_path = os.path.join(plan.outdir, "plan.pickle")
+    with open(plan_path, "wb") as fh:
+        pickle.dump(plan, fh)
+    done = subprocess.run([sys.executable, "-m", "localrref.run",
+                           os.path.join(_TOOLS, "bench_runner_world.py"), plan_path],
+                          capture_output=True, text=True, timeout=plan.watchdog_s + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit code {done.returncode}\n{done.stderr}")
+    return _read_json(os.path.join(plan.outdir, "t_spawn.json"))["t_spawn"]
 
 
 def run_main_world(cfg: Config, backend: str) -> dict:
@@ -301,16 +323,19 @@ def run_main_world(cfg: Config, backend: str) -> dict:
 
 
 def run_start_worlds(cfg: Config, backend: str, start_method: str = "spawn",
-                     torch_launcher: bool = False) -> dict:
+                     torch_launcher: bool = False, runner: bool = False) -> dict:
     """K worlds per size: spawn -> every init_rpc returned, and last shutdown call -> all done."""
     by_size: dict[str, dict] = {}
     for size in cfg.world_sizes:
         starts, stops, errors = [], [], []
         for k in range(cfg.worlds):
+            how = (", python -m localrref.run" if runner
+                   else ", torch.multiprocessing" if torch_launcher else "")
             _progress(f"[{backend}] start/shutdown world {k + 1}/{cfg.worlds}, {size} workers "
-                      f"({start_method}{', torch.multiprocessing' if torch_launcher else ''})")
+                      f"({start_method}{how})")
             run = run_world(cfg, backend, wl.start_world_entry, world_size=size, groups=(),
-                            start_method=start_method, torch_launcher=torch_launcher)
+                            start_method=start_method, torch_launcher=torch_launcher,
+                            runner=runner)
             if run.error or len(run.ranks) != size:
                 errors.append(run.error or f"only {len(run.ranks)} of {size} ranks reported")
                 continue
@@ -332,6 +357,13 @@ def run_backend(cfg: Config, backend: str) -> dict:
         # torch's workers always start this way: its "world" rows are these.
         results["world_mpspawn"] = (results["world"] if backend == "torch" and "world" in results
                                     else run_start_worlds(cfg, backend, torch_launcher=True))
+    if "world_runner" in cfg.groups:
+        # The same program on torch is its plain torch.multiprocessing.spawn world.
+        if backend == "torch":
+            results["world_runner"] = results.get("world") or run_start_worlds(cfg, backend)
+        else:
+            results["world_runner"] = run_start_worlds(cfg, backend, torch_launcher=True,
+                                                       runner=True)
     if "world_forkserver" in cfg.groups:
         results["world_forkserver"] = run_start_worlds(cfg, backend, "forkserver")
     return results
@@ -437,6 +469,12 @@ def build_rows(cfg: Config) -> list[Row]:
                 unit="ms", better="lower", pick=_world_median(n, "shutdown_ms", "world_mpspawn")),
         ]
     rows += [
+        Row(key=f"world_run_start_{n}", group="world_runner",
+            label=f"world start, {n} workers, torch.multiprocessing.spawn under "
+                  f"python -m localrref.run",
+            unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_runner"))
+        for n in cfg.world_sizes]
+    rows += [
         Row(key=f"world_fs_start_{n}", group="world_forkserver",
             label=f"world start, {n} workers, opt-in forkserver, torch preloaded",
             unit="ms", better="lower", pick=_world_median(n, "start_ms", "world_forkserver"))
@@ -460,7 +498,7 @@ def cell(row: Row, res: dict | None) -> object:
         group_result = res.get(row.group)
         error = group_result.get("error") if isinstance(group_result, dict) else None
         error = error or res.get("errors", {}).get(row.group)
-        if row.group in ("world", "world_mpspawn", "world_forkserver"):
+        if row.group in WORLD_GROUPS:
             size = row.key.rsplit("_", 1)[-1]
             error = error or next(iter(_get(row.group, size, "errors")(res) or []), None)
         if error:

@@ -33,6 +33,14 @@ four ``torch.multiprocessing.spawn`` workers on two cores: every
 ``init_rpc`` returns about 100 ms sooner. Only the first ``init_rpc`` of a
 process freezes, so garbage of one RPC session is never frozen by the next.
 
+Under ``python -m localrref.run``, whose ``sitecustomize`` runs first in
+every Python process the program starts, a ``spawn`` child of any launcher
+(``--multiprocessing-fork`` on its command line: ``torch.multiprocessing.spawn``,
+``multiprocessing.Process``, a pool) starts paused too, through
+:func:`pause_until_target`: its target's ``_bootstrap`` resumes first, as
+the bootstrap of a ``localrref.spawn`` worker does. A child that is not a
+``spawn`` child is left alone, since nothing would resume its collector.
+
 Two things change for the user. Cyclic garbage made before ``fn`` runs is
 frozen with the rest, so a main module that builds and drops large cyclic
 structures at import time (outside ``if __name__ == "__main__"``) keeps
@@ -47,11 +55,14 @@ import gc
 import io
 import multiprocessing.context
 import os
+import sys
 from multiprocessing import popen_spawn_posix, reduction, resource_tracker, spawn, util
 from multiprocessing.context import set_spawning_popen
+from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["SWITCH_ENV", "SpawnProcess", "freeze_at_first_init", "process_class", "resume"]
+__all__ = ["SWITCH_ENV", "SpawnProcess", "freeze_at_first_init", "pause_until_target",
+           "process_class", "resume"]
 
 SWITCH_ENV = "LOCALRREF_PAUSE_GC_AT_START"
 
@@ -143,3 +154,27 @@ def freeze_at_first_init() -> None:
         return
     _frozen = True
     gc.freeze()
+
+
+def pause_until_target() -> None:
+    """In a ``spawn`` child (``--multiprocessing-fork`` in ``sys.argv``), pause the
+    collector now and :func:`resume` just before the process's target runs.
+
+    Call it at interpreter start (``run/site/sitecustomize.py``): everything
+    up to the target (the main module imported again, what unpickling the
+    process object imports) then runs paused. Anything else is left as it
+    is: another process, a collector already paused (a worker that a
+    localrref supervisor started), and ``LOCALRREF_PAUSE_GC_AT_START=0``.
+    """
+    if (sys.argv[1:2] != ["--multiprocessing-fork"] or not gc.isenabled()
+            or os.environ.get(SWITCH_ENV, "").strip() == "0"):
+        return
+    gc.disable()
+    bootstrap = BaseProcess._bootstrap
+
+    def _bootstrap(self, *args, **kwargs):
+        BaseProcess._bootstrap = bootstrap
+        resume()
+        return bootstrap(self, *args, **kwargs)
+
+    BaseProcess._bootstrap = _bootstrap

@@ -204,3 +204,41 @@ def test_every_python_child_gets_the_alias_and_the_environments_own_sitecustomiz
 def test_a_missing_script_is_an_error(env):
     done = run(["-m", "localrref.run", "no_such_program.py"], env)
     assert done.returncode == 2 and "can't open file 'no_such_program.py'" in done.stderr
+
+
+GC_AT_START = """\
+import gc, json, multiprocessing, sys
+AT_IMPORT = gc.isenabled()  # run again in the spawn child, as __mp_main__
+
+
+def target(queue):
+    queue.put({"at_import": AT_IMPORT, "in_target": gc.isenabled(),
+               "frozen": gc.get_freeze_count() > 0})
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    child = ctx.Process(target=target, args=(queue,))
+    child.start()
+    seen = queue.get()
+    child.join()
+    seen["parent"] = gc.isenabled()
+    print(json.dumps(seen))
+"""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("runner, switch, paused", [
+    (True, "", True), (True, "0", False), (False, "", False)])
+def test_spawn_children_under_the_runner_import_with_the_collector_paused(env, tmp_path, runner,
+                                                                           switch, paused):
+    script = tmp_path / "gc_at_start.py"
+    script.write_text(GC_AT_START)
+    env["LOCALRREF_PAUSE_GC_AT_START"] = switch
+    done = run([*(["-m", "localrref.run"] if runner else []), str(script)], env)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    # Paused until the target runs, which finds it on again with startup frozen.
+    assert seen == {"at_import": not paused, "in_target": True, "frozen": paused,
+                    "parent": True}

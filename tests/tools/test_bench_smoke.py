@@ -163,19 +163,38 @@ def test_tiny_run_fills_every_row_and_leaves_nothing_behind(backend, tmp_path):
     assert not alive, f"bench left processes behind: {alive}"
 
 
-@pytest.mark.processes
-@pytest.mark.timeout(90)
-def test_forkserver_start_rows_fill_and_the_server_goes_with_the_run(tmp_path):
+def _start_row_values(tmp_path, group: str, **env: str) -> dict:
+    """Run one 2-worker world of ``group`` for localrref; its rows' values, once
+    every process of the run is gone."""
     token = uuid.uuid4().hex
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--backends", "localrref", "--rows", "world_forkserver",
+        [sys.executable, str(BENCH), "--backends", "localrref", "--rows", group,
          "--world-sizes", "2", "--worlds", "1", "--watchdog", "60", "--json", str(out)],
-        cwd=REPO, env={**os.environ, "BENCH_SMOKE_TOKEN": token},
+        cwd=REPO, env={**os.environ, "BENCH_SMOKE_TOKEN": token, **env},
         capture_output=True, text=True, timeout=80)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    values = {row["key"]: row["values"]["localrref"] for row in report["rows"]}
-    assert isinstance(values["world_fs_start_2"], float) and values["world_fs_start_2"] > 0
     _, alive = psutil.wait_procs(_processes_with_token(token), timeout=5)
-    assert not alive, f"bench left processes behind (the forkserver?): {alive}"
+    assert not alive, f"bench left processes behind: {alive}"
+    return {row["key"]: row["values"]["localrref"] for row in report["rows"]}
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(90)
+def test_forkserver_start_rows_fill_and_the_server_goes_with_the_run(tmp_path):
+    values = _start_row_values(tmp_path, "world_forkserver")  # the forkserver is gone too
+    assert isinstance(values["world_fs_start_2"], float) and values["world_fs_start_2"] > 0
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(90)
+def test_runner_start_rows_run_the_torch_workers_on_localrref(tmp_path):
+    # The workers run the torch backend's code (import torch.distributed.rpc,
+    # TensorPipe options) under python -m localrref.run: the world must form
+    # on localrref, through a rendezvous under this test's own root.
+    root = tmp_path / "rt"
+    root.mkdir(mode=0o700)
+    values = _start_row_values(tmp_path, "world_runner", LOCALRREF_RUNTIME_DIR=str(root))
+    assert isinstance(values["world_run_start_2"], float) and values["world_run_start_2"] > 0
+    assert sorted(p.name for p in root.iterdir()) == ["rendezvous.lock"]
