@@ -131,7 +131,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         try:
             agent.start(options.init_timeout)
         except BaseException:
-            _close(agent, graceful=False)
+            _close(agent, graceful=False, formed=False)
             raise
 
 
@@ -174,8 +174,11 @@ def _remote_host(options) -> str | None:
     return remote_host(rendezvous)
 
 
-def _close(agent: Agent, *, graceful: bool) -> None:
-    """Stop this process's agent and, in a rendezvous world, leave it."""
+def _close(agent: Agent, *, graceful: bool, formed: bool = True) -> None:
+    """Stop this process's agent and, in a rendezvous world, leave it.
+
+    ``formed``: init_rpc had returned (False when it failed).
+    """
     global _membership
     current.set(None)
     membership, _membership = _membership, None
@@ -183,7 +186,7 @@ def _close(agent: Agent, *, graceful: bool) -> None:
         agent.close()
     finally:
         if membership is not None:
-            membership.leave(graceful)
+            membership.leave(graceful, formed)
 
 
 def _resolve_int(what, given, env, world_value, *, unset):

@@ -87,13 +87,17 @@ class PeerExited:
     In a world met through a rendezvous the supervisor is not the workers'
     parent: ``exitcode`` is then None (unknown), and ``left`` says the
     worker left the world without a graceful shutdown (its process may
-    still run) rather than vanished.
+    still run) rather than vanished. ``formed``: it left after its
+    ``init_rpc`` returned, so every peer had answered its hello and the
+    world had formed: its departure is an ordinary death even to a peer
+    whose own ``init_rpc`` still waits for others.
     """
 
     rank: int
     pid: int
     exitcode: int | None
     left: bool = False
+    formed: bool = False
 
     def __post_init__(self) -> None:
         _rank(self.rank)
@@ -201,10 +205,12 @@ class Leaving:
 
     Its exit is then no death: peers are told only if it left without a
     graceful shutdown while they still run (their calls to it must fail).
+    ``formed``: its ``init_rpc`` had returned (see ``PeerExited.formed``).
     """
 
     rank: int
     graceful: bool
+    formed: bool = False
 
     def __post_init__(self) -> None:
         _rank(self.rank)

@@ -130,6 +130,9 @@ class Agent:
         self.dead: dict[int, BaseException] = {}
         # Set when the world is known never to form (see _on_arrival_refused).
         self._init_failure: BaseException | None = None
+        # The first death of a peer whose init_rpc had not returned: it fails
+        # an init_rpc still waiting for hellos (await_peers).
+        self._unformed_death: BaseException | None = None
         self._handshake = Handshake(rank=rank, name=name, pid=os.getpid(),
                                     world_size=world_size, serial=next(_AGENT_SERIALS))
         self._progress = threading.Condition()
@@ -174,8 +177,9 @@ class Agent:
 
     def await_peers(self, init_timeout: float) -> None:
         """Wait until every peer answered our hello (or one died first, or time ran out)."""
-        met = self.block_until(lambda: (self._handshake.complete or self.dead or self.closing
-                                        or self._init_failure is not None),
+        met = self.block_until(lambda: (self._handshake.complete
+                                        or self._unformed_death is not None
+                                        or self.closing or self._init_failure is not None),
                                init_timeout, "every peer to call init_rpc")
         if self._init_failure is not None and not self._handshake.complete:
             raise self._init_failure
@@ -184,12 +188,14 @@ class Agent:
                 f"init_rpc timed out after {init_timeout:.0f} s waiting for ranks "
                 f"{self._handshake.missing()} to call init_rpc (every worker of the world "
                 f"must call it)")
-        if self.dead and not self._handshake.complete:
+        if self._unformed_death is not None and not self._handshake.complete:
             # A peer died before every hello was answered: this world never
             # formed. Once the handshake is complete, a death (even one seen
             # before this thread woke up) is an ordinary death: calls to that
-            # peer fail, and init_rpc has succeeded.
-            raise next(iter(self.dead.values()))
+            # peer fail, and init_rpc has succeeded. So is the death of a peer
+            # whose own init_rpc had returned (PeerExited.formed): every
+            # worker had answered it, so the hellos still missing here come.
+            raise self._unformed_death
         names = collections.Counter(p.name for p in self._handshake.peers.values())
         duplicates = sorted(n for n, c in names.items() if c > 1)
         if duplicates:
@@ -213,7 +219,9 @@ class Agent:
                 return
             reply = self._handshake.receive(message)
             for rank, text in self._handshake.mismatches.items():
-                self.dead.setdefault(rank, RuntimeError(text))
+                error = self.dead.setdefault(rank, RuntimeError(text))
+                if self._unformed_death is None:
+                    self._unformed_death = error
         self.signal_progress()
         if reply is not None:
             with contextlib.suppress(WorkerClosedError, WorkerGoneError):
@@ -251,7 +259,8 @@ class Agent:
         """
         if self._handshake.complete:
             return False
-        self.block_until(lambda: self._handshake.complete or self.dead or self.closing,
+        self.block_until(lambda: (self._handshake.complete or self._unformed_death is not None
+                                  or self.closing),
                          None, "every peer to say hello")
         return True
 
@@ -513,6 +522,8 @@ class Agent:
             pid=exited.pid, exitcode=exited.exitcode)
         with self.lock:
             self.dead[rank] = error
+            if not exited.formed and self._unformed_death is None:
+                self._unformed_death = error
             effects = self.core.on_peer_gone(rank, error, now=self.clock())
         forget = getattr(self.transport, "forget", None)
         if forget is not None:

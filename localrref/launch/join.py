@@ -138,8 +138,11 @@ class Membership:
                                          daemon=True)
         self._watcher.start()
 
-    def leave(self, graceful: bool) -> None:
-        """Leave the world (idempotent); call once this process's agent is closed."""
+    def leave(self, graceful: bool, formed: bool = False) -> None:
+        """Leave the world (idempotent); call once this process's agent is closed.
+
+        ``formed``: this process's ``init_rpc`` had returned (``Leaving.formed``).
+        """
         if self._left:
             return
         self._left = True
@@ -151,7 +154,8 @@ class Membership:
         spec = self.spec
         try:
             send_control(spec.supervisor_inbox, spec.rank,
-                         Leaving(rank=spec.rank, graceful=graceful), _NOTIFY_TIMEOUT)
+                         Leaving(rank=spec.rank, graceful=graceful, formed=formed),
+                         _NOTIFY_TIMEOUT)
         finally:
             for inbox in spec.inboxes:
                 inbox.close()

@@ -198,17 +198,19 @@ class _Supervisor:
             self._send(rank, message)
 
     def _on_leaving(self, src: int, message: Leaving) -> None:
-        self._departed(message.rank, self.roster.leaving(message), left=True)
+        self._departed(message.rank, self.roster.leaving(message), left=True,
+                       formed=message.formed)
 
     def _exited(self, rank: int) -> None:
         self._departed(rank, self.roster.exited(rank), left=False)
 
-    def _departed(self, rank: int, verdict: ExitVerdict | None, *, left: bool) -> None:
+    def _departed(self, rank: int, verdict: ExitVerdict | None, *, left: bool,
+                  formed: bool = False) -> None:
         if verdict is None:
             return
         if verdict.death:
             notice = PeerExited(rank=rank, pid=self.roster.pids[rank], exitcode=verdict.exitcode,
-                                left=left)
+                                left=left, formed=formed)
             for peer in self.roster.live():
                 self._send(peer, notice)
         self.dispatcher.on_worker_exit(rank, verdict.exitcode)

@@ -151,12 +151,20 @@ class AgentWorld:
 
     def kill(self, rank: int, exitcode: int = -9) -> None:
         """SIGKILL worker ``rank``: its inbox goes, the supervisor tells the others."""
+        self._depart(rank, PeerExited(rank=rank, pid=10_000 + rank, exitcode=exitcode), exitcode)
+
+    def leave_formed(self, rank: int) -> None:
+        """Worker ``rank``, whose init_rpc returned, calls shutdown(graceful=False) and
+        leaves, as a rendezvous supervisor reports it (``PeerExited.formed``)."""
+        self._depart(rank, PeerExited(rank=rank, pid=10_000 + rank, exitcode=None, left=True,
+                                      formed=True), None)
+
+    def _depart(self, rank: int, notice: PeerExited, exitcode: int | None) -> None:
         self.alive.discard(rank)
         self.network.kill(rank)
         self.dispatcher.on_worker_exit(rank, exitcode)
         for other in sorted(self.alive):
-            self._from_supervisor(other, PeerExited(rank=rank, pid=10_000 + rank,
-                                                    exitcode=exitcode))
+            self._from_supervisor(other, notice)
 
     def shutdown(self, timeout: float = 30.0) -> list[list[dict]]:
         """Graceful shutdown on every live worker at once; their leak records."""

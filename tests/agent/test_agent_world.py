@@ -277,6 +277,28 @@ def test_a_peer_that_dies_after_the_handshake_does_not_fail_init():
         world.close()
 
 
+def test_a_peer_that_left_after_its_init_returned_does_not_fail_a_slower_init():
+    # torch's test_local_shutdown: every rank calls init_rpc, then
+    # shutdown(graceful=False) at once. Rank 0 met everyone and left while
+    # rank 1 still waited for rank 2's answer: the world had formed, so
+    # rank 1's init_rpc succeeds, and only calls to rank 0 fail.
+    world = AgentWorld(3)
+    try:
+        world.delay(2, 1)
+        world.say_hello()
+        world.settle()
+        assert world.agents[0]._handshake.complete
+        assert not world.agents[1]._handshake.complete
+        world.leave_formed(0)
+        with current.using(world.agents[1]):
+            world.agents[1].await_peers(60.0)
+        assert result(world, call(world, 1, 2, add, 1, 1)) == 2
+        with pytest.raises(WorkerGoneError, match="left the world without a graceful shutdown"):
+            result(world, call(world, 1, 0, add, 1, 1))
+    finally:
+        world.close()
+
+
 def test_a_peer_that_dies_before_answering_fails_init_naming_it():
     world = AgentWorld(3)
     try:

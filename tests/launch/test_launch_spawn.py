@@ -103,7 +103,7 @@ def test_dead_worker_raises_and_peers_get_peer_exited(tmp_path, how, exitcode, t
     assert str(err) == text
     assert (err.error_index, err.error_pid, err.exit_code) == (1, pids[1], exitcode)
     assert err.signal_name == ("SIGKILL" if how == "sigkill" else None)
-    assert _read(tmp_path / "inbox0.json") == ["PeerExited", 1, pids[1], exitcode, False]
+    assert _read(tmp_path / "inbox0.json") == ["PeerExited", 1, pids[1], exitcode, False, False]
     assert ctx.group.exits()[0].exitcode == 0
 
 
