@@ -124,9 +124,13 @@ class SpawnProcess(multiprocessing.context.SpawnProcess):
         return _PausedPopen(process_obj)
 
 
+def _switched_off() -> bool:
+    return os.environ.get(SWITCH_ENV, "").strip() == "0"
+
+
 def process_class(ctx: Any) -> Any:
     """The Process class to start workers with under multiprocessing context ``ctx``."""
-    if ctx.get_start_method() != "spawn" or os.environ.get(SWITCH_ENV, "").strip() == "0":
+    if ctx.get_start_method() != "spawn" or _switched_off():
         return ctx.Process
     return SpawnProcess
 
@@ -150,7 +154,7 @@ def freeze_at_first_init() -> None:
     module's doc); later calls, a worker :func:`resume` froze, and
     ``LOCALRREF_PAUSE_GC_AT_START=0`` in the worker's environment do nothing."""
     global _frozen
-    if _frozen or os.environ.get(SWITCH_ENV, "").strip() == "0":
+    if _frozen or _switched_off():
         return
     _frozen = True
     gc.freeze()
@@ -166,8 +170,7 @@ def pause_until_target() -> None:
     is: another process, a collector already paused (a worker that a
     localrref supervisor started), and ``LOCALRREF_PAUSE_GC_AT_START=0``.
     """
-    if (sys.argv[1:2] != ["--multiprocessing-fork"] or not gc.isenabled()
-            or os.environ.get(SWITCH_ENV, "").strip() == "0"):
+    if not spawn.is_forking(sys.argv) or not gc.isenabled() or _switched_off():
         return
     gc.disable()
     bootstrap = BaseProcess._bootstrap
