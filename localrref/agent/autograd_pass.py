@@ -197,7 +197,7 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
         try:
             for leaf in leaves:
                 leaf.grad = None
-            torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=leaves)
+            _engine_backward(outputs, grad_outputs, leaves)
             found = [None if leaf.grad is None else _own(leaf.grad) for leaf in leaves]
             for leaf, (grad, version) in zip(others, before):
                 now = leaf.grad
@@ -213,6 +213,29 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
                 leaf.grad = grad  # a tensor rewritten in place keeps its new values
             if earlier is not None:
                 earlier.note(leaves)
+
+
+def _engine_backward(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
+                     inputs: list[torch.Tensor]) -> None:
+    """``torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=inputs)``,
+    without the Python object that call stashes in the thread's state for the run.
+
+    A collective that a hook starts during the pass (DDP's all-reduce)
+    captures that state, and gloo's worker thread frees it after the work,
+    which takes the GIL. A thread that holds the GIL meanwhile and destroys
+    the process group (a DDP trainer's frame ending, whose Reducer held the
+    last reference to it) joins that worker thread: both wait for ever.
+    torch's distributed backward runs its engine from C++, with no Python
+    object in that state; this runs it the same way.
+    """
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    make_grads = getattr(torch.autograd, "_make_grads", None)
+    if engine is None or make_grads is None:  # another torch: its public call
+        torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=inputs)
+        return
+    grads = make_grads(tuple(outputs), tuple(grad_outputs), is_grads_batched=False)
+    engine.run_backward(tuple(outputs), grads, True, False, tuple(inputs),
+                        allow_unreachable=True, accumulate_grad=True)
 
 
 def _own(grad: torch.Tensor) -> torch.Tensor:

@@ -139,11 +139,20 @@ class Leadership:
             self._start_watching_locked()
 
     def busy_end(self, me: int) -> bool:
-        """Back from carrying out effects: True if ``me`` still leads."""
+        """Back from carrying out effects: True if ``me`` still leads.
+
+        An IO thread can come back parked: the job it ran made a blocking
+        call, claimed the inbox for its reply and parked it. It reads again
+        now, so it is no longer parked; left parked, the watch would depose
+        it while it sits in recv and a second reader would queue behind it,
+        one that took its last look at ``closing`` before the close's wake-up,
+        which the first one then drains.
+        """
         with self.lock:
             if self.leader != me:
                 return False
             self.busy = False
+            self.parked = False
             return True
 
     def step_down(self, me: int) -> None:

@@ -149,6 +149,12 @@ class Reader:
                     agent.signal_progress()
                     if lead.handoff_to is not None and lead.hand_off(me):
                         break
+                    if lead.leader != me:
+                        # Only the leader may sit in recv: a second thread
+                        # there would wait on its lock, and a caller that
+                        # claimed the inbox would queue behind it for a frame
+                        # that may never come.
+                        break
                 agent.signal_progress()
                 if lead.should_retire():
                     return

@@ -203,6 +203,36 @@ def test_the_watch_deposes_a_leader_out_in_user_code_for_a_whole_period(rec):
     assert lead.busy_end(IO_THREAD) is False  # it comes back a follower
 
 
+@pytest.mark.parametrize("how", ["stepped_down", "deposed_then_handed_back"])
+def test_an_io_thread_whose_job_parked_the_inbox_reads_on_unparked(rec, how):
+    # The job an IO thread runs makes a blocking call: the thread gets the
+    # inbox back for its reply (free after its step down, or handed over by
+    # the reader that took it meanwhile) and parks it, then returns to its
+    # loop and reads. The watch must not take the inbox from a thread in
+    # recv: a second reader would then read beside it.
+    lead = rec.build()
+    io_leads(lead)
+    lead.busy_begin()
+    if how == "stepped_down":
+        lead.step_down(IO_THREAD)  # before_request
+        assert lead.claim(IO_THREAD) == LEAD
+    else:
+        assert lead.watch_tick() == WATCHING
+        assert lead.watch_tick() == DEPOSED
+        lead.io_thread_started(OTHER_CALLER)  # the reader started in its place
+        assert lead.wait_to_lead(OTHER_CALLER)
+        assert lead.claim(IO_THREAD) == REQUESTED
+        assert lead.hand_off(OTHER_CALLER)
+    lead.park(IO_THREAD)
+    assert lead.parked
+    assert lead.busy_end(IO_THREAD) is True
+    assert not lead.parked
+    deposes = rec.deposes
+    assert lead.watch_tick() == WATCHING
+    assert lead.watch_tick() is None
+    assert lead.leader == IO_THREAD and rec.deposes == deposes
+
+
 def test_short_spells_never_depose_and_a_quiet_period_stops_the_watch(rec):
     lead = rec.build()
     io_leads(lead)

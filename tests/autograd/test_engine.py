@@ -129,6 +129,21 @@ def test_a_pass_runs_the_hooks_of_each_leafs_accumulator_and_puts_grad_back():
     assert w.grad is earlier
 
 
+def test_a_pass_leaves_no_python_object_in_the_state_its_hooks_capture():
+    # A collective a hook starts (DDP's all-reduce) captures the thread's
+    # state, and gloo's thread frees it later: a Python object there needs the
+    # GIL then, and a trainer that holds it while its process group is
+    # destroyed waits for that thread for ever. torch.autograd.backward
+    # stashes one for its run; torch's distributed backward does not.
+    w = torch.randn(3, requires_grad=True)
+    stashed = []
+    w.register_hook(lambda grad: stashed.append(torch._C._is_key_in_tls("context")))
+    grads, accumulate = accumulator()
+    run_pass([(w * 2).sum()], [torch.ones(())], {}, accumulate)
+    assert stashed == [False]
+    assert torch.allclose(grads[w], torch.full((3,), 2.0))
+
+
 def test_passes_on_two_threads_through_one_leaf_keep_their_gradients_apart():
     import threading
     w = torch.randn(256, 256, requires_grad=True)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from localrref.run.runner import NOTICE
+from localrref.testing.programs import run_program
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = os.path.join(HERE, "split_model_program.py")
@@ -32,8 +32,8 @@ def run(program: str, backend: str, out, runner: bool = False) -> str:
         port = sock.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     prefix = ["-m", "localrref.run"] if runner else []
-    done = subprocess.run([sys.executable, *prefix, program, backend, str(out)], env=env,
-                          cwd=HERE, capture_output=True, text=True, timeout=180)
+    done = run_program([sys.executable, *prefix, program, backend, str(out)], env=env,
+                       cwd=HERE, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     return done.stderr
 

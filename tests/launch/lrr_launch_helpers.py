@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from localrref.testing.programs import run_program
+
 MARKER = "LRR_LAUNCH_TEST"
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "scripts")
@@ -24,8 +26,8 @@ def launcher_env(**extra: str) -> dict[str, str]:
 
 
 def run_launcher(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localrref.launch", *args], cwd=SCRIPTS,
-                          env=launcher_env(**env), capture_output=True, text=True, timeout=timeout)
+    return run_program([sys.executable, "-m", "localrref.launch", *args], cwd=SCRIPTS,
+                       env=launcher_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 def start_launcher(*args: str, **env: str) -> subprocess.Popen:

@@ -20,6 +20,7 @@ import pytest
 
 from lrr_launch_helpers import SCRIPTS, launcher_env
 from localrref.launch import rendezvous_dir
+from localrref.testing.programs import run_program
 
 pytestmark = pytest.mark.processes
 TIMEOUT = 240
@@ -84,22 +85,22 @@ def test_the_main_job_runs_across_two_torchrun_nodes_on_torch(env):
 
 
 def test_the_same_job_on_one_node_stays_on_localrref(env):
-    done = subprocess.run(torchrun("--standalone", "--nproc-per-node", "4", *MAIN_JOB),
-                          cwd=SCRIPTS, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    done = run_program(torchrun("--standalone", "--nproc-per-node", "4", *MAIN_JOB),
+                       cwd=SCRIPTS, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr
     assert NOTICE not in out
     assert "ps: 3 trainers, 120 updates" in out and "ps: shutdown complete" in out
 
 
-def run_program(env, tmp_path, backend: str | None) -> dict:
+def run_handover_program(env, tmp_path, backend: str | None) -> dict:
     env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if backend is not None:
         env["LOCALRREF_BACKEND"] = backend
     outfile = tmp_path / f"seen-{backend}.json"
-    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "handover_program.py"),
-                           str(outfile)], cwd=SCRIPTS, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    done = run_program([sys.executable, os.path.join(SCRIPTS, "handover_program.py"),
+                        str(outfile)], cwd=SCRIPTS, env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     seen = json.loads(outfile.read_text())
     seen["notices"] = done.stderr.count(NOTICE)
@@ -107,8 +108,8 @@ def run_program(env, tmp_path, backend: str | None) -> dict:
 
 
 def test_one_program_sees_the_same_api_on_both_engines(env, tmp_path):
-    on_localrref = run_program(env, tmp_path, None)
-    on_torch = run_program(env, tmp_path, "torch")
+    on_localrref = run_handover_program(env, tmp_path, None)
+    on_torch = run_handover_program(env, tmp_path, "torch")
     assert on_localrref.pop("notices") == 0 and on_torch.pop("notices") == 2  # one per worker
     assert on_localrref.pop("rref_type") == "localrref.rref.RRef"
     assert on_torch.pop("rref_type") == "torch._C._distributed_rpc.PyRRef"

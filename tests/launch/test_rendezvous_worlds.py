@@ -31,6 +31,7 @@ import lrr_rdv_programs as programs
 from localrref.launch import rendezvous_dir
 from localrref.launch.join import NotThisHostError, join
 from localrref.launch.rendezvous import Member, WorldRecord, parse_init_method
+from localrref.testing.programs import run_program
 from localrref.transport.fifo import make_fifos
 from localrref.transport.segment import world_segments
 
@@ -140,7 +141,7 @@ def test_processes_started_by_hand_with_file_init_method(root, outdir, tmp_path)
 def test_torchrun_standalone(root, outdir):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun is installed with torch"
-    done = subprocess.run(
+    done = run_program(
         [torchrun, "--standalone", "--nproc-per-node", "2", str(PROGRAMS), "basic", str(outdir)],
         timeout=RUN_TIMEOUT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -241,8 +242,8 @@ def join_elsewhere(rank, world_size, name, method="tcp://localhost:29613"):
         "except RuntimeError as exc:\n"
         "    print(exc); sys.exit(0)\n"
         "m.leave(False); print('joined')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT)
+    done = run_program([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 

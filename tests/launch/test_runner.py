@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 from lrr_launch_helpers import SCRIPTS, launcher_env
 from localrref.launch import rendezvous_dir
 from localrref.run.runner import NOTICE, SITE_DIR, Plan, UsageError, child_environment, plan
+from localrref.testing.programs import run_program
 
 PROGRAM = os.path.join(SCRIPTS, "torch_rpc_program.py")
 TIMEOUT = 120
@@ -67,8 +67,8 @@ def env(tmp_path):
 
 
 def run(args, env, cwd=SCRIPTS):
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    return run_program([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=TIMEOUT)
 
 
 def assert_ran_on_localrref(done, outfile):

@@ -8,6 +8,7 @@ import sys
 import psutil
 import pytest
 
+from localrref.testing.programs import run_program
 from localrref.transport.shm import world_segments
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(120)]
@@ -24,9 +25,9 @@ def launch(tmp_path):
 
 
 def _launch(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "localrref.launch", *args],
-                          capture_output=True, text=True, timeout=100,
-                          env={**os.environ, **(env or {})})
+    return run_program([sys.executable, "-m", "localrref.launch", *args],
+                       capture_output=True, text=True, timeout=100,
+                       env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 import bench
 import bench_workloads as wl
+from localrref.testing.programs import run_program
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench.py"
@@ -135,7 +135,7 @@ def _processes_with_token(token: str) -> list[psutil.Process]:
 def test_tiny_run_fills_every_row_and_leaves_nothing_behind(backend, tmp_path):
     token = uuid.uuid4().hex
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc = run_program(
         [sys.executable, str(BENCH), "--backends", backend,
          "--rows", "sync,fork,tensor_return,tensor_arg", "--sizes", "4K,1M",
          "--scale", "0.02", "--watchdog", "60", "--json", str(out)],
@@ -168,7 +168,7 @@ def _start_row_values(tmp_path, group: str, **env: str) -> dict:
     every process of the run is gone."""
     token = uuid.uuid4().hex
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc = run_program(
         [sys.executable, str(BENCH), "--backends", "localrref", "--rows", group,
          "--world-sizes", "2", "--worlds", "1", "--watchdog", "60", "--json", str(out)],
         cwd=REPO, env={**os.environ, "BENCH_SMOKE_TOKEN": token, **env},

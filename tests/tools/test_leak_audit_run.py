@@ -22,6 +22,7 @@ import pytest
 
 import leak_audit
 from leak_audit import LeakKind, Status
+from localrref.testing.programs import run_program
 
 LEAKY = Path(__file__).parent / "leaky"
 TOOL = Path(__file__).parents[2] / "tools" / "leak_audit.py"
@@ -233,8 +234,8 @@ def test_sampled_series_mode_catches_fd_growth_without_probe_lines():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "LEAKY_SHM_PREFIX": PREFIX})
+    return run_program([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "LEAKY_SHM_PREFIX": PREFIX})
 
 
 @pytest.mark.timeout(60)

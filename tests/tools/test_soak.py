@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import soak
+from localrref.testing.programs import run_program
 
 TOOL = Path(__file__).parents[2] / "tools" / "soak.py"
 
@@ -51,9 +51,9 @@ def test_fewer_than_three_workers_are_refused(capsys):
 @pytest.mark.timeout(400)
 def test_a_short_soak_is_clean(tmp_path):
     # Three epochs (an RPC restart between each), the first a warm-up.
-    done = subprocess.run([sys.executable, str(TOOL), "--seconds", "60", "--epoch", "20",
-                           "--svg", str(tmp_path / "s.svg")],
-                          capture_output=True, text=True, timeout=360)
+    done = run_program([sys.executable, str(TOOL), "--seconds", "60", "--epoch", "20",
+                        "--svg", str(tmp_path / "s.svg")],
+                       capture_output=True, text=True, timeout=360)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "exit status 0 (clean)" in done.stdout
     assert (tmp_path / "s.svg").exists()
