@@ -111,7 +111,11 @@ def _worker(rank: int, world: int, seconds: float, epoch: float, metrics_path: s
                 live = int(info["num_owner_rrefs"]) + int(info["num_forks"])
                 line = probe_line(step, source=f"worker{rank}", live_rrefs=live)
                 if e > 0 or epochs == 1:  # the first epoch warms up: pools reach their size
-                    print(line, flush=True)
+                    # One write per line: print() writes the line and its end
+                    # apart when stdout is unbuffered (PYTHONUNBUFFERED), and
+                    # another worker's line can land between the two.
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
                 point = json.loads(line.split(" ", 1)[1])
                 point.update(epoch=e, t=time.monotonic() - start, **done)
                 metrics.write(json.dumps(point) + "\n")
