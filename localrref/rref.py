@@ -17,6 +17,7 @@ from torch.distributed.rpc import WorkerInfo
 
 from . import constants, functions, handover
 from .agent import current
+from .agent.autograd_pass import engine_backward
 from .agent.futures import Failed, expose, fail, raise_copy, wait
 from .errors import WorkerClosedError
 
@@ -236,7 +237,9 @@ def _backward_on_owner(rref: RRef, context_id: int, retain_graph: bool) -> None:
     if not isinstance(root, torch.Tensor):
         raise RuntimeError("RRef should contain a tensor for .backward()")
     if context_id == -1:
-        torch.autograd.backward(root)  # torch's local path ignores retain_graph too
+        # torch's local path ignores retain_graph too, and runs the engine
+        # from C++ (see engine_backward)
+        engine_backward([root], retain_graph=False)
     else:
         rref._live_agent("backward()").autograd_tape().backward(context_id, [root], retain_graph)
 

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["RecvSlot", "EarlierLeaves", "find_leaves", "run_pass", "saves_tensors",
-           "SECOND_BACKWARD", "GRAD_LOCK"]
+           "engine_backward", "SECOND_BACKWARD", "GRAD_LOCK"]
 
 # Held by whatever sets parameters' ``.grad`` aside for a moment: a pass (see
 # _leaf_gradients) and a DistributedOptimizer step (optim/). Two of them at
@@ -197,7 +197,7 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
         try:
             for leaf in leaves:
                 leaf.grad = None
-            _engine_backward(outputs, grad_outputs, leaves)
+            engine_backward(outputs, grad_outputs, inputs=leaves)
             found = [None if leaf.grad is None else _own(leaf.grad) for leaf in leaves]
             for leaf, (grad, version) in zip(others, before):
                 now = leaf.grad
@@ -215,9 +215,10 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
                 earlier.note(leaves)
 
 
-def _engine_backward(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
-                     inputs: list[torch.Tensor]) -> None:
-    """``torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=inputs)``,
+def engine_backward(outputs: Sequence[torch.Tensor],
+                    grad_outputs: Sequence[torch.Tensor | None] | None = None, *,
+                    retain_graph: bool = True, inputs: Sequence[torch.Tensor] = ()) -> None:
+    """``torch.autograd.backward(outputs, grad_outputs, retain_graph, inputs=inputs)``,
     without the Python object that call stashes in the thread's state for the run.
 
     A collective that a hook starts during the pass (DDP's all-reduce)
@@ -228,13 +229,17 @@ def _engine_backward(outputs: list[torch.Tensor], grad_outputs: list[torch.Tenso
     torch's distributed backward runs its engine from C++, with no Python
     object in that state; this runs it the same way.
     """
+    outputs = tuple(outputs)
+    if grad_outputs is None:
+        grad_outputs = (None,) * len(outputs)
     engine = getattr(torch.autograd.Variable, "_execution_engine", None)
     make_grads = getattr(torch.autograd, "_make_grads", None)
     if engine is None or make_grads is None:  # another torch: its public call
-        torch.autograd.backward(outputs, grad_outputs, retain_graph=True, inputs=inputs)
+        torch.autograd.backward(outputs, tuple(grad_outputs), retain_graph=retain_graph,
+                                inputs=tuple(inputs) or None)
         return
-    grads = make_grads(tuple(outputs), tuple(grad_outputs), is_grads_batched=False)
-    engine.run_backward(tuple(outputs), grads, True, False, tuple(inputs),
+    grads = make_grads(outputs, tuple(grad_outputs), is_grads_batched=False)
+    engine.run_backward(outputs, grads, retain_graph, False, tuple(inputs),
                         allow_unreachable=True, accumulate_grad=True)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from localrref.agent.autograd_pass import EarlierLeaves, RecvSlot, find_leaves, run_pass
+from localrref.agent.autograd_pass import (EarlierLeaves, RecvSlot, engine_backward,
+                                           find_leaves, run_pass)
 
 
 def accumulator():
@@ -142,6 +144,23 @@ def test_a_pass_leaves_no_python_object_in_the_state_its_hooks_capture():
     run_pass([(w * 2).sum()], [torch.ones(())], {}, accumulate)
     assert stashed == [False]
     assert torch.allclose(grads[w], torch.full((3,), 2.0))
+
+
+def test_engine_backward_is_torch_autograd_backward_in_its_results_and_errors():
+    # RRef.backward() on an owner outside a context runs it (torch's runs its
+    # engine from C++ there too): same gradients, same errors, nothing stashed.
+    w = torch.randn(3, requires_grad=True)
+    stashed = []
+    w.register_hook(lambda grad: stashed.append(torch._C._is_key_in_tls("context")))
+    loss = (w * 3).sum()
+    engine_backward([loss], retain_graph=False)
+    assert stashed == [False] and torch.equal(w.grad, torch.full((3,), 3.0))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        engine_backward([loss], retain_graph=False)
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        engine_backward([w * 2])
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        engine_backward([torch.rand(3)])
 
 
 def test_passes_on_two_threads_through_one_leaf_keep_their_gradients_apart():
