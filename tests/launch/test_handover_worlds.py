@@ -42,8 +42,9 @@ def env(tmp_path):
     return environ
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
+def torchrun(log_dir, *args: str) -> list[str]:
+    # Without --log-dir torchrun leaves a torchelastic_* directory in /tmp.
+    return [sys.executable, "-m", "torch.distributed.run", "--log-dir", str(log_dir), *args]
 
 
 MAIN_JOB = ["-m", "localrref.examples.parameter_server", "--steps", "40"]
@@ -65,9 +66,9 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
 
 
 @pytest.mark.slow  # CI: test_one_program_sees_the_same_api_on_both_engines hands over too
-def test_the_main_job_runs_across_two_torchrun_nodes_on_torch(env):
+def test_the_main_job_runs_across_two_torchrun_nodes_on_torch(env, tmp_path):
     port = free_port()
-    node = torchrun("--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+    node = torchrun(tmp_path / "torchrun-logs", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "handover",
                     "--tee", "3", *MAIN_JOB)
     procs = [subprocess.Popen(node, cwd=SCRIPTS, env=env, stdout=subprocess.PIPE,
@@ -84,8 +85,8 @@ def test_the_main_job_runs_across_two_torchrun_nodes_on_torch(env):
     assert "RRef leak check" not in out  # torch has none: documented
 
 
-def test_the_same_job_on_one_node_stays_on_localrref(env):
-    done = run_program(torchrun("--standalone", "--nproc-per-node", "4", *MAIN_JOB),
+def test_the_same_job_on_one_node_stays_on_localrref(env, tmp_path):
+    done = run_program(torchrun(tmp_path / "torchrun-logs", "--standalone", "--nproc-per-node", "4", *MAIN_JOB),
                        cwd=SCRIPTS, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr

@@ -138,11 +138,13 @@ def test_processes_started_by_hand_with_file_init_method(root, outdir, tmp_path)
     assert_nothing_left(root, *assert_basic(outdir, 2, rounds=1))
 
 
-def test_torchrun_standalone(root, outdir):
+def test_torchrun_standalone(root, outdir, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun is installed with torch"
+    # Without --log-dir torchrun leaves a torchelastic_* directory in /tmp.
     done = run_program(
-        [torchrun, "--standalone", "--nproc-per-node", "2", str(PROGRAMS), "basic", str(outdir)],
+        [torchrun, "--log-dir", str(tmp_path / "torchrun-logs"), "--standalone",
+         "--nproc-per-node", "2", str(PROGRAMS), "basic", str(outdir)],
         timeout=RUN_TIMEOUT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_nothing_left(root, *assert_basic(outdir, 2))

@@ -558,14 +558,15 @@ def _function_only_rank0_has():
     import importlib
     import sys
     import tempfile
-    directory = tempfile.mkdtemp(prefix="lrr_mod_")
-    with open(os.path.join(directory, "lrr_only_on_rank0.py"), "w") as f:
-        f.write("def hello():\n    return 'hi'\n")
-    sys.path.insert(0, directory)
-    try:
-        return importlib.import_module("lrr_only_on_rank0").hello
-    finally:
-        sys.path.remove(directory)
+    # Once imported, the module lives in sys.modules: its file can go.
+    with tempfile.TemporaryDirectory(prefix="lrr_mod_") as directory:
+        with open(os.path.join(directory, "lrr_only_on_rank0.py"), "w") as f:
+            f.write("def hello():\n    return 'hi'\n")
+        sys.path.insert(0, directory)
+        try:
+            return importlib.import_module("lrr_only_on_rank0").hello
+        finally:
+            sys.path.remove(directory)
 
 
 def threads_and_debug_info():
