@@ -211,7 +211,13 @@ class Agent:
         hello = self._handshake.hello()
         for rank in range(self.world_size):
             if rank != self.rank:
-                self.send_control(rank, hello)
+                try:
+                    self.send_control(rank, hello)
+                except WorkerGoneError:
+                    # The reader already heard of this peer's death (and maybe
+                    # of why the world cannot form, which matters more):
+                    # await_peers reports what it heard, in that order.
+                    pass
 
     def _on_hello(self, src: int, message: Hello | HelloBack) -> None:
         with self.lock:

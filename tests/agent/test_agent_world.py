@@ -14,6 +14,7 @@ import torch
 import localrref
 from localrref.agent import current
 from localrref.agent.futures import expose, wait
+from localrref.control_messages import ArrivalRefused, PeerExited
 from localrref.core.rref import UserRRef
 from localrref.errors import RPCTimeoutError, UnknownWorkerError, WorkerGoneError
 
@@ -309,5 +310,28 @@ def test_a_peer_that_dies_before_answering_fails_init_naming_it():
         world.kill(0)
         with current.using(world.agents[2]), pytest.raises(WorkerGoneError, match="rank 0"):
             world.agents[2].await_peers(60.0)
+    finally:
+        world.close()
+
+
+def test_a_refusal_and_a_death_heard_before_saying_hello_fail_init_with_the_refusal():
+    # torch's test_duplicate_name_2 on a rendezvous: rank 2 was refused (its
+    # name was taken), so rank 0 left at once; rank 1's reader heard both
+    # before rank 1's thread said hello. Saying hello to the dead rank 0 is
+    # no error of its own: init_rpc fails with the refusal, which says why.
+    world = AgentWorld(3)
+    try:
+        world.agents[0].say_hello()
+        world._from_supervisor(1, ArrivalRefused(rank=2, pid=10_002, reason="name taken"))
+        world._depart(0, PeerExited(rank=0, pid=10_000, exitcode=None, left=True, formed=False),
+                      None)
+        late = world.agents[1]
+        while world.network.pending(1):
+            late.reader.step()
+        assert 0 in late.dead
+        with current.using(late):
+            late.say_hello()
+            with pytest.raises(RuntimeError, match="cannot form.*rank 2 was refused: name taken"):
+                late.await_peers(60.0)
     finally:
         world.close()
