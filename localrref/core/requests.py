@@ -156,7 +156,8 @@ class Request:
     message: object
     rref: object = None           # the UserRRef / OwnerRRef a REMOTE*, FETCH is about
     fork_id: object = None        # REMOTE, FORK_REQUEST: the fork it is about
-    parent: int | None = None     # FORK_REQUEST: who gets RREF_CHILD_ACCEPT afterwards
+    parent: int | None = None     # FORK_REQUEST: who gets RREF_CHILD_ACCEPT afterwards (None:
+                                  # nobody, the reply to the request that brought the fork does)
     timeout: float = 0.0          # seconds (0: none); for control messages, the ack timeout
     state: State = State.SENT
     retries: int = 0

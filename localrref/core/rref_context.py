@@ -47,8 +47,11 @@ localrref departs from the seed in a few places, each marked ``NB(localrref)``
 where it happens: the owner of a ``remote()`` is created when the call
 *arrives* (not after its arguments are confirmed), a failed user function is
 reported in ``REMOTE_RET``, a fork request that overtakes the ``remote()``
-creating its owner waits for it, and a reply that arrives after its request
-timed out still has its RRefs accounted for.
+creating its owner waits for it, a reply that arrives after its request
+timed out still has its RRefs accounted for, and a fork that a user passes
+in a call or ``remote()`` is accepted by the reply to that request rather
+than by ``RREF_CHILD_ACCEPT`` and its ack (the function runs only once the
+owner knows the fork, so the reply comes after).
 """
 
 from __future__ import annotations
@@ -455,6 +458,13 @@ class RRefContext:
             self._send_with_retries(parent, RequestKind.CHILD_ACCEPT,
                                     lambda rid: RRefChildAccept(request_id=rid, fork_id=fork_id))
         else:
+            if in_request and parent != self.worker_id:
+                # NB(localrref): the reply to the request is the accept here
+                # too: the function runs only once the owner has acknowledged
+                # our fork request, so its reply reaches the parent after the
+                # owner knows the fork. Two messages saved per RRef a user
+                # passes on to another user (a pipeline's stage input).
+                parent = None
             self._send_with_retries(
                 rref.owner, RequestKind.FORK_REQUEST,
                 lambda rid: RRefForkRequest(request_id=rid, rref_id=rref.rref_id, fork_id=fork_id),
@@ -739,9 +749,12 @@ class RRefContext:
                         self._emit(Fail(request_id=request.request_id,
                                         error=_creation_error_for(rref)))
 
-    def finish_fork_request(self, fork_id: GloballyUniqueId, parent: int) -> None:
-        """Seed: ``finishForkRequest``: the owner knows the fork; release the parent."""
+    def finish_fork_request(self, fork_id: GloballyUniqueId, parent: int | None) -> None:
+        """Seed: ``finishForkRequest``: the owner knows the fork; release the parent
+        (None: the reply to the request that brought the fork releases it)."""
         self.del_pending_user(fork_id)
+        if parent is None:
+            return
         self._send_with_retries(parent, RequestKind.CHILD_ACCEPT,
                                 lambda rid: RRefChildAccept(request_id=rid, fork_id=fork_id))
 
@@ -842,7 +855,11 @@ class RRefContext:
         return request
 
     def _note_children(self, request_id: int, dst: int, rrefs: tuple) -> None:
-        forks = tuple(f.fork_id for f in rrefs if f.owner == dst and f.owner != self.worker_id)
+        # The forks of our UserRRefs that the reply will accept: those to
+        # their owner and those to another user (notify_owner_and_parent_of_fork).
+        if dst == self.worker_id:
+            return
+        forks = tuple(f.fork_id for f in rrefs if f.owner != self.worker_id)
         if forks:
             self._children_in_requests[request_id] = (dst, forks)
 

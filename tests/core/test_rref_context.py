@@ -511,6 +511,51 @@ def test_finishForkRequest_confirms_child_and_accepts_to_parent(world):
     assert world[0].pending_children == {}
 
 
+@pytest.mark.parametrize("answer", ["reply", "exception"])
+def test_a_users_rref_passed_to_another_user_in_a_call_is_accepted_by_the_reply(world, answer):
+    # NB(localrref): a pipeline stage's input. The child confirms its fork
+    # with the owner as in the seed, but sends no RREF_CHILD_ACCEPT (nor gets
+    # its ack): the function runs only after the owner's ack, so its reply
+    # tells the parent that the owner knows the child.
+    user, owner, reply = remote_from_user(world)
+    parent_ctx, owner_ctx, child_ctx = world[0], world[1], world[2]
+    parent_ctx.handle(1, reply.message, now=0.0)
+    data = parent_ctx.prepare_child_fork(user)
+    parent_ctx.rpc(2, "call", (data,), now=0.0)
+    call = only(sends(parent_ctx.take_effects(), "PYTHON_CALL"))
+    request = only(sends(deliver(parent_ctx, child_ctx, call), "RREF_FORK_REQUEST"))
+    ack = only(sends(deliver(child_ctx, owner_ctx, request), "RREF_ACK"))
+    assert data.fork_id in owner_ctx.forks[user.rref_id]
+    effects = deliver(owner_ctx, child_ctx, ack)
+    assert sends(effects) == [], "no RREF_CHILD_ACCEPT"
+    execute = only(of(effects, fx.Execute))
+    assert parent_ctx.pending_children == {data.fork_id: user}, "held until the reply"
+    assert child_ctx.num_pending_futures == 0
+    effects = (child_ctx.fail_job(execute.job_id, b"boom") if answer == "exception"
+               else child_ctx.finish_call(execute.job_id, "result"))
+    deliver(child_ctx, parent_ctx, only(sends(effects)))
+    assert parent_ctx.pending_children == {} and user.holds == 1  # the application's, only
+
+
+def test_a_users_rref_returned_to_another_user_is_still_accepted_by_a_message(world):
+    # A fork in a reply: the child (the caller) owes its parent (the callee)
+    # an RREF_CHILD_ACCEPT, as in the seed; no reply will carry it.
+    user, owner, reply = remote_from_user(world)
+    parent_ctx, owner_ctx, child_ctx = world[0], world[1], world[2]
+    parent_ctx.handle(1, reply.message, now=0.0)
+    request_id = child_ctx.rpc(0, "call", now=0.0)
+    call = only(sends(child_ctx.take_effects(), "PYTHON_CALL"))
+    execute = only(of(deliver(child_ctx, parent_ctx, call), fx.Execute))
+    data = parent_ctx.prepare_child_fork(user)
+    ret = only(sends(parent_ctx.finish_call(execute.job_id, "rref", (data,))))
+    request = only(sends(deliver(parent_ctx, child_ctx, ret), "RREF_FORK_REQUEST"))
+    ack = only(sends(deliver(child_ctx, owner_ctx, request), "RREF_ACK"))
+    accept = only(sends(deliver(owner_ctx, child_ctx, ack), "RREF_CHILD_ACCEPT"))
+    assert accept.dst == 0 and request_id is not None
+    deliver(child_ctx, parent_ctx, accept)
+    assert parent_ctx.pending_children == {}
+
+
 # ---------------------------------------------------------------- owner fork bookkeeping
 
 def test_addSelfAsFork_twice_asserts(world):
