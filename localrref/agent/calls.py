@@ -88,7 +88,7 @@ class Calls:
         agent = self.agent
         agent.check_open()
         # User code run by the reader steps down; remote() from a parked caller is fine.
-        agent.reader.before_request(True)
+        agent.reader.before_request(False, parked_keeps=True)
         dead = agent.dead.get(dst)
         if dead is not None:
             raise dead

@@ -8,9 +8,10 @@ wake-up cost more than the whole call. While the leader is out in user code
 nobody reads the inbox, so the leader steps down (a follower takes the inbox)
 as soon as that could matter:
 
-* at once, when the code it runs makes an RPC, a ``remote()`` or a
-  ``to_here()`` (it is about to wait for a reply that only the inbox can
-  bring);
+* at once, when the code it runs makes a request it does not wait for at
+  once (``rpc_async``, ``remote()``); for one it waits for (``rpc_sync``,
+  ``to_here()``) it keeps the inbox and reads its reply itself, as a caller
+  that claimed it would (below), waking nobody;
 * otherwise when the housekeeper's watch, which ticks every 2 to 16 ms while
   the world is busy, sees the same *busy spell* on two ticks in a row (code
   that sleeps, computes, or waits on a lock or an event another call will
@@ -183,21 +184,22 @@ class Leadership:
     def claim(self, me: int) -> str:
         """A caller about to wait for its reply asks to read the inbox itself.
 
-        :data:`LEAD` when the inbox was free or parked (the caller leads now),
+        :data:`LEAD` when the inbox was free or parked, or when the caller is
+        the reader itself, out in a job it read (the caller leads now, as a
+        caller: no longer out in user code, as it reads),
         :data:`REQUESTED` when an IO thread reads and was asked to hand over,
         :data:`DECLINED` when the reader should be left to bring the reply: it
-        is this very thread running a job, it is out in user code, another
-        caller already asked, or another caller reads (it only hands over
-        when done).
+        is out in user code, another caller already asked, or another caller
+        reads (it only hands over when done).
         """
         with self.lock:
             if self.closing:
                 return DECLINED
             leader = self.leader
-            if leader is None or self.parked:
+            if leader is None or self.parked or leader == me:
                 self.leader, self.parked, self.busy = me, False, False
                 return LEAD
-            if (leader == me or self.busy or self.handoff_to is not None
+            if (self.busy or self.handoff_to is not None
                     or leader not in self.io_idents):
                 return DECLINED
             self.handoff_to = me

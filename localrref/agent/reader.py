@@ -71,13 +71,27 @@ class Reader:
 
     # -- the hot path's questions ------------------------------------------------
 
-    def before_request(self, will_wait: bool) -> None:
-        """User code the reader runs is about to make a request: give up the inbox,
-        unless this is a parked caller that will read its own reply."""
+    def before_request(self, will_wait: bool, *, parked_keeps: bool = False) -> None:
+        """This thread is about to make a request: if it holds the inbox, give it
+        up, unless it will read the inbox itself for the reply.
+
+        ``will_wait``: the caller waits for the reply next (rpc_sync,
+        to_here): a parked caller, or the reader out in a job it read, keeps
+        the inbox and reads its reply (wait_reply). Stepping down would wake
+        a follower for nothing, which on two cores costs the other processes
+        a core at the moment they need it. ``parked_keeps``: a parked caller
+        keeps the inbox although it does not wait now (remote()); the reader
+        out in a job gives it up, as the job goes on without reading.
+        """
         lead = self.lead
         me = threading.get_ident()
-        if lead.leader == me and not (will_wait and lead.parked):
-            lead.step_down(me)
+        if lead.leader != me:
+            return
+        if lead.parked and (will_wait or parked_keeps):
+            return
+        if lead.busy and will_wait:
+            return
+        lead.step_down(me)
 
     def holds_inbox(self) -> bool:
         """This thread, or a parked caller, will read the inbox again soon."""
@@ -131,8 +145,8 @@ class Reader:
             while lead.wait_to_lead(me):
                 while True:
                     effects = self._read_one(None)
-                    housekeeper.take_releases_if_any()
                     if effects is None:
+                        housekeeper.take_releases_if_any()
                         lead.stop_reading(me)
                         return
                     if effects:
@@ -142,10 +156,15 @@ class Reader:
                         except Exception:
                             log.exception("localrref: error carrying out effects")
                         still_leader = lead.busy_end(me)
-                        # RRefs the job dropped (see Housekeeper.defer_release).
-                        housekeeper.take_releases_if_any()
-                        if not still_leader:
-                            break  # deposed meanwhile: another thread reads the inbox
+                    else:
+                        still_leader = True
+                    # RRefs dropped meanwhile, by the job or by other threads
+                    # (see Housekeeper.defer_release); after the frame's
+                    # effects, which someone may be waiting for (a fetch of
+                    # a pipeline's input), while a release only frees memory.
+                    housekeeper.take_releases_if_any()
+                    if not still_leader:
+                        break  # deposed meanwhile: another thread reads the inbox
                     agent.signal_progress()
                     if lead.handoff_to is not None and lead.hand_off(me):
                         break

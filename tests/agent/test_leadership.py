@@ -62,7 +62,7 @@ def test_a_reading_io_thread_is_asked_to_hand_over_and_does_at_its_next_turn(rec
     assert not lead.hand_off(IO_THREAD)  # nobody else asked
 
 
-@pytest.mark.parametrize("situation", ["busy", "asked", "caller_reads", "itself", "closing"])
+@pytest.mark.parametrize("situation", ["busy", "asked", "caller_reads", "closing"])
 def test_a_claim_is_declined_when_the_reader_should_bring_the_reply(rec, situation):
     lead = rec.build()
     io_leads(lead)
@@ -74,8 +74,6 @@ def test_a_claim_is_declined_when_the_reader_should_bring_the_reply(rec, situati
     elif situation == "caller_reads":
         lead.step_down(IO_THREAD)
         assert lead.claim(OTHER_CALLER) == LEAD  # reads for its own reply, not parked
-    elif situation == "itself":
-        claimant = IO_THREAD  # a job run by the reader makes a blocking call
     elif situation == "closing":
         lead.close()
     before = lead.leader
@@ -203,7 +201,22 @@ def test_the_watch_deposes_a_leader_out_in_user_code_for_a_whole_period(rec):
     assert lead.busy_end(IO_THREAD) is False  # it comes back a follower
 
 
-@pytest.mark.parametrize("how", ["stepped_down", "deposed_then_handed_back"])
+def test_a_job_the_reader_runs_reads_its_own_reply_waking_nobody(rec):
+    # The job an IO thread runs makes a blocking call: the thread keeps the
+    # inbox and reads its reply as a caller does. No follower is woken or
+    # started for it, and the watch no longer counts it as out in user code.
+    lead = rec.build()
+    io_leads(lead)
+    lead.busy_begin()
+    assert lead.claim(IO_THREAD) == LEAD
+    assert lead.leader == IO_THREAD and not lead.busy and not lead.parked
+    assert rec.readers_started == 0 and rec.deposes == 0
+    assert lead.watch_tick() == WATCHING
+    assert lead.watch_tick() is None, "reading for its reply is no busy spell"
+    assert lead.leader == IO_THREAD
+
+
+@pytest.mark.parametrize("how", ["stepped_down", "deposed_then_handed_back", "kept"])
 def test_an_io_thread_whose_job_parked_the_inbox_reads_on_unparked(rec, how):
     # The job an IO thread runs makes a blocking call: the thread gets the
     # inbox back for its reply (free after its step down, or handed over by
@@ -214,8 +227,10 @@ def test_an_io_thread_whose_job_parked_the_inbox_reads_on_unparked(rec, how):
     io_leads(lead)
     lead.busy_begin()
     if how == "stepped_down":
-        lead.step_down(IO_THREAD)  # before_request
+        lead.step_down(IO_THREAD)  # before_request of a call it does not wait for
         assert lead.claim(IO_THREAD) == LEAD
+    elif how == "kept":
+        assert lead.claim(IO_THREAD) == LEAD  # a call it waits for: no step down
     else:
         assert lead.watch_tick() == WATCHING
         assert lead.watch_tick() == DEPOSED
@@ -306,3 +321,37 @@ def test_io_threads_are_tracked_by_ident(rec):
     lead.io_thread_exited(IO_THREAD)
     lead.handoff_to = None
     assert lead.claim(OTHER_CALLER) == DECLINED  # no longer an IO thread: a caller reads
+
+
+@pytest.mark.parametrize("holder, call, keeps", [
+    ("job", "waits", True),            # rpc_sync / to_here in a job the reader runs
+    ("job", "async", False),           # rpc_async: the job goes on without reading
+    ("job", "remote", False),          # remote(): likewise
+    ("parked", "waits", True),         # a caller's next blocking call
+    ("parked", "remote", True),        # a parked caller's remote() keeps its inbox
+    ("parked", "async", False),        # rpc_async: the IO threads get it back
+])
+def test_before_request_keeps_the_inbox_only_for_a_thread_that_reads_its_reply(
+        rec, holder, call, keeps):
+    from types import SimpleNamespace
+
+    from localrref.agent.reader import Reader
+
+    reader = Reader(SimpleNamespace(), threads=False)
+    lead = reader.lead = rec.build()
+    me = threading.get_ident()
+    if holder == "job":
+        lead.io_thread_started(me)
+        assert lead.wait_to_lead(me)
+        lead.busy_begin()
+    else:
+        assert lead.claim(me) == LEAD
+        lead.park(me)
+    if call == "waits":
+        reader.before_request(True)
+    elif call == "remote":
+        reader.before_request(False, parked_keeps=True)
+    else:
+        reader.before_request(False)
+    assert (lead.leader == me) is keeps
+    assert rec.deposes == (0 if keeps else 1)
