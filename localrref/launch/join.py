@@ -241,6 +241,7 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
     arrival = Arrival(rank=rank, world_size=world_size, name=name, pid=pid, started=started)
     supervisor = None
     ready_fd = -1
+    inboxes = None
     me = _member(arrival)
     deadline = time.monotonic() + timeout
     pause = 0.002
@@ -269,8 +270,8 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
                     if isinstance(decision, Reclaim):
                         _remove_locked(key_dir, decision.record, keep_dir=True,
                                        sweep=decision.stale)
-                    record, supervisor, ready_fd = _found(key_dir, arrival, me,
-                                                          shutdown_timeout)
+                    record, supervisor, ready_fd, inboxes = _found(key_dir, arrival, me,
+                                                                   shutdown_timeout)
         if not isinstance(decision, Wait):
             break
         # Peers leave a world within milliseconds of each other after a
@@ -279,12 +280,13 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
     world_dir = os.path.join(key_dir, record.world_id)
-    try:
-        inboxes = open_fifos(world_dir, world_size + 1)
-    except BaseException:
-        if ready_fd >= 0:
-            os.close(ready_fd)
-        raise
+    if inboxes is None:
+        try:
+            inboxes = open_fifos(world_dir, world_size + 1)
+        except BaseException:
+            if ready_fd >= 0:
+                os.close(ready_fd)
+            raise
     try:
         spec = world.WorldSpec(world_id=record.world_id, rank=rank, world_size=world_size,
                                inboxes=tuple(inboxes), supervisor_pid=record.supervisor_pid,
@@ -313,8 +315,10 @@ def join(rendezvous: Rendezvous, *, rank: int, world_size: int, name: str,
 
 def _tell_refused(world_dir: str, world_size: int, refused: ArrivalRefused) -> None:
     """Tell the world's supervisor, which tells every member, that the world cannot
-    form (the caller holds the lock, so the world's inboxes are there); best
-    effort: a member that misses it times out."""
+    form (the caller holds the lock, so the world's inboxes are there, held
+    open by the founder or the supervisor: a frame written into a FIFO that
+    nobody else holds open is gone when this process closes it, see _found);
+    best effort: a member that misses it times out."""
     try:
         inbox = FifoInbox(fifo_path(world_dir, world_size))
     except OSError:
@@ -335,11 +339,15 @@ def _member(arrival: Arrival):
 def _found(key_dir: str, arrival: Arrival, me, shutdown_timeout: float):
     """Create a world (under the lock): its directory, inboxes, supervisor and record.
 
-    Returns the record, the supervisor and the read end of its ready pipe,
+    Returns the record, the supervisor, the read end of its ready pipe,
     which :meth:`Membership.confirm_supervisor` reads once the lock is
-    released: others join while the supervisor starts, since every member
-    holds every inbox open (``transport/fifo.py``), so their ``Joined`` waits
-    in its pipe until it reads.
+    released, and the world's inboxes, opened here: others join while the
+    supervisor starts, since every member holds every inbox open
+    (``transport/fifo.py``), so their ``Joined`` waits in its pipe until it
+    reads. Opened before the lock is released, so that no process can see
+    the world while nobody holds its inboxes: a process refused at the
+    rendezvous writes its refusal into the supervisor's inbox and closes it
+    (_tell_refused), and a FIFO that nobody else held open would drop it.
     """
     world_id = new_world_id()
     world_dir = os.path.join(key_dir, world_id)
@@ -347,8 +355,10 @@ def _found(key_dir: str, arrival: Arrival, me, shutdown_timeout: float):
         os.mkdir(key_dir, 0o700)
     os.mkdir(world_dir, 0o700)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    inboxes: list = []
     try:
         make_fifos(world_dir, arrival.world_size + 1)
+        inboxes = open_fifos(world_dir, arrival.world_size + 1)
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "localrref.launch.standalone", key_dir, world_id,
              str(arrival.world_size), "--shutdown-timeout", str(shutdown_timeout),
@@ -356,6 +366,8 @@ def _found(key_dir: str, arrival: Arrival, me, shutdown_timeout: float):
             stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True,
             pass_fds=(ready_w,))
     except BaseException:
+        for inbox in inboxes:
+            inbox.close()
         shutil.rmtree(world_dir, ignore_errors=True)
         os.close(ready_r)
         raise
@@ -366,7 +378,7 @@ def _found(key_dir: str, arrival: Arrival, me, shutdown_timeout: float):
                          supervisor_pid=supervisor.pid, supervisor_started=supervisor_started,
                          members=(me,))
     rendezvous_dir.write_record(key_dir, record)
-    return record, supervisor, ready_r
+    return record, supervisor, ready_r, inboxes
 
 
 def _remove_locked(key_dir: str, record: WorldRecord, *, keep_dir: bool = False,

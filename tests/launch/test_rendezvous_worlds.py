@@ -274,6 +274,59 @@ def test_a_name_taken_twice(founded):
     assert "'ps' is not unique: it is taken" in message
 
 
+def test_a_refusal_sent_while_the_supervisor_starts_waits_in_its_inbox(root, monkeypatch):
+    # A process refused at the rendezvous writes ArrivalRefused into the
+    # supervisor's inbox and closes it. Just after the founder released the
+    # lock its supervisor may not have opened that FIFO yet; the founder holds
+    # every inbox open from the world's creation on, or the kernel would drop
+    # the frame with the refuser's close and the members would wait out
+    # init_timeout instead of failing at once.
+    from localrref.control_messages import ArrivalRefused
+    from localrref.launch import join as join_module
+    from localrref.launch.inbox import InboxReader
+    from localrref.launch.rendezvous import Arrival
+    from localrref.transport import wire
+
+    real_popen = subprocess.Popen
+    started = []
+
+    def still_starting(args, **kwargs):  # a supervisor that has opened nothing yet
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  stdin=subprocess.DEVNULL))
+        return started[-1]
+
+    monkeypatch.setattr(join_module.subprocess, "Popen", still_starting)
+    pid = os.getpid()
+    arrival = Arrival(rank=0, world_size=2, name="w0", pid=pid,
+                      started=rendezvous_dir.process_started(pid))
+    key_dir = str(root / "key")
+    try:
+        with rendezvous_dir.locked(str(root)):
+            record, _, ready_fd, inboxes = join_module._found(
+                key_dir, arrival, join_module._member(arrival), 5.0)
+    except BaseException:
+        for process in started:
+            process.kill()
+            process.wait()
+        raise
+    try:
+        refused = ArrivalRefused(rank=1, pid=4242, reason="its name is taken")
+        with rendezvous_dir.locked(str(root)):
+            join_module._tell_refused(os.path.join(key_dir, record.world_id), 2, refused)
+        frames = InboxReader(inboxes[2]).read_available()
+        assert [(src, wire.decode_control(frame)) for src, frame in frames] == [(1, refused)]
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+        for inbox in inboxes:
+            inbox.close()
+        os.close(ready_fd)
+        with rendezvous_dir.locked(str(root)):
+            join_module._remove_locked(key_dir, record)
+    assert sorted(p.name for p in root.iterdir()) == ["rendezvous.lock"]
+
+
 def test_a_good_second_member_joins(founded):
     assert join_elsewhere(1, 3, "trainer") == "joined"
 
