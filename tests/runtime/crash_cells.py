@@ -133,7 +133,8 @@ def drive(cell: dict, me: int) -> dict:
         rref = rpc.remote(w(1), value)
         rref.to_here()
         # Passing rank 1's RRef to rank 2 forks it: rank 2 asks the owner
-        # (RREF_FORK_REQUEST), the owner acks, rank 2 tells us (RREF_CHILD_ACCEPT).
+        # (RREF_FORK_REQUEST), the owner acks, rank 2 runs hold() and its
+        # reply tells us the child is accepted.
         out["failed"] = _expect_gone(step,
                                      lambda: rpc.rpc_sync(w(2), hold, args=(rref,)))
     elif step == "to_here":

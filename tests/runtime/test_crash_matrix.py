@@ -45,7 +45,9 @@ CELLS = [
     ("fork request", OWNER, "recv:RREF_FORK_REQUEST", False),
     ("fork request", THIRD, "send:RREF_FORK_REQUEST", True),
     ("child accept", THIRD, "recv:RREF_ACK", False),
-    ("child accept", CALLER, "recv:RREF_CHILD_ACCEPT", False),
+    # The reply to the call that carried the fork is the child's accept
+    # (no RREF_CHILD_ACCEPT for a fork passed in a request).
+    ("child accept", CALLER, "recv:PYTHON_RET", False),
     ("to_here", OWNER, "recv:PYTHON_RREF_FETCH_CALL", False),
     ("to_here", CALLER, "send:PYTHON_RREF_FETCH_CALL", False),
     ("user delete", OWNER, "recv:RREF_USER_DELETE", False),
