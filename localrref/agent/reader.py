@@ -149,6 +149,7 @@ class Reader:
                         housekeeper.take_releases_if_any()
                         lead.stop_reading(me)
                         return
+                    still_leader = True
                     if effects:
                         lead.busy_begin()
                         try:
@@ -156,8 +157,6 @@ class Reader:
                         except Exception:
                             log.exception("localrref: error carrying out effects")
                         still_leader = lead.busy_end(me)
-                    else:
-                        still_leader = True
                     # RRefs dropped meanwhile, by the job or by other threads
                     # (see Housekeeper.defer_release); after the frame's
                     # effects, which someone may be waiting for (a fetch of
