@@ -270,7 +270,14 @@ def _local_invoke_async_execution(rref: RRef, func_name: str, args, kwargs):
 
 
 def _invoker_for(value_type: type, func_name: str):
-    method = getattr(value_type, func_name, None)
+    """How the owner runs ``func_name``; AttributeError here if the type lacks it.
+
+    As torch's proxies: the method is looked up on the value's type, before
+    any call goes out (a ScriptModule's methods are not attributes of its type).
+    """
+    if issubclass(value_type, (torch.jit.ScriptModule, torch._C.ScriptModule)):
+        return _local_invoke
+    method = getattr(value_type, func_name)
     if getattr(method, "_wrapped_async_rpc_function", None) is not None:
         return _local_invoke_async_execution
     return _local_invoke
@@ -300,11 +307,19 @@ class _Proxy:
         @functools.wraps(_local_invoke)
         def invoke(*args, **kwargs):
             call_args = (rref, func_name, args, kwargs)
-            if api_name != "rpc_async" or rref._type is not None:
+            if api_name != "rpc_async":
                 invoker = _invoker_for(rref._get_type(timeout), func_name)
                 return _call(rref, api_name, invoker, call_args, timeout)
-            # rpc_async never blocks: the call goes out once the type is known.
+            # rpc_async never blocks, and a method the type lacks fails its
+            # future, as in torch; the call goes out once the type is known.
             result = torch.futures.Future()
+            if rref._type is not None:
+                try:
+                    invoker = _invoker_for(rref._type, func_name)
+                except AttributeError as exc:
+                    fail(result, exc, user=True)
+                    return expose(result)
+                return _call(rref, api_name, invoker, call_args, timeout)
 
             def on_type(type_future):
                 value_type = type_future.value()
@@ -312,9 +327,13 @@ class _Proxy:
                     result.set_result(value_type)
                     return
                 try:
+                    invoker = _invoker_for(value_type, func_name)
+                except AttributeError as exc:
+                    fail(result, exc, user=True)
+                    return
+                try:
                     inner = rref._live_agent().calls.rpc_async(
-                        rref._record.owner, _invoker_for(value_type, func_name), call_args, {},
-                        timeout)
+                        rref._record.owner, invoker, call_args, {}, timeout)
                 except BaseException as exc:
                     fail(result, exc)
                     return

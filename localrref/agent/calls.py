@@ -160,7 +160,7 @@ class Calls:
 
     def _settle_owner_future(self, owner, future) -> None:
         if owner.error is not None:
-            fail(future, self.owner_error(owner))
+            fail(future, self.owner_error(owner), user=True)
         else:
             future.set_result(owner.value)
 
@@ -195,11 +195,12 @@ class Calls:
         if pending is None:
             return
         error = effect.error
-        if isinstance(error, fx.RemoteFailure):
+        remote = isinstance(error, fx.RemoteFailure)
+        if remote:
             error = loads_exception(error.payload) if isinstance(error.payload, bytes) \
                 else RuntimeError(str(error.payload))
         try:
-            fail(pending.future, error)
+            fail(pending.future, error, user=remote)
         finally:
             self._settled(effect.request_id)
 
@@ -228,9 +229,10 @@ class Calls:
             if error is None:
                 future.set_result(True)
             else:
-                if isinstance(error, fx.RemoteFailure):
+                remote = isinstance(error, fx.RemoteFailure)
+                if remote:
                     error = loads_exception(error.payload)
-                fail(future, error)
+                fail(future, error, user=remote)
         finally:
             # After the callbacks, as in _settled.
             with self.agent.lock:

@@ -6,17 +6,29 @@ A caller that blocks (``rpc_sync``, ``to_here``) waits on it through
 :func:`wait`, which raises a fresh copy of the error with its type intact.
 
 A future handed to the application (``rpc_async``, ``RRef._get_future``)
-is :func:`expose`\\ d: a child of the internal one, made by ``then``. A
-failure makes that child fail *in C++*, so torch's combinators see it:
-``torch.futures.wait_all`` exits early, ``collect_all`` completes at once,
-``then`` callbacks see the error from ``wait()`` and ``value()``. The cost
-is the type: torch turns an exception raised in a ``then`` callback into a
-``RuntimeError`` whose message starts "Got the following error when running
-the callback: ValueError: ...". torch's own RPC futures keep the type
-because its C++ stores the Python exception itself, which Python code
-cannot do; ``torch.futures.Future.set_exception`` instead stores the error
-as a *value* with an unwrap function, which the combinators take for
-success. We choose failures torch can see over the type.
+is :func:`expose`\\ d: a child of the internal one, made by ``then``, and it
+fails the way torch's RPC futures fail:
+
+* An exception raised by the user's function (a :class:`Failed` record
+  marked ``user``) completes the child *successfully* in C++, with the
+  record as its value, and the child's unwrap function raises a fresh copy
+  of the exception, type intact, from ``wait()`` and ``value()`` (as in
+  torch, whose RPC futures unwrap a ``RemoteException`` the same way; it is
+  also what ``torch.futures.Future.set_exception`` does). So
+  ``fut.wait()``, ``torch.futures.wait_all`` and a ``then`` callback that
+  calls ``fut.wait()`` raise the ``ValueError`` the function raised. What
+  differs from torch: its future is also failed in C++ (its C++ holds the
+  Python exception, which Python code cannot store there), so its
+  ``collect_all`` and ``wait_all`` give up at the first failure, where
+  localrref's wait for every future first.
+* Anything else fails the child in C++: the ``then`` callback raises, and
+  torch turns that into a ``RuntimeError`` whose message carries the
+  error's text ("Got the following error when running the callback:
+  RPCTimeoutError: RPC ran for more than set timeout ..."). That is a
+  timeout, a dead peer or a closed agent, where torch raises a
+  ``RuntimeError`` too, and a remote ``RuntimeError`` itself (a builtin's
+  "size of tensor" error, say): its type survives the C++ failure, so it
+  keeps the early exit as well.
 
 Why errors are never stored as raisable objects in a C++ future: torch
 keeps a future's contents in C++, out of sight of Python's cycle collector.
@@ -36,20 +48,26 @@ __all__ = ["Failed", "fail", "wait", "expose", "raise_copy"]
 
 
 class Failed:
-    """The outcome of an internal future whose call failed."""
+    """The outcome of an internal future whose call failed.
 
-    __slots__ = ("error",)
+    ``user``: the user's function raised ``error`` (remotely, or, for a
+    proxy, its lookup on the value's type), as opposed to the RPC layer
+    (see the module docstring).
+    """
 
-    def __init__(self, error: BaseException) -> None:
+    __slots__ = ("error", "user")
+
+    def __init__(self, error: BaseException, user: bool = False) -> None:
         # The frames of wherever it was raised are of no use to the caller
         # and would be kept alive by the future (see the module docstring).
         error.__traceback__ = None
         self.error = error
+        self.user = user
 
 
-def fail(future: torch.futures.Future, error: BaseException) -> None:
-    """Complete an internal future with ``error``."""
-    future.set_result(Failed(error))
+def fail(future: torch.futures.Future, error: BaseException, *, user: bool = False) -> None:
+    """Complete an internal future with ``error`` (``user``: see :class:`Failed`)."""
+    future.set_result(Failed(error, user))
 
 
 def raise_copy(error: BaseException):
@@ -68,7 +86,15 @@ def wait(future: torch.futures.Future):
 
 
 def _settle(future: torch.futures.Future):
-    return _outcome(future.value())
+    value = future.value()
+    if type(value) is Failed and (not value.user or type(value.error) is RuntimeError):
+        raise_copy(value.error)
+    return value
+
+
+def _unwrap(value) -> None:
+    if type(value) is Failed:
+        raise_copy(value.error)
 
 
 def _outcome(value):
@@ -79,4 +105,6 @@ def _outcome(value):
 
 def expose(future: torch.futures.Future) -> torch.futures.Future:
     """The future the application gets for the internal ``future`` (see the module docstring)."""
-    return future.then(_settle)
+    child = future.then(_settle)
+    child._set_unwrap_func(_unwrap)
+    return child

@@ -93,11 +93,16 @@ def test_calls_return_values_and_remote_errors_keep_their_type(world3):
     future = call(world3, 0, 2, raise_value_error, "nope")
     with pytest.raises(ValueError, match="(?s)On WorkerInfo\\(id=2, name=worker2\\).*nope"):
         result(world3, future)
-    # The future the application gets fails in C++, naming the type.
+    # So does the future the application gets, from wait() and value(), as
+    # torch's RPC futures do; a then() callback that lets it escape fails its
+    # own future with torch's RuntimeError naming it.
     exposed = expose(call(world3, 0, 2, raise_value_error, "again"))
     world3.run_until(exposed.done)
+    for get in (exposed.wait, exposed.value):
+        with pytest.raises(ValueError, match="(?s)On WorkerInfo\\(id=2, name=worker2\\).*again"):
+            get()
     with pytest.raises(RuntimeError, match="(?s)ValueError.*again"):
-        exposed.wait()
+        exposed.then(lambda fut: fut.wait()).wait()
 
 
 def test_a_job_may_make_a_nested_rpc_sync(world3):

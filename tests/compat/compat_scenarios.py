@@ -242,39 +242,25 @@ def raise_value_error(text="Expected error"):
     raise ValueError(text)
 
 
-def failed_futures_look_failed_to_torch():
+def failed_futures_raise_the_remote_type():
+    """An rpc_async future whose function raised raises that type, as on torch."""
     import time
-    reset("slow")
-    B.rpc.rpc_sync(worker(1), reset, args=("slow",))
-    slow = B.rpc.rpc_async(worker(1), block_on, args=("slow",))
     bad = B.rpc.rpc_async(worker(1), raise_value_error)
-    started = time.monotonic()
-    try:
-        torch.futures.wait_all([slow, bad])
-    except Exception as exc:
-        error = exc
-    else:
-        raise AssertionError("wait_all returned although a future failed")
-    # It exits early, as torch documents: the slow call still runs.
-    assert not slow.done() and time.monotonic() - started < 20
-    assert "Expected error" in str(error)
-    if B.is_torch():
-        assert type(error) is ValueError
-    else:
-        # Deliberate difference (localrref/agent/futures.py): Python cannot store
-        # an exception in a torch future's C++ the way torch's RPC does, only
-        # fail it from a callback, which torch turns into a RuntimeError naming
-        # the type. rpc_sync and to_here keep the type.
-        assert isinstance(error, RuntimeError) and "ValueError" in str(error)
-    assert bad.done()
-    combined = torch.futures.collect_all([slow, bad])
-    assert combined.done(), "collect_all waits for a future that has already failed"
+    for get in (bad.wait, bad.value):
+        try:
+            get()
+        except ValueError as exc:
+            assert "Expected error" in str(exc)
+        else:
+            raise AssertionError(f"{get.__name__}() of a failed future returned")
+    # A then() callback sees the type from value(); one that lets it escape
+    # fails its child with torch's RuntimeError naming it (torch's own rule).
     seen = []
 
     def inspect(fut):
         try:
             fut.value()
-        except Exception as exc:
+        except ValueError as exc:
             seen.append(str(exc))
             return "saw the error"
         return "saw a value"
@@ -283,17 +269,57 @@ def failed_futures_look_failed_to_torch():
     with_value = bad.then(lambda fut: fut.value())
     try:
         with_value.wait()
-    except Exception as exc:
-        assert "Expected error" in str(exc)
+    except RuntimeError as exc:
+        assert "ValueError" in str(exc) and "Expected error" in str(exc)
     else:
         raise AssertionError("a then() child of a failed future succeeded")
+    # torch.futures.wait_all raises the type too.
+    reset("slow")
+    B.rpc.rpc_sync(worker(1), reset, args=("slow",))
+    slow = B.rpc.rpc_async(worker(1), block_on, args=("slow",))
+    bad = B.rpc.rpc_async(worker(1), raise_value_error)
+    try:
+        bad.wait()
+    except ValueError:
+        pass
+    combined = torch.futures.collect_all([slow, bad])
+    if B.is_torch():
+        # torch's C++ holds the exception too, so its combinators give up at
+        # the first failure. localrref's futures fail in Python only: they
+        # wait for every future (the one deliberate difference here, see
+        # localrref/agent/futures.py).
+        started = time.monotonic()
+        try:
+            torch.futures.wait_all([slow, bad])
+        except ValueError as exc:
+            assert "Expected error" in str(exc)
+        else:
+            raise AssertionError("wait_all returned although a future failed")
+        assert not slow.done() and time.monotonic() - started < 20
+        assert combined.done()
+    else:
+        assert not combined.done()
+    B.rpc.rpc_sync(worker(1), release, args=("slow",))
+    try:
+        torch.futures.wait_all([slow, bad])
+    except ValueError as exc:
+        assert "Expected error" in str(exc)
+    else:
+        raise AssertionError("wait_all returned although a future failed")
+    assert slow.wait() == "slow" and combined.done()
+    try:
+        combined.wait()  # its list of futures comes out through their unwrapping
+    except ValueError as exc:
+        assert "Expected error" in str(exc)
+    else:
+        raise AssertionError("collect_all of a failed future returned its list")
     # rpc_sync raises the remote type on both.
     try:
         B.rpc.rpc_sync(worker(1), raise_value_error)
     except ValueError as exc:
         assert "Expected error" in str(exc)
-    B.rpc.rpc_sync(worker(1), release, args=("slow",))
-    assert slow.wait() == "slow"
+    else:
+        raise AssertionError("rpc_sync returned")
     return True
 
 
@@ -303,7 +329,7 @@ def wait_all_with_partial_exception():
     futures.append(B.rpc.rpc_async(worker(1), raise_value_error))
     try:
         torch.futures.wait_all(futures)
-    except Exception as exc:
+    except ValueError as exc:
         assert "Expected error" in str(exc)
     else:
         raise AssertionError("wait_all returned")
@@ -374,6 +400,21 @@ def torchs_exception_types():
         text = _raises(RuntimeError, _call, api, worker(1), async_wrong_type)
         assert "must return a torch.futures.Future object" in text, text
     assert "nope" in _raises(RuntimeError, B.rpc.get_worker_info, "nope")
+    return True
+
+
+def proxies_look_methods_up_on_the_type():
+    """torch's test_rref_proxy_non_exist, and the method that exists."""
+    rref = B.rpc.remote(worker(1), my_function, args=(torch.ones(2, 2), 1, 3))
+    for make in (lambda: rref.rpc_sync().non_exist(),
+                 lambda: rref.rpc_async().non_exist().wait(),
+                 lambda: rref.remote().non_exist()):
+        assert "has no attribute 'non_exist'" in _raises(AttributeError, make)
+    # Again with the type known, and a method that exists.
+    assert "has no attribute 'non_exist'" in _raises(
+        AttributeError, lambda: rref.rpc_async().non_exist().wait())
+    assert rref.rpc_async().size().wait() == torch.Size([2, 2])
+    assert rref.remote().view(1, 4).to_here().shape == (1, 4)
     return True
 
 

@@ -18,8 +18,8 @@ def test_a_batched_rl_program_through_proxies_runs_to_completion(backend):
     assert lengths == [25, 25] and counts == {1: 25, 2: 25}
 
 
-def test_failed_futures_look_failed_to_torchs_combinators(world):
-    assert world.run(sc.failed_futures_look_failed_to_torch)
+def test_failed_futures_raise_the_remote_type(world):
+    assert world.run(sc.failed_futures_raise_the_remote_type)
 
 
 def test_wait_all_with_a_partial_exception(world):

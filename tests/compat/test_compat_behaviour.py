@@ -11,6 +11,10 @@ def test_torchs_exception_types(world):
     assert world.run(sc.torchs_exception_types)
 
 
+def test_proxies_look_methods_up_on_the_type(world):
+    assert world.run(sc.proxies_look_methods_up_on_the_type)
+
+
 def test_remote_errors_keep_their_lines(world):
     assert world.run(sc.remote_errors_keep_their_lines)
 
