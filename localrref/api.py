@@ -22,7 +22,9 @@ from .agent.agent import Agent
 from .agent.futures import expose
 from .control_messages import ShutdownFailed
 from .launch import paused_gc
-from .errors import NOT_INITIALIZED_MESSAGE, RPCNotInitializedError, UnknownWorkerError
+from .errors import (
+    AGENT_NOT_SET_MESSAGE, NOT_INITIALIZED_MESSAGE, RPCNotInitializedError, UnknownWorkerError,
+)
 from .options import FaultyRpcBackendOptions, RpcBackendOptions
 from .rref import RRef, worker_info
 
@@ -249,15 +251,15 @@ def _names(agent: Agent) -> str:
     return ", ".join(f"{d.rank}={d.name!r}" for d in agent.peers())
 
 
-def _handed_over():
+def _handed_over(message: str = AGENT_NOT_SET_MESSAGE):
     """``torch.distributed.rpc`` if this world was handed over to it, else not initialized.
 
     Called only when there is no agent, so localrref's calls never pay for
-    the hand-over.
+    the hand-over. ``message``: the error's text, torch's for the API called.
     """
     torch_rpc = handover.active()
     if torch_rpc is None:
-        current.require()  # raises RPCNotInitializedError (or finds an agent set meanwhile)
+        current.require(message)  # raises RPCNotInitializedError (or finds an agent set meanwhile)
     return torch_rpc
 
 
@@ -265,7 +267,7 @@ def get_worker_info(worker_name=None):
     """The ``WorkerInfo`` of ``worker_name`` (a name or rank), or of this worker."""
     agent = current.get()
     if agent is None:
-        return _handed_over().get_worker_info(worker_name)
+        return _handed_over(NOT_INITIALIZED_MESSAGE).get_worker_info(worker_name)
     if worker_name is None:
         return worker_info(agent, agent.rank)
     return worker_info(agent, _to_rank(agent, worker_name))
@@ -284,7 +286,7 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
     """
     agent = current.get()
     if agent is None:
-        return _handed_over().rpc_async(to, func, args, kwargs, timeout)
+        return _handed_over(NOT_INITIALIZED_MESSAGE).rpc_async(to, func, args, kwargs, timeout)
     rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
     return expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout))
 
@@ -293,7 +295,7 @@ def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_
     """As :func:`rpc_async`, waiting for the result (remote exceptions re-raised)."""
     agent = current.get()
     if agent is None:
-        return _handed_over().rpc_sync(to, func, args, kwargs, timeout)
+        return _handed_over(NOT_INITIALIZED_MESSAGE).rpc_sync(to, func, args, kwargs, timeout)
     rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
     return agent.reader.wait_reply(agent.calls.rpc_async(rank, func, args, kwargs, timeout,
                                                          will_wait=True))
@@ -303,7 +305,7 @@ def remote(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIMEOUT
     """Run ``func`` on ``to`` and keep the result there; return an ``RRef`` to it at once."""
     agent = current.get()
     if agent is None:
-        return _handed_over().remote(to, func, args, kwargs, timeout)
+        return _handed_over(NOT_INITIALIZED_MESSAGE).remote(to, func, args, kwargs, timeout)
     rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
     return agent.calls.remote(rank, func, args, kwargs, timeout)
 
@@ -446,7 +448,7 @@ def _broadcast_to_followers(sequence_id: str, objects_map: dict) -> None:
 def _all_gather(obj, worker_names=None, timeout: float = constants.UNSET_RPC_TIMEOUT) -> dict:
     """``{worker name: obj}`` from every worker of ``worker_names`` (default: all); torch's
     ``api._all_gather``. Every worker named must call it."""
-    agent = current.require()
+    agent = current.require(NOT_INITIALIZED_MESSAGE)
     names = set(worker_names) if worker_names else {peer.name for peer in agent.peers()}
     leader = min(names)
     me = agent.name

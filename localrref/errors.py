@@ -102,8 +102,14 @@ class RPCNotInitializedError(LocalRRefError):
     """An RPC API was used before ``init_rpc`` or after ``shutdown``."""
 
 
-# torch's words first, as programs match them; then localrref's fix.
+# torch's words first, as programs match them; then localrref's fix. torch
+# has two: its Python API's guard (rpc_sync, rpc_async, remote,
+# get_worker_info, shutdown, _all_gather) and its C++ agent lookup (RRef(),
+# get_rpc_timeout, and everything else).
 NOT_INITIALIZED_MESSAGE = (
+    "RPC has not been initialized. Call torch.distributed.rpc.init_rpc first. It was "
+    "not initialized, or was shut down, in this process: call localrref.init_rpc first.")
+AGENT_NOT_SET_MESSAGE = (
     "Current RPC agent is not set! Did you initialize the RPC framework (e.g. by calling "
     "`rpc.init_rpc`)? RPC has not been initialized, or was shut down: call "
     "localrref.init_rpc first.")

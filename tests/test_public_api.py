@@ -84,12 +84,19 @@ def test_spawn_signature_mirrors_torch():
 
 
 def test_calls_before_init_rpc_say_what_to_do():
+    # torch's words first (programs match them, anchored), then the fix;
+    # torch has one text for its Python API's guard and one for the rest.
     for call in (lambda: localrref.rpc_sync("w1", print),
+                 lambda: localrref.rpc_async("w1", print),
                  lambda: localrref.remote(1, print),
                  lambda: localrref.get_worker_info(),
-                 lambda: localrref.RRef(1),
                  lambda: localrref.shutdown()):
-        # torch's words first (programs match them), then the fix.
+        with pytest.raises(RuntimeError, match=r"^RPC has not been initialized. Call "
+                                               r"torch.distributed.rpc.init_rpc first..*call "
+                                               r"localrref.init_rpc first."):
+            call()
+    for call in (lambda: localrref.RRef(1),
+                 lambda: localrref.get_rpc_timeout()):
         with pytest.raises(RuntimeError, match=r"^Current RPC agent is not set! Did you "
                                                r"initialize the RPC framework.*call "
                                                r"localrref.init_rpc first."):

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from ..errors import NOT_INITIALIZED_MESSAGE, RPCNotInitializedError
+from ..errors import AGENT_NOT_SET_MESSAGE, RPCNotInitializedError
 
 _lock = threading.Lock()
 _agent = None
@@ -42,10 +42,11 @@ def set(agent) -> None:  # noqa: A001 - mirrors torch's _set_and_start_rpc_agent
         _agent = agent
 
 
-def require():
+def require(message: str = AGENT_NOT_SET_MESSAGE):
+    """This thread's agent; ``message`` is the error when there is none (torch's words)."""
     agent = getattr(_bound, "agent", None) or _agent
     if agent is None:
-        raise RPCNotInitializedError(NOT_INITIALIZED_MESSAGE)
+        raise RPCNotInitializedError(message)
     return agent
 
 
