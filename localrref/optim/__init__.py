@@ -114,23 +114,27 @@ class DistributedOptimizer:
         here meanwhile (torch sends it an RPC to itself).
         """
         autograd._is_valid_context(context_id)
+        agent = current.require()
         futures, here = [], []
         for optimizer in self.remote_optimizers:
             if optimizer.is_owner():
                 here.append(optimizer)
             else:
-                futures.append(api.rpc_async(optimizer.owner(), _local_optimizer_step,
-                                             args=(optimizer, context_id)))
+                futures.append(agent.calls.rpc_async(
+                    optimizer._record.owner, _local_optimizer_step, (optimizer, context_id), {},
+                    -1))
         error = None
         for optimizer in here:
             try:
                 _local_optimizer_step(optimizer, context_id)
             except Exception as exc:  # noqa: BLE001 - raised after the others finished
                 error = exc
-        try:
-            _wait_for_all(futures)
-        except Exception:
-            if error is None:
-                raise
+        # This thread reads the replies itself (Reader.wait_reply): no hand-off
+        # from the thread that would read them, as for rpc_sync.
+        for future in futures:
+            try:
+                agent.reader.wait_reply(future)
+            except Exception as exc:  # noqa: BLE001 - the last error, as torch's _wait_for_all
+                error = exc
         if error is not None:
             raise error
