@@ -247,41 +247,24 @@ def failed_futures_raise_the_remote_type():
     import time
     bad = B.rpc.rpc_async(worker(1), raise_value_error)
     for get in (bad.wait, bad.value):
-        try:
-            get()
-        except ValueError as exc:
-            assert "Expected error" in str(exc)
-        else:
-            raise AssertionError(f"{get.__name__}() of a failed future returned")
+        assert "Expected error" in _raises(ValueError, get)
     # A then() callback sees the type from value(); one that lets it escape
     # fails its child with torch's RuntimeError naming it (torch's own rule).
     seen = []
 
     def inspect(fut):
-        try:
-            fut.value()
-        except ValueError as exc:
-            seen.append(str(exc))
-            return "saw the error"
-        return "saw a value"
+        seen.append(_raises(ValueError, fut.value))
+        return "saw the error"
 
     assert bad.then(inspect).wait() == "saw the error" and "Expected error" in seen[0]
-    with_value = bad.then(lambda fut: fut.value())
-    try:
-        with_value.wait()
-    except RuntimeError as exc:
-        assert "ValueError" in str(exc) and "Expected error" in str(exc)
-    else:
-        raise AssertionError("a then() child of a failed future succeeded")
-    # torch.futures.wait_all raises the type too.
+    text = _raises(RuntimeError, bad.then(lambda fut: fut.value()).wait)
+    assert "ValueError" in text and "Expected error" in text
+    # torch.futures.wait_all and collect_all raise the type too.
     reset("slow")
     B.rpc.rpc_sync(worker(1), reset, args=("slow",))
     slow = B.rpc.rpc_async(worker(1), block_on, args=("slow",))
     bad = B.rpc.rpc_async(worker(1), raise_value_error)
-    try:
-        bad.wait()
-    except ValueError:
-        pass
+    _raises(ValueError, bad.wait)
     combined = torch.futures.collect_all([slow, bad])
     if B.is_torch():
         # torch's C++ holds the exception too, so its combinators give up at
@@ -289,37 +272,18 @@ def failed_futures_raise_the_remote_type():
         # wait for every future (the one deliberate difference here, see
         # localrref/agent/futures.py).
         started = time.monotonic()
-        try:
-            torch.futures.wait_all([slow, bad])
-        except ValueError as exc:
-            assert "Expected error" in str(exc)
-        else:
-            raise AssertionError("wait_all returned although a future failed")
+        assert "Expected error" in _raises(ValueError, torch.futures.wait_all, [slow, bad])
         assert not slow.done() and time.monotonic() - started < 20
         assert combined.done()
     else:
         assert not combined.done()
     B.rpc.rpc_sync(worker(1), release, args=("slow",))
-    try:
-        torch.futures.wait_all([slow, bad])
-    except ValueError as exc:
-        assert "Expected error" in str(exc)
-    else:
-        raise AssertionError("wait_all returned although a future failed")
+    assert "Expected error" in _raises(ValueError, torch.futures.wait_all, [slow, bad])
     assert slow.wait() == "slow" and combined.done()
-    try:
-        combined.wait()  # its list of futures comes out through their unwrapping
-    except ValueError as exc:
-        assert "Expected error" in str(exc)
-    else:
-        raise AssertionError("collect_all of a failed future returned its list")
+    # Its list of futures comes out through their unwrapping.
+    assert "Expected error" in _raises(ValueError, combined.wait)
     # rpc_sync raises the remote type on both.
-    try:
-        B.rpc.rpc_sync(worker(1), raise_value_error)
-    except ValueError as exc:
-        assert "Expected error" in str(exc)
-    else:
-        raise AssertionError("rpc_sync returned")
+    assert "Expected error" in _raises(ValueError, B.rpc.rpc_sync, worker(1), raise_value_error)
     return True
 
 
@@ -327,12 +291,7 @@ def wait_all_with_partial_exception():
     # torch's test_wait_all_with_partial_exception.
     futures = [B.rpc.rpc_async(worker(1), torch.add, args=(torch.ones(2), 1)) for _ in range(10)]
     futures.append(B.rpc.rpc_async(worker(1), raise_value_error))
-    try:
-        torch.futures.wait_all(futures)
-    except ValueError as exc:
-        assert "Expected error" in str(exc)
-    else:
-        raise AssertionError("wait_all returned")
+    assert "Expected error" in _raises(ValueError, torch.futures.wait_all, futures)
     return True
 
 
