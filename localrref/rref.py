@@ -312,14 +312,15 @@ class _Proxy:
                 return _call(rref, api_name, invoker, call_args, timeout)
             # rpc_async never blocks, and a method the type lacks fails its
             # future, as in torch; the call goes out once the type is known.
-            result = torch.futures.Future()
             if rref._type is not None:
                 try:
                     invoker = _invoker_for(rref._type, func_name)
                 except AttributeError as exc:
-                    fail(result, exc, user=True)
-                    return expose(result)
+                    failed = torch.futures.Future()
+                    fail(failed, exc, user=True)
+                    return expose(failed)
                 return _call(rref, api_name, invoker, call_args, timeout)
+            result = torch.futures.Future()
 
             def on_type(type_future):
                 value_type = type_future.value()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .. import api, autograd, handover
+from .. import api, autograd, constants, handover
 from ..agent import current
 from ..agent.autograd_pass import GRAD_LOCK
 from ..rref import RRef
@@ -122,7 +122,7 @@ class DistributedOptimizer:
             else:
                 futures.append(agent.calls.rpc_async(
                     optimizer._record.owner, _local_optimizer_step, (optimizer, context_id), {},
-                    -1))
+                    constants.UNSET_RPC_TIMEOUT))
         error = None
         for optimizer in here:
             try:
