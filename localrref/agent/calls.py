@@ -194,13 +194,8 @@ class Calls:
         pending = self.pending.get(effect.request_id)
         if pending is None:
             return
-        error = effect.error
-        remote = isinstance(error, fx.RemoteFailure)
-        if remote:
-            error = loads_exception(error.payload) if isinstance(error.payload, bytes) \
-                else RuntimeError(str(error.payload))
         try:
-            fail(pending.future, error, user=remote)
+            _fail_with(pending.future, effect.error)
         finally:
             self._settled(effect.request_id)
 
@@ -224,15 +219,11 @@ class Calls:
         future = self.creations.get(key)
         if future is None:
             return
-        error = effect.error
         try:
-            if error is None:
+            if effect.error is None:
                 future.set_result(True)
             else:
-                remote = isinstance(error, fx.RemoteFailure)
-                if remote:
-                    error = loads_exception(error.payload)
-                fail(future, error, user=remote)
+                _fail_with(future, effect.error)
         finally:
             # After the callbacks, as in _settled.
             with self.agent.lock:
@@ -258,6 +249,17 @@ class Calls:
         for item in pending.values():
             if not item.future.done():
                 fail(item.future, error)
+
+
+def _fail_with(future: torch.futures.Future, error) -> None:
+    """Fail an internal future with a core effect's error: a :class:`fx.RemoteFailure`
+    is the user function's exception, rebuilt here; anything else is the RPC layer's."""
+    if not isinstance(error, fx.RemoteFailure):
+        fail(future, error)
+        return
+    payload = error.payload
+    fail(future, loads_exception(payload) if isinstance(payload, bytes)
+         else RuntimeError(str(payload)), user=True)
 
 
 def _caller_site() -> str:

@@ -62,13 +62,16 @@ def _local_optimizer_step(local_optim_rref: RRef, context_id: int) -> None:
     local_optim_rref.local_value().step(context_id)
 
 
-def _wait_for_all(futures) -> list:
-    """Every future's value; the last error, once all are done (torch's ``_wait_for_all``)."""
+def _wait_for_all(futures, wait=None) -> list:
+    """Every future's value; the last error, once all are done (torch's ``_wait_for_all``).
+
+    ``wait``: how to wait for one future (default: its ``wait()``).
+    """
     error = None
     results = []
     for future in futures:
         try:
-            results.append(future.wait())
+            results.append(future.wait() if wait is None else wait(future))
         except Exception as exc:  # noqa: BLE001 - raised below, after the others
             results.append(exc)
             error = exc
@@ -129,12 +132,12 @@ class DistributedOptimizer:
                 _local_optimizer_step(optimizer, context_id)
             except Exception as exc:  # noqa: BLE001 - raised after the others finished
                 error = exc
-        # This thread reads the replies itself (Reader.wait_reply): no hand-off
-        # from the thread that would read them, as for rpc_sync.
-        for future in futures:
-            try:
-                agent.reader.wait_reply(future)
-            except Exception as exc:  # noqa: BLE001 - the last error, as torch's _wait_for_all
-                error = exc
+        try:
+            # This thread reads the replies itself (Reader.wait_reply): no
+            # hand-off from the thread that would read them, as for rpc_sync.
+            _wait_for_all(futures, agent.reader.wait_reply)
+        except Exception:
+            if error is None:
+                raise
         if error is not None:
             raise error
