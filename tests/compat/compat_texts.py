@@ -97,14 +97,21 @@ def gather_and_barrier(rank, world_size):
 
 
 def after_shutdown():
+    """What each use after shutdown() says: ``{use: text}``."""
+    def text_of(use):
+        try:
+            use()
+        except RuntimeError as exc:
+            return str(exc)
+        return "raised nothing"
+
+    texts = {"rpc_sync": text_of(lambda: B.rpc.rpc_sync("worker0", torch.add,
+                                                        args=(torch.ones(2), 1)))}
     if not _AFTER:
-        return "no RRef was kept"  # gather_and_barrier failed; its error is reported
-    rref = _AFTER.pop()
-    try:
-        rref.to_here()
-    except RuntimeError as exc:
-        return str(exc)
-    return "to_here() after shutdown raised nothing"
+        texts["to_here"] = "no RRef was kept"  # gather_and_barrier failed; its error is reported
+    else:
+        texts["to_here"] = text_of(_AFTER.pop().to_here)
+    return texts
 
 
 def debug_info_parts():
