@@ -421,7 +421,8 @@ def _ddp_trainer(remote, pg_file, steps, lr):
     from torch.nn.parallel import DistributedDataParallel
     rank = me() - 1
     dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)
-    try:
+
+    def train():
         model = DistributedDataParallel(Det(7).lin)
         optimizer = DistributedOptimizer(torch.optim.SGD,
                                          [rpc.RRef(p) for p in model.parameters()], lr=lr)
@@ -434,6 +435,12 @@ def _ddp_trainer(remote, pg_file, steps, lr):
             assert all(p.grad is None for p in model.parameters()), ".grad was written"
             seen.append([p.detach().clone() for p in model.parameters()])
         return seen
+
+    try:
+        # The model dies with train(), before the process group: freed last by
+        # DDP's reducer, the group would join gloo's threads with the GIL held
+        # while one of them may need it (torch's hang; see the README).
+        return train()
     finally:
         dist.destroy_process_group()
 

@@ -252,6 +252,7 @@ def test_ddp_bucket_views_are_copied_into_the_context(tmp_path):
         assert torch.equal(kept[1], torch.full((2, 4), 6.0))
         assert torch.equal(kept[2], torch.full((2, 4), 9.0))
         assert model.module.weight.grad is None
+        del model  # before the group: see _ddp_trainer in split_model_program.py
     finally:
         dist.destroy_process_group()
 
@@ -307,5 +308,6 @@ def test_ddp_over_a_model_split_by_an_rpc_gives_each_pass_the_reduced_gradient(t
             for param, local in zip(inner.parameters(), expected, strict=True):
                 torch.testing.assert_close(grads[param], local * 10)
                 assert param.grad is None
+        del model, loss  # before the group: see _ddp_trainer in split_model_program.py
     finally:
         dist.destroy_process_group()
