@@ -67,7 +67,7 @@ from .jobs import Jobs
 from .reader import Reader
 from .shutdown import GracefulShutdown
 from .tape import HEADER as TAPE_HEADER
-from .tape import Tape
+from .tape import AUTOGRAD_DEBUG_KEYS, Tape, is_builtin
 
 __all__ = ["Agent", "WorkerDesc"]
 
@@ -303,14 +303,21 @@ class Agent:
         """This agent's distributed autograd if any thread has used it yet, else None."""
         return self._tape
 
-    def encode_for(self, dst: int, obj) -> tuple[bytes, tuple]:
-        """``(data, forks)`` of ``obj`` sent to ``dst``, inside this thread's autograd context."""
+    def encode_for(self, dst: int, obj, *, func=None) -> tuple[bytes, tuple]:
+        """``(data, forks)`` of ``obj`` sent to ``dst``, inside this thread's autograd context.
+
+        ``func``: the function a call or ``remote()`` runs. As in torch, a
+        call of one of torch's builtin operators takes the context along
+        only if its tensors require grad; a Python function's call always
+        does (its result might).
+        """
         tape = self._tape
         context_id = tape.current() if tape is not None else None
         if context_id is None:
             encoded = self.encode(obj)
             return encoded.data, encoded.forks
-        return tape.encode(dst, obj, context_id)
+        return tape.encode(dst, obj, context_id,
+                           always=func is None or not is_builtin(func))
 
     def decode_from(self, src: int, data: bytes, rrefs) -> tuple[object, int | None]:
         """Unpickle ``data`` from ``src``: the value, and the autograd context it came in (or None)."""
@@ -621,17 +628,22 @@ class Agent:
         return {key: str(value) for key, value in info.items()}
 
     def autograd_debug_info(self) -> dict[str, str]:
-        """Distributed autograd's counters (torch's ``dist_autograd._get_debug_info()``)."""
+        """Distributed autograd's counters (torch's ``dist_autograd._get_debug_info()``,
+        its two keys only); the send and recv tables are in :meth:`agent_debug_info`."""
+        counts = self._autograd_counts()
+        return {key: str(counts[key]) for key in AUTOGRAD_DEBUG_KEYS}
+
+    def _autograd_counts(self) -> dict[str, int]:
         tape = self._tape
-        autograd = tape.debug_info() if tape is not None else {
+        return tape.debug_info() if tape is not None else {
             "num_current_backward_passes": 0, "num_autograd_contexts": 0,
             "num_send_functions": 0, "num_recv_functions": 0}
-        return {key: str(value) for key, value in autograd.items()}
 
     def agent_debug_info(self) -> dict[str, str]:
         """The agent's own figures (torch's ``_get_current_rpc_agent().get_debug_info()``)."""
         with self.lock:
             pending = len(self.calls.pending)
+        counts = self._autograd_counts()
         return {
             "agent.num_pending_calls": str(pending),
             "agent.worker_threads": str(self.jobs.executor.thread_count),
@@ -642,6 +654,10 @@ class Agent:
             # Replies a waiting caller got from another thread, not by reading
             # the inbox itself (each one a thread hand-off).
             "agent.fallback_waits": str(self.reader.lead.fallback_waits),
+            # Distributed autograd's send and recv tables, across live contexts
+            # (torch keeps them out of dist_autograd._get_debug_info()).
+            "num_send_functions": str(counts["num_send_functions"]),
+            "num_recv_functions": str(counts["num_recv_functions"]),
         }
 
     def graceful_shutdown(self, timeout: float) -> list[dict]:

@@ -73,7 +73,7 @@ class Calls:
         if dead is not None:
             fail(future, dead)
             return future
-        data, forks = agent.encode_for(dst, (func, args, kwargs))
+        data, forks = agent.encode_for(dst, (func, args, kwargs), func=func)
         with agent.lock:
             request_id = agent.core.rpc(dst, data, forks, now=agent.clock(),
                                         timeout=agent.timeout_of(timeout))
@@ -92,7 +92,7 @@ class Calls:
         dead = agent.dead.get(dst)
         if dead is not None:
             raise dead
-        data, forks = agent.encode_for(dst, (func, args, kwargs))
+        data, forks = agent.encode_for(dst, (func, args, kwargs), func=func)
         creation = torch.futures.Future()
         with agent.lock:
             record = agent.core.remote(dst, data, forks, now=agent.clock(),

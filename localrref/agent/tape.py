@@ -35,6 +35,25 @@ import torch
 from ..core import dist_autograd as da
 from .autograd_pass import SECOND_BACKWARD, EarlierLeaves, RecvSlot, run_pass, saves_tensors
 
+try:
+    # torch's own test for "a builtin operator" (rpc/api.py _invoke_rpc)
+    from torch.jit._builtins import _find_builtin
+except ImportError:  # another torch: every call takes the context along
+    def _find_builtin(func):
+        return None
+
+
+# torch's dist_autograd._get_debug_info() has these two keys, and no more
+AUTOGRAD_DEBUG_KEYS = ("num_current_backward_passes", "num_autograd_contexts")
+
+
+def is_builtin(func) -> bool:
+    """Whether torch sends a call of ``func`` as a builtin operator (not a Python function)."""
+    try:
+        return _find_builtin(func) is not None
+    except TypeError:  # unhashable: not an operator
+        return False
+
 __all__ = ["Tape", "HEADER", "split_header"]
 
 log = logging.getLogger("localrref")
@@ -116,6 +135,13 @@ class Tape:
         with self.lock:
             return self.core.debug_info()
 
+    def known_workers(self, context_id: int) -> frozenset[int]:
+        """The workers ``context_id`` went to or came from; torch's error if it is gone."""
+        with self.lock:
+            if not self.core.has_context(context_id):
+                raise RuntimeError(f"Could not find autograd context with id: {context_id}")
+            return self.core.known_workers(context_id)
+
     def leak_records(self) -> list[dict]:
         """The contexts this worker made that are still alive (their ``with`` never ended)."""
         with self.lock:
@@ -142,10 +168,16 @@ class Tape:
 
     # -- forward ---------------------------------------------------------------
 
-    def encode(self, dst: int, obj, context_id: int):
-        """Pickle ``obj`` for ``dst`` inside ``context_id``: ``(data, forks)`` with the header."""
+    def encode(self, dst: int, obj, context_id: int, always: bool = True):
+        """Pickle ``obj`` for ``dst`` inside ``context_id``: ``(data, forks)`` with the header.
+
+        ``always`` False: only if ``obj`` holds tensors that require grad;
+        otherwise plain, outside the context (torch's builtin operators).
+        """
         grads: list[torch.Tensor] = []
         encoded = self.agent.encode(obj, grads=grads)
+        if not grads and not always:
+            return encoded.data, encoded.forks
         message_id = 0
         with self.lock:
             if self.core.has_context(context_id):

@@ -19,8 +19,15 @@ from __future__ import annotations
 
 from .. import handover
 from ..agent import current
+from ..agent.tape import AUTOGRAD_DEBUG_KEYS
+from ..core.dist_autograd import max_id
 
-__all__ = ["context", "backward", "get_gradients", "is_available"]
+__all__ = ["context", "backward", "get_gradients", "is_available", "DistAutogradContext"]
+
+# torch's words (DistAutogradContainer::currentContext)
+NO_CURRENT_CONTEXT = (
+    "Current thread doesn't have a valid autograd context. Please wrap your code using: "
+    "`with torch.distributed.autograd.context() as context_id` to generate a valid context")
 
 
 def is_available() -> bool:
@@ -90,9 +97,99 @@ def _is_valid_context(context_id: int) -> None:
 
 
 def _get_debug_info() -> dict[str, int]:
-    """torch's two counters of this worker's distributed autograd, and its send and recv
-    functions (the autograd part of ``localrref.get_debug_info()``)."""
+    """torch's two counters of this worker's distributed autograd (live contexts, backward
+    passes running); ``localrref.get_debug_info()`` counts the send and recv functions too."""
     torch_autograd = _torch_autograd()
     if torch_autograd is not None:
         return torch_autograd._get_debug_info()
-    return dict(_tape().debug_info())
+    counts = _tape().debug_info()
+    return {key: counts[key] for key in AUTOGRAD_DEBUG_KEYS}
+
+
+# -- torch's private context API ------------------------------------------------
+# Programs and torch's own tests reach into contexts through these: to check
+# that a context was cleaned up on every worker (_retrieve_context raising),
+# which workers it reached, or to manage one without a ``with`` block.
+
+
+class DistAutogradContext:
+    """A handle on one of this worker's contexts (torch's ``DistAutogradContext``)."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, context_id: int) -> None:
+        self._id = context_id
+
+    def _context_id(self) -> int:
+        return self._id
+
+    def _known_worker_ids(self) -> set[int]:
+        """The workers this context went to or came from on this worker."""
+        return set(_tape().known_workers(self._id))
+
+    def _send_functions(self):
+        raise NotImplementedError(_NO_NODES.format(kind="send"))
+
+    def _recv_functions(self):
+        raise NotImplementedError(_NO_NODES.format(kind="recv"))
+
+    def __repr__(self) -> str:
+        return f"DistAutogradContext(context_id={self._id})"
+
+
+_NO_NODES = (
+    "localrref records the {kind}s of a distributed autograd context as the tensors they "
+    "carried, not as autograd nodes (torch's {kind}RpcBackward): there is no "
+    "_{kind}_functions() to inspect. localrref.get_debug_info() counts them "
+    "(num_{kind}_functions).")
+
+
+def _retrieve_context(context_id: int):
+    """This worker's part of ``context_id``; torch's error if it has none (released, or never
+    reached this worker)."""
+    torch_autograd = _torch_autograd()
+    if torch_autograd is not None:
+        return torch_autograd._retrieve_context(context_id)
+    _tape().check_context(context_id)
+    return DistAutogradContext(context_id)
+
+
+def _current_context():
+    """The context of this thread's ``with context()`` block (or of the call it serves)."""
+    torch_autograd = _torch_autograd()
+    if torch_autograd is not None:
+        return torch_autograd._current_context()
+    tape = _tape()
+    context_id = tape.current()
+    if context_id is None:
+        raise RuntimeError(NO_CURRENT_CONTEXT)
+    tape.check_context(context_id)
+    return DistAutogradContext(context_id)
+
+
+def _new_context():
+    """A new context, current on this thread until ``_release_context`` (``context()``'s halves)."""
+    torch_autograd = _torch_autograd()
+    if torch_autograd is not None:
+        return torch_autograd._new_context()
+    return DistAutogradContext(_tape().new_context())
+
+
+def _release_context(context_id: int) -> None:
+    """Release ``context_id`` here and on every worker it reached; torch's error if it is
+    not a context of this worker."""
+    torch_autograd = _torch_autograd()
+    if torch_autograd is not None:
+        torch_autograd._release_context(context_id)
+        return
+    tape = _tape()
+    tape.check_context(context_id)
+    tape.release(context_id)
+
+
+def _get_max_id() -> int:
+    """The largest context id this worker can make (torch's layout: worker id in the high 16 bits)."""
+    torch_autograd = _torch_autograd()
+    if torch_autograd is not None:
+        return torch_autograd._get_max_id()
+    return max_id(current.require().rank)

@@ -49,7 +49,7 @@ __all__ = [
     "AutogradContexts", "ContextError",
     "PropagateGradients", "PropagateDone", "CleanupContext", "AutogradMessage",
     "SendMessage", "RunPass", "BackwardDone", "ContextReleased", "Effect",
-    "FromRoots", "FromSend", "Outgoing", "WORKER_BITS", "make_id", "creator_of",
+    "FromRoots", "FromSend", "Outgoing", "WORKER_BITS", "make_id", "max_id", "creator_of",
 ]
 
 WORKER_BITS = 16
@@ -60,6 +60,11 @@ _LOCAL_MASK = (1 << _LOCAL_BITS) - 1
 def make_id(worker: int, local: int) -> int:
     """torch's layout: the worker id in the high 16 bits of a 64-bit id."""
     return (worker << _LOCAL_BITS) | local
+
+
+def max_id(worker: int) -> int:
+    """The largest id ``worker`` can make."""
+    return make_id(worker, _LOCAL_MASK)
 
 
 def creator_of(any_id: int) -> int:

@@ -14,18 +14,21 @@ import socket
 BACKENDS = ("localrref", "torch")
 
 rpc = None
+autograd = None  # the backend's distributed autograd
 NAME: str | None = None
 
 
 def install(name: str) -> None:
-    global rpc, NAME
+    global rpc, autograd, NAME
     if name == "localrref":
         import localrref as module
+        import localrref.autograd as autograd_module
     elif name == "torch":
+        import torch.distributed.autograd as autograd_module
         import torch.distributed.rpc as module
     else:
         raise ValueError(f"unknown backend {name!r}; use one of {BACKENDS}")
-    rpc, NAME = module, name
+    rpc, autograd, NAME = module, autograd_module, name
 
 
 def is_torch() -> bool:

@@ -362,6 +362,71 @@ def torchs_exception_types():
     return True
 
 
+def _context_here(context_id):
+    """Whether this worker holds a part of ``context_id`` (torch's error text if not)."""
+    try:
+        return B.autograd._retrieve_context(context_id)._context_id() == context_id
+    except RuntimeError as exc:
+        assert str(exc).startswith(f"Could not find autograd context with id: {context_id}"), exc
+        return False
+
+
+def _released_everywhere(context_id, workers, bound=30.0):
+    # The cleanup travels on its own (torch: an async RPC served by a pool),
+    # so each worker is asked until it has let the context go.
+    import time
+    deadline = time.monotonic() + bound
+    for w in workers:
+        while B.rpc.rpc_sync(worker(w), _context_here, args=(context_id,)):
+            assert time.monotonic() < deadline, f"worker{w} still holds context {context_id}"
+    return True
+
+
+def private_context_calls():
+    # torch's DistAutogradTest reaches into contexts through these (cleanup on
+    # every worker, known workers, ids); programs' own tests do too.
+    ag = B.autograd
+    rank = B.rpc.get_worker_info().id
+    assert ag._get_max_id() == (rank << 48) + (1 << 48) - 1
+    no_current = "Current thread doesn't have a valid autograd context"
+    assert no_current in _raises(RuntimeError, ag._current_context)
+    with ag.context() as context_id:
+        assert context_id >> 48 == rank
+        current = ag._current_context()
+        assert current._context_id() == context_id
+        assert ag._retrieve_context(context_id)._context_id() == context_id
+        assert current._known_worker_ids() == set()
+        # A builtin operator takes the context along only with tensors that
+        # require grad; a Python function always does (its result might).
+        B.rpc.rpc_sync(worker(1), torch.add, args=(torch.ones(2), torch.ones(2)))
+        B.rpc.rpc_sync(worker(2), torch.add, args=(torch.ones(2, requires_grad=True), 1))
+        assert current._known_worker_ids() == {2}, current._known_worker_ids()
+        B.rpc.rpc_sync(worker(1), torch.is_grad_enabled)  # a builtin without tensors
+        assert current._known_worker_ids() == {2}, current._known_worker_ids()
+        B.rpc.rpc_sync(worker(1), ident, args=(1,))
+        assert current._known_worker_ids() == {1, 2}, current._known_worker_ids()
+        assert B.rpc.rpc_sync(worker(2), _context_here, args=(context_id,))
+    gone = f"Could not find autograd context with id: {context_id}"
+    assert gone in _raises(RuntimeError, ag._retrieve_context, context_id)
+    assert _released_everywhere(context_id, (1, 2))
+    # A context without the with block: current until released.
+    made = ag._new_context()
+    made_id = made._context_id()
+    try:
+        assert ag._current_context()._context_id() == made_id
+        assert "Already have an autograd context id for this thread." in _raises(
+            RuntimeError, ag._new_context)
+        B.rpc.rpc_sync(worker(3), ident, args=(1,))
+        assert made._known_worker_ids() == {3}
+    finally:
+        ag._release_context(made_id)
+    assert no_current in _raises(RuntimeError, ag._current_context)
+    assert f"Could not find autograd context with id: {made_id}" in _raises(
+        RuntimeError, ag._release_context, made_id)
+    assert _released_everywhere(made_id, (3,))
+    return True
+
+
 def proxies_look_methods_up_on_the_type():
     """torch's test_rref_proxy_non_exist, and the method that exists."""
     rref = B.rpc.remote(worker(1), my_function, args=(torch.ones(2, 2), 1, 3))

@@ -15,6 +15,10 @@ def test_proxies_look_methods_up_on_the_type(world):
     assert world.run(sc.proxies_look_methods_up_on_the_type)
 
 
+def test_private_context_calls(world):
+    assert world.run(sc.private_context_calls)
+
+
 def test_remote_errors_keep_their_lines(world):
     assert world.run(sc.remote_errors_keep_their_lines)
 

@@ -141,8 +141,9 @@ except AttributeError as exc:
     print(exc)
 import localrref.autograd
 assert dist_autograd.context is localrref.autograd.context  # localrref's own
+assert dist_autograd._retrieve_context is localrref.autograd._retrieve_context
 try:
-    dist_autograd._current_context()
+    dist_autograd._init(0)
 except AttributeError as exc:
     print(exc)
 from torch.distributed.optim import DistributedOptimizer
@@ -173,7 +174,7 @@ def test_what_localrref_lacks_fails_naming_it_and_the_rest_is_localrrefs(env, tm
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(" is not provided by localrref")[0] for line in lines] == [
-        "torch.distributed.rpc._init_rpc_backend", "torch.distributed.autograd._current_context",
+        "torch.distributed.rpc._init_rpc_backend", "torch.distributed.autograd._init",
         "torch.distributed.rpc.api._delete_all_user_and_unforked_owner_rrefs"]
 
 
