@@ -513,6 +513,12 @@ class _AgentView:
     def get_debug_info(self) -> dict[str, str]:
         return self._agent.agent_debug_info()
 
+    def _get_device_map(self, worker_info) -> dict:
+        """The device map toward ``worker_info``: always empty (localrref moves CPU tensors
+        only); torch's ``RemoteModule`` asks it before placing a module."""
+        get_worker_info(worker_info.name)  # torch's error for a worker not in the world
+        return {}
+
 
 def _get_current_rpc_agent() -> _AgentView:
     """This worker's agent as torch's ``_get_current_rpc_agent()`` shows it (its workers,

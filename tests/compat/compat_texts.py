@@ -73,6 +73,9 @@ def agent_view():
     infos = B.rpc.api._get_current_rpc_agent().get_worker_infos()
     assert sorted((info.id, info.name) for info in infos) == [(i, worker(i)) for i in range(4)]
     assert B.rpc.api._get_current_rpc_agent().get_worker_info().name == "worker0"
+    # torch's RemoteModule asks it before placing a module; no device maps here
+    agent = B.rpc.api._get_current_rpc_agent()
+    assert agent._get_device_map(B.rpc.get_worker_info(worker(1))) == {}
     return True
 
 
