@@ -173,7 +173,9 @@ class RRef:
     def _type_future(self, timeout: float):
         """An internal future (see agent/futures.py) of the value's type, cached once known."""
         agent = self._live_agent()
-        if self._record.is_owner:
+        if self._record.is_owner or self._record.creation_failed:
+            # A user whose remote() failed cannot be shared to ask its owner:
+            # the fetch fails at once with the creation's error, as to_here().
             source = agent.calls.fetch(self._record, 0)
         else:
             source = agent.calls.rpc_async(self._record.owner, _rref_typeof_on_owner, (self,),

@@ -1354,4 +1354,8 @@ def _creation_error_for(rref) -> object:
 def _describe(error: object) -> str:
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}"
+    if isinstance(error, RemoteFailure):
+        # The payload is the owner's pickled exception, for the driver to
+        # rebuild; its bytes say nothing to a reader.
+        return "the function raised on the owner; to_here() raises that error"
     return repr(error)

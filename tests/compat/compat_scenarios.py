@@ -242,6 +242,21 @@ def raise_value_error(text="Expected error"):
     raise ValueError(text)
 
 
+def type_of_a_failed_remote():
+    """_get_type() of an RRef whose remote() raised raises that error, blocking or not,
+    also once the failure is known here (torch's test_rref_type_with_error_*)."""
+    for blocking in (True, False):
+        rref = B.rpc.remote(worker(1), raise_value_error)
+        # Its failure is known here now (the owner answers the remote() first).
+        assert "Expected error" in _raises(ValueError, rref.to_here)
+
+        def get_type(rref=rref, blocking=blocking):
+            found = rref._get_type(blocking=blocking)
+            return found if blocking else found.wait()
+        assert "Expected error" in _raises(ValueError, get_type)
+    return True
+
+
 def failed_futures_raise_the_remote_type():
     """An rpc_async future whose function raised raises that type, as on torch."""
     import time

@@ -22,5 +22,9 @@ def test_failed_futures_raise_the_remote_type(world):
     assert world.run(sc.failed_futures_raise_the_remote_type)
 
 
+def test_type_of_a_failed_remote(world):
+    assert world.run(sc.type_of_a_failed_remote)
+
+
 def test_wait_all_with_a_partial_exception(world):
     assert world.run(sc.wait_all_with_partial_exception)

@@ -172,6 +172,24 @@ def test_prepareChildFork_refuses_timed_out_rref(world):
         ctx.prepare_child_fork(user)
 
 
+def test_prepareChildFork_refuses_failed_rref_in_words(world):
+    # The owner's exception travels pickled; the refusal names what happened
+    # and where the error is, not the payload's bytes.
+    c, o = world[0], world[1]
+    user = c.remote(1, "payload", now=0.0)
+    call = only(sends(c.take_effects(), "PYTHON_REMOTE_CALL"))
+    execute = only(of(deliver(c, o, call), fx.Execute))
+    reply = only(sends(o.fail_job(execute.job_id, b"\x80pickled ValueError"), "REMOTE_RET"))
+    c.handle(1, reply.message, now=0.0)
+    assert user.creation_failed
+    with pytest.raises(RRefCreationError) as raised:
+        c.prepare_child_fork(user)
+    text = str(raised.value)
+    assert "cannot be shared: its creation via rpc.remote() failed" in text
+    assert "the function raised on the owner; to_here() raises that error" in text
+    assert "payload" not in text and "pickled" not in text
+
+
 def test_prepareChildFork_refuses_deleted_user(world):
     user, _, reply = remote_from_user(world)
     world[0].handle(1, reply.message, now=0.0)
