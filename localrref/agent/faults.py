@@ -274,7 +274,7 @@ class FaultyTransport:
         with self._lock:
             dies = self._plan.kills(COPY)
         if dies:
-            _die(f"halfway through copying a tensor into shared memory")
+            _die("halfway through copying a tensor into shared memory")
 
     def _maybe_die(self, direction: str, peer: int, frame) -> None:
         kind = _kind_of(frame)
