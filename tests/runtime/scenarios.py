@@ -256,7 +256,8 @@ def failed_remote_poisons_every_use():
         rref._get_future().wait()
     with pytest.raises(RRefCreationError, match="cannot be shared"):
         rpc.rpc_sync("worker2", rref_sum, args=(rref,))
-    with pytest.raises(RRefCreationError):
+    # A proxy asks the value's type first: that fails as to_here() does (torch's too).
+    with pytest.raises(KeyError, match="creation failed on purpose"):
         rref.rpc_sync().get()
     return True
 
@@ -573,28 +574,6 @@ def threads_and_debug_info():
     for key in ("num_owner_rrefs", "num_pending_futures", "num_pending_users", "num_forks"):
         assert key in info and isinstance(info[key], str)
     return int(info["agent.threads"])
-
-
-def _debug_failed_remote(part):
-    import pytest
-    reset("f9")
-    rref = rpc.remote("worker1", fail_after_event, args=("f9",))
-    rpc.rpc_sync("worker1", release, args=("f9",))
-    if part >= 1:
-        with pytest.raises(KeyError):
-            rref.to_here()
-    if part >= 2:
-        with pytest.raises(KeyError):
-            rref._get_future().wait()
-    if part >= 3:
-        with pytest.raises(RRefCreationError):
-            rpc.rpc_sync("worker2", rref_sum, args=(rref,))
-    if part >= 4:
-        with pytest.raises(RRefCreationError):
-            rref.rpc_sync().get()
-    del rref
-    gc.collect()
-    return wait_tables_empty(5)
 
 
 def _dump_core():
