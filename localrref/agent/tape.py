@@ -35,6 +35,10 @@ import torch
 from ..core import dist_autograd as da
 from .autograd_pass import SECOND_BACKWARD, EarlierLeaves, RecvSlot, run_pass, saves_tensors
 
+__all__ = ["Tape", "HEADER", "split_header", "is_builtin", "AUTOGRAD_DEBUG_KEYS"]
+
+log = logging.getLogger("localrref")
+
 try:
     # torch's own test for "a builtin operator" (rpc/api.py _invoke_rpc)
     from torch.jit._builtins import _find_builtin
@@ -54,9 +58,6 @@ def is_builtin(func) -> bool:
     except TypeError:  # unhashable: not an operator
         return False
 
-__all__ = ["Tape", "HEADER", "split_header"]
-
-log = logging.getLogger("localrref")
 
 HEADER = b"\x02"  # the codec's own prefixes are \x00, \x01 and a pickle's \x80
 _IDS = struct.Struct("<qq")
@@ -138,8 +139,7 @@ class Tape:
     def known_workers(self, context_id: int) -> frozenset[int]:
         """The workers ``context_id`` went to or came from; torch's error if it is gone."""
         with self.lock:
-            if not self.core.has_context(context_id):
-                raise RuntimeError(f"Could not find autograd context with id: {context_id}")
+            self._check_context_locked(context_id)
             return self.core.known_workers(context_id)
 
     def leak_records(self) -> list[dict]:
@@ -280,13 +280,15 @@ class Tape:
     def check_context(self, context_id: int) -> None:
         """torch's error if ``context_id`` is not a context this worker knows."""
         with self.lock:
-            if not self.core.has_context(context_id):
-                raise RuntimeError(f"Could not find autograd context with id: {context_id}")
+            self._check_context_locked(context_id)
+
+    def _check_context_locked(self, context_id: int) -> None:
+        if not self.core.has_context(context_id):
+            raise RuntimeError(f"Could not find autograd context with id: {context_id}")
 
     def get_gradients(self, context_id: int) -> dict:
         with self.lock:
-            if not self.core.has_context(context_id):
-                raise RuntimeError(f"Could not find autograd context with id: {context_id}")
+            self._check_context_locked(context_id)
             return dict(self._tables[context_id].grads)
 
     # -- messages and effects ----------------------------------------------------

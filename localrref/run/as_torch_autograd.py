@@ -4,9 +4,10 @@
 the private ``_is_valid_context``, ``_get_debug_info``, ``_current_context``,
 ``_retrieve_context``, ``_new_context``, ``_release_context`` and
 ``_get_max_id`` are :mod:`localrref.autograd`. Other names (torch's
-``_init``, say) fail naming themselves. ``is_available()`` says False, as before this module had a
-body, so that torch's own modules that probe it (``torch.jit`` registers
-torch's C++ operators when it is True) leave it alone.
+``_init``, say) fail naming themselves. ``is_available()`` says False, as
+before this module had a body, so that torch's own modules that probe it
+(``torch.jit`` registers torch's C++ operators when it is True) leave it
+alone.
 """
 
 from __future__ import annotations
