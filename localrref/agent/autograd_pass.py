@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["RecvSlot", "EarlierLeaves", "find_leaves", "run_pass", "saves_tensors",
-           "engine_backward", "SECOND_BACKWARD", "GRAD_LOCK"]
+           "engine_backward", "send_node", "SECOND_BACKWARD", "GRAD_LOCK"]
 
 # Held by whatever sets parameters' ``.grad`` aside for a moment: a pass (see
 # _leaf_gradients) and a DistributedOptimizer step (optim/). Two of them at
@@ -50,6 +50,30 @@ class RecvSlot:
     src: int
     message_id: int
     index: int
+
+
+class SendRpc(torch.autograd.Function):
+    """Builds the node that :func:`send_node` shows; never part of a pass."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.count = len(tensors)
+        return torch.empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * ctx.count
+
+
+def send_node(tensors: Sequence[torch.Tensor]):
+    """An autograd node standing for one send, for inspection: its
+    ``next_functions`` are the edges of the tensors the send carried (an
+    ``AccumulateGrad`` for a leaf, the ``grad_fn`` of any other), in order,
+    as those of torch's ``SendRpcBackward``; its ``name()`` is
+    ``SendRpcBackward``. Passes never run it: they start from the tensors.
+    """
+    with torch.enable_grad():
+        return SendRpc.apply(*tensors).grad_fn
 
 
 def saves_tensors(node) -> bool:

@@ -33,7 +33,8 @@ import threading
 import torch
 
 from ..core import dist_autograd as da
-from .autograd_pass import SECOND_BACKWARD, EarlierLeaves, RecvSlot, run_pass, saves_tensors
+from .autograd_pass import (SECOND_BACKWARD, EarlierLeaves, RecvSlot, run_pass, saves_tensors,
+                            send_node)
 
 __all__ = ["Tape", "HEADER", "split_header", "is_builtin", "AUTOGRAD_DEBUG_KEYS"]
 
@@ -72,10 +73,12 @@ def split_header(data: bytes) -> tuple[bytes, int, int] | None:
 
 
 class _Tables:
-    __slots__ = ("sends", "recv_slots", "recv_tensors", "grads", "freed", "earlier")
+    __slots__ = ("sends", "send_nodes", "recv_slots", "recv_tensors", "grads", "freed",
+                 "earlier")
 
     def __init__(self) -> None:
         self.sends: dict[int, list[torch.Tensor]] = {}
+        self.send_nodes: dict[int, object] = {}  # message id -> its node, once asked for
         self.recv_slots: dict[int, RecvSlot] = {}
         self.recv_tensors: list[torch.Tensor] = []  # keeps the ids in recv_slots valid
         self.grads: dict[torch.Tensor, torch.Tensor] = {}
@@ -141,6 +144,26 @@ class Tape:
         with self.lock:
             self._check_context_locked(context_id)
             return self.core.known_workers(context_id)
+
+    def send_functions(self, context_id: int) -> dict:
+        """torch's ``_send_functions()``: message id -> a node standing for that send
+        (:func:`~localrref.agent.autograd_pass.send_node`), the same node each time."""
+        with self.lock:
+            self._check_context_locked(context_id)
+            tables = self._tables.get(context_id)
+            if tables is None:
+                return {}
+            for message_id, tensors in tables.sends.items():
+                if message_id not in tables.send_nodes:
+                    tables.send_nodes[message_id] = send_node(tensors)
+            return dict(tables.send_nodes)
+
+    def received_any(self, context_id: int) -> bool:
+        """Whether tensors that require grad reached this worker in ``context_id``."""
+        with self.lock:
+            self._check_context_locked(context_id)
+            tables = self._tables.get(context_id)
+            return tables is not None and bool(tables.recv_slots)
 
     def leak_records(self) -> list[dict]:
         """The contexts this worker made that are still alive (their ``with`` never ended)."""

@@ -414,8 +414,24 @@ def private_context_calls():
         # A builtin operator takes the context along only with tensors that
         # require grad; a Python function always does (its result might).
         B.rpc.rpc_sync(worker(1), torch.add, args=(torch.ones(2), torch.ones(2)))
-        B.rpc.rpc_sync(worker(2), torch.add, args=(torch.ones(2, requires_grad=True), 1))
+        assert current._send_functions() == {} and current._recv_functions() == {}
+        t1, t2 = torch.ones(3, 3, requires_grad=True), torch.ones(2, requires_grad=True)
+        B.rpc.rpc_sync(worker(2), torch.stack, args=([t1, torch.zeros(3, 3), t1 * 2],))
         assert current._known_worker_ids() == {2}, current._known_worker_ids()
+        # The send's node: one edge per tensor that requires grad, in order.
+        sends = current._send_functions()
+        assert len(sends) == 1, sends
+        (send,) = sends.values()
+        assert current._send_functions()[next(iter(sends))] is send
+        edges = [(node.name(), index) for node, index in send.next_functions]
+        assert edges == [("torch::autograd::AccumulateGrad", 0), ("MulBackward0", 0)], edges
+        assert send.next_functions[0][0].variable is t1
+        if B.is_torch():
+            assert len(current._recv_functions()) == 1
+        else:
+            assert "RecvRpcBackward" in _raises(NotImplementedError, current._recv_functions)
+        B.rpc.rpc_sync(worker(2), torch.add, args=(t2, 1))
+        assert len(current._send_functions()) == 2
         B.rpc.rpc_sync(worker(1), torch.is_grad_enabled)  # a builtin without tensors
         assert current._known_worker_ids() == {2}, current._known_worker_ids()
         B.rpc.rpc_sync(worker(1), ident, args=(1,))
