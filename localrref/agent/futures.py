@@ -30,6 +30,14 @@ fails the way torch's RPC futures fail:
   "size of tensor" error, say): its type survives the C++ failure, so it
   keeps the early exit as well.
 
+Why the child is completed only through the internal future, never by
+``set_result`` on it directly (which would save a completion and a Python
+callback per call): the callback ``then`` leaves on the internal future
+holds that future's own wrapper until it runs, so an internal future never
+completed keeps itself, the child and the child's value alive for good (an
+RRef that ``rpc_async`` returned would outlive the program's last reference
+to it and be reported leaked at shutdown).
+
 Why errors are never stored as raisable objects in a C++ future: torch
 keeps a future's contents in C++, out of sight of Python's cycle collector.
 Raising a stored exception attaches a traceback whose frames hold the
