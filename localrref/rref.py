@@ -150,7 +150,7 @@ class RRef:
             done.set_result(True)
             return done
         # The application may hang callbacks on it: they must not run on a
-        # thread that reads the inbox while it waits (see Agent._split_for).
+        # thread that reads the inbox while it waits (see Reader._split_for).
         self._agent.calls.expose_creation(self._record)
         return expose(self._creation)
 

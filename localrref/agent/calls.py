@@ -231,10 +231,11 @@ class Calls:
                 self._exposed_creations.discard(key)
             self.agent.signal_progress()
 
-    def is_reply_for(self, future, effect) -> bool:
-        """Whether a Complete/Fail ``effect`` completes ``future`` (see Reader._split_for)."""
+    def is_reply_for(self, futures, effect) -> bool:
+        """Whether a Complete/Fail ``effect`` completes one of ``futures`` (see
+        Reader._split_for)."""
         pending = self.pending.get(effect.request_id)
-        return pending is not None and pending.future is future
+        return pending is not None and any(pending.future is f for f in futures)
 
     # -- the drain, close -------------------------------------------------------
 

@@ -252,20 +252,34 @@ class Reader:
         waits on a future, or when the housekeeper's watch finds the parked
         thread away for a whole period (2 to 16 ms; see housekeeper.py).
         """
+        self.wait_replies((future,))
+        return wait(future)
+
+    def wait_replies(self, futures) -> None:
+        """Return once every one of ``futures`` (internal futures of requests this
+        thread made) is done, reading the inbox as :meth:`wait_reply` does.
+
+        The replies to any of them are completed on this thread, in whatever
+        order they come: a caller waiting for several owners (a
+        ``DistributedOptimizer`` step) would otherwise have the reply that
+        overtook the one it waits for first completed on the pool, a thread
+        hand-off for nothing.
+        """
         if not self.threads:
-            self.agent.block_until(future.done, None, "a reply")
-            return wait(future)
+            self.agent.block_until(lambda: all(f.done() for f in futures), None, "a reply")
+            return
         me = threading.get_ident()
-        if not future.done() and self._claim_inbox(me):
+        if not all(f.done() for f in futures) and self._claim_inbox(me):
             try:
-                self._read_until(future, me)
+                self._read_until(futures, me)
             finally:
                 self.lead.park(me)
-        if future.done():
-            return wait(future)
+        if all(f.done() for f in futures):
+            return
         self.lead.fallback_wait_begins()
         try:
-            return wait(future)
+            for future in futures:
+                future.wait()
         finally:
             self.lead.fallback_wait_ends()
 
@@ -291,7 +305,7 @@ class Reader:
             os.sched_yield()
         return handed
 
-    def _read_until(self, future, me: int) -> None:
+    def _read_until(self, futures, me: int) -> None:
         agent = self.agent
         transport = agent.transport
         housekeeper = agent.housekeeper
@@ -302,14 +316,15 @@ class Reader:
             if threading.get_ident() != me and not transport.nudge():
                 transport.wake()
 
-        future.add_done_callback(reply_arrived)
-        while not future.done() and self.lead.leader == me:
+        for future in futures:
+            future.add_done_callback(reply_arrived)
+        while not all(f.done() for f in futures) and self.lead.leader == me:
             housekeeper.take_releases_if_any()
             effects = self._read_one(None)
             if effects is None:
                 return
             if effects:
-                mine, others = self._split_for(future, effects)
+                mine, others = self._split_for(futures, effects)
                 if others:
                     # Other futures' callbacks are user code that must not
                     # run on this thread (one could wait for this very
@@ -333,13 +348,13 @@ class Reader:
         except Exception:  # the pool is at its limit or closing:
             agent.run(effects)  # better on this thread than never
 
-    def _split_for(self, future, effects) -> tuple[list, list]:
+    def _split_for(self, futures, effects) -> tuple[list, list]:
         """The effects this waiting thread carries out itself, and the rest."""
         calls = self.agent.calls
         mine, others = [], []
         for effect in effects:
             if isinstance(effect, (fx.Complete, fx.Fail)):
-                (mine if calls.is_reply_for(future, effect) else others).append(effect)
+                (mine if calls.is_reply_for(futures, effect) else others).append(effect)
             elif isinstance(effect, fx.Execute):
                 # A fetch of a value that is ready runs no user function:
                 # serving it here (pickling the value, as an IO thread does)

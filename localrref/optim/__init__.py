@@ -23,6 +23,7 @@ from collections import defaultdict
 from .. import api, autograd, constants, handover
 from ..agent import current
 from ..agent.autograd_pass import GRAD_LOCK
+from ..agent.futures import wait
 from ..rref import RRef
 
 __all__ = ["DistributedOptimizer"]
@@ -114,7 +115,10 @@ class DistributedOptimizer:
         """One step on every owner with its gradients in ``context_id``; waits for all.
 
         The other owners' steps are started first; this worker's own runs
-        here meanwhile (torch sends it an RPC to itself).
+        here meanwhile (torch sends it an RPC to itself). This thread then
+        reads the owners' replies itself, in the order they come
+        (``Reader.wait_replies``): no hand-off of the inbox to the IO thread
+        and back, and none of a reply to the pool.
         """
         autograd._is_valid_context(context_id)
         agent = current.require()
@@ -125,7 +129,7 @@ class DistributedOptimizer:
             else:
                 futures.append(agent.calls.rpc_async(
                     optimizer._record.owner, _local_optimizer_step, (optimizer, context_id), {},
-                    constants.UNSET_RPC_TIMEOUT))
+                    constants.UNSET_RPC_TIMEOUT, will_wait=True))
         error = None
         for optimizer in here:
             try:
@@ -133,9 +137,8 @@ class DistributedOptimizer:
             except Exception as exc:  # noqa: BLE001 - raised after the others finished
                 error = exc
         try:
-            # This thread reads the replies itself (Reader.wait_reply): no
-            # hand-off from the thread that would read them, as for rpc_sync.
-            _wait_for_all(futures, agent.reader.wait_reply)
+            agent.reader.wait_replies(futures)
+            _wait_for_all(futures, wait)
         except Exception:
             if error is None:
                 raise

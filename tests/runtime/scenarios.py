@@ -420,6 +420,41 @@ def a_fetch_that_reaches_a_waiting_caller_is_served_by_it(n=20):
     return True
 
 
+def _slow_after(name, calls):
+    """Wait for release(name), then make ``calls`` round trips before returning."""
+    block_until(name)
+    for _ in range(calls):
+        rpc.rpc_sync("worker2", add, args=(1, 1))
+    return name
+
+
+def _release_on(dst, name):
+    return rpc.rpc_sync(dst, release, args=(name,))
+
+
+def replies_to_several_waits_are_completed_by_the_waiting_thread(rounds=10):
+    """The DistributedOptimizer pattern: a thread sends several calls and then reads
+    their replies itself (Reader.wait_replies). A reply that overtakes the one
+    listed first is completed on that thread too, not handed to the pool."""
+    from localrref.agent import current
+    from localrref.agent.futures import wait
+
+    agent = current.get()
+    completed_on = []
+    for i in range(rounds):
+        name = f"several_{i}"
+        rpc.rpc_sync("worker1", reset, args=(name,))  # this thread now holds the inbox
+        slow = agent.calls.rpc_async(1, _slow_after, (name, 20), {}, -1, will_wait=True)
+        fast = agent.calls.rpc_async(2, _release_on, ("worker1", name), {}, -1, will_wait=True)
+        for future in (slow, fast):
+            future.add_done_callback(
+                lambda _f: completed_on.append(threading.current_thread().name))
+        agent.reader.wait_replies([slow, fast])
+        assert (wait(slow), wait(fast)) == (name, None)
+    assert completed_on == ["MainThread"] * (2 * rounds), completed_on
+    return True
+
+
 def many_threads_at_once(threads=8, calls=50):
     results = []
     errors = []

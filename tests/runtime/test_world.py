@@ -73,6 +73,10 @@ def test_a_fetch_that_reaches_a_waiting_caller_is_served_by_it(world):
     assert world.run(scenarios.a_fetch_that_reaches_a_waiting_caller_is_served_by_it)
 
 
+def test_replies_to_several_waits_are_completed_by_the_waiting_thread(world):
+    assert world.run(scenarios.replies_to_several_waits_are_completed_by_the_waiting_thread)
+
+
 def test_many_threads_at_once(world):
     assert world.run(scenarios.many_threads_at_once) == 400
 
