@@ -235,7 +235,12 @@ class Calls:
         """Whether a Complete/Fail ``effect`` completes one of ``futures`` (see
         Reader._split_for)."""
         pending = self.pending.get(effect.request_id)
-        return pending is not None and any(pending.future is f for f in futures)
+        if pending is None:
+            return False
+        for future in futures:
+            if pending.future is future:
+                return True
+        return False
 
     # -- the drain, close -------------------------------------------------------
 

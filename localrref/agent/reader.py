@@ -52,6 +52,14 @@ _HANDOFF_WAIT_S = 0.0002
 _WAKE_HANDOFF_WAIT_S = 0.005
 
 
+def _all_done(futures) -> bool:
+    # A loop, not all(generator): checked after every frame a caller reads.
+    for future in futures:
+        if not future.done():
+            return False
+    return True
+
+
 class Reader:
     """Reads this worker's inbox (see the module docstring)."""
 
@@ -266,15 +274,15 @@ class Reader:
         hand-off for nothing.
         """
         if not self.threads:
-            self.agent.block_until(lambda: all(f.done() for f in futures), None, "a reply")
+            self.agent.block_until(lambda: _all_done(futures), None, "a reply")
             return
         me = threading.get_ident()
-        if not all(f.done() for f in futures) and self._claim_inbox(me):
+        if not _all_done(futures) and self._claim_inbox(me):
             try:
                 self._read_until(futures, me)
             finally:
                 self.lead.park(me)
-        if all(f.done() for f in futures):
+        if _all_done(futures):
             return
         self.lead.fallback_wait_begins()
         try:
@@ -318,7 +326,7 @@ class Reader:
 
         for future in futures:
             future.add_done_callback(reply_arrived)
-        while not all(f.done() for f in futures) and self.lead.leader == me:
+        while not _all_done(futures) and self.lead.leader == me:
             housekeeper.take_releases_if_any()
             effects = self._read_one(None)
             if effects is None:
