@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localrref.agent.autograd_pass import (EarlierLeaves, RecvSlot, engine_backward,
-                                           find_leaves, run_pass)
+                                           find_leaves, run_pass, send_node)
 
 
 def accumulator():
@@ -15,6 +15,23 @@ def accumulator():
     def accumulate(leaf, grad):
         grads[leaf] = grads[leaf] + grad if leaf in grads else grad
     return grads, accumulate
+
+
+def test_a_send_node_shows_the_edges_of_the_tensors_sent_and_is_never_run():
+    leaf = torch.ones(3, requires_grad=True)
+    other = torch.ones(3, requires_grad=True)
+    made = leaf * 2
+    with torch.no_grad():  # built whatever the caller's grad mode
+        node = send_node([leaf, made, other])
+    assert node.name() == "SendRpcBackward"
+    edges = node.next_functions
+    assert [(n.name(), i) for n, i in edges] == [
+        ("torch::autograd::AccumulateGrad", 0), ("MulBackward0", 0),
+        ("torch::autograd::AccumulateGrad", 0)]
+    assert edges[0][0].variable is leaf and edges[2][0].variable is other
+    # The tensors' own graph is as it was: a backward through it is unchanged.
+    made.sum().backward()
+    assert torch.equal(leaf.grad, torch.full((3,), 2.0)) and other.grad is None
 
 
 def test_leaves_are_found_once_through_shared_subgraphs():
