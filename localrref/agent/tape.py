@@ -278,6 +278,10 @@ class Tape:
                 raise RuntimeError(" is not a scalar, all roots need to be scalar")
             if root.grad_fn is None:
                 raise RuntimeError(" does not have a valid gradient function.")
+        with _profiled(BACKWARD_EVENT):
+            self._backward(context_id, roots, retain_graph)
+
+    def _backward(self, context_id: int, roots: list, retain_graph: bool) -> None:
         token = object()
         waiter = torch.futures.Future()
         with self.lock:
@@ -345,6 +349,11 @@ class Tape:
 
     def _send(self, dst: int, message) -> None:
         try:
+            if type(message) is da.PropagateGradients:
+                # What torch's RecvRpcBackward node does when its gradient is in.
+                with _profiled(RECV_EVENT):
+                    self.agent.send_autograd(dst, message)
+                return
             self.agent.send_autograd(dst, message)
         except Exception as exc:  # closing, or dst is gone: the core hears of deaths
             log.debug("localrref: autograd message to rank %d not sent: %s", dst, exc)
@@ -360,17 +369,20 @@ class Tape:
                         with self.lock:
                             starts = self._roots[token]
                         grads = [torch.ones_like(r) for r in starts]
+                        event = None
                     case da.FromSend(message_id=message_id, grads=by_index):
                         starts = tables.sends.get(message_id, [])
                         grads = [by_index.get(i) for i in range(len(starts))]
+                        event = SEND_EVENT
                 visit = functools.partial(_free, tables.freed, run.backward_id, run.retain_graph)
                 with self.lock:
                     earlier = tables.earlier.setdefault(run.backward_id, EarlierLeaves())
-                found = run_pass(starts, grads, tables.recv_slots,
-                                 lambda leaf, grad: _accumulate(self.lock, tables.grads, leaf,
-                                                                grad), visit, earlier,
-                                 lambda leaf, grad: _replace(self.lock, tables.grads, leaf,
-                                                             grad))
+                with _profiled(event):
+                    found = run_pass(starts, grads, tables.recv_slots,
+                                     lambda leaf, grad: _accumulate(self.lock, tables.grads,
+                                                                    leaf, grad), visit, earlier,
+                                     lambda leaf, grad: _replace(self.lock, tables.grads, leaf,
+                                                                 grad))
                 outgoing = tuple(da.Outgoing(src=src, message_id=message_id, grads=by_index)
                                  for (src, message_id), by_index in found.items())
             except Exception as exc:  # noqa: BLE001 - the error travels to backward's caller
@@ -380,6 +392,24 @@ class Tape:
             self.core.pass_finished(run.pass_id, outgoing, error)
             effects = self.core.take_effects()
         self._run(effects)
+
+
+# torch's profiler events of a distributed backward, under torch's names, so
+# that a profile reads the same on either engine: the whole backward on its
+# caller; a pass from the gradients that came back for a send (torch runs its
+# SendRpcBackward node there); gradients sent back for received tensors
+# (its RecvRpcBackward node).
+BACKWARD_EVENT = "torch::distributed::autograd::backward"
+SEND_EVENT = "torch::distributed::autograd::SendRpcBackward"
+RECV_EVENT = "torch::distributed::autograd::RecvRpcBackward"
+
+
+def _profiled(name: str | None):
+    """``record_function(name)`` while torch's profiler runs (it costs about 4 us even
+    when none does, so it is skipped then)."""
+    if name is not None and torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _free(freed: dict, backward_id: int, retain_graph: bool, nodes: list) -> None:

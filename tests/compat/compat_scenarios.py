@@ -458,6 +458,30 @@ def private_context_calls():
     return True
 
 
+def profiled_backward():
+    """torch's test_dist_autograd_profiling: a profile of a distributed backward
+    shows it, the send whose gradients came back and the recv that sent some."""
+    ag = B.autograd
+    with ag.context() as context_id:
+        t1 = torch.rand(3, 3, requires_grad=True)
+        t2 = torch.rand(3, 3, requires_grad=True)
+        loss = B.rpc.rpc_sync(worker(1), torch.add, args=(t1, t2)).sum()
+        with torch.autograd.profiler.profile() as prof:
+            ag.backward(context_id, [loss])
+        assert torch.equal(ag.get_gradients(context_id)[t1], torch.ones(3, 3))
+    events = prof.function_events
+
+    def named(key):
+        return [e for e in events if key in e.name]
+
+    (send,) = named("torch::distributed::autograd::SendRpcBackward")
+    (recv,) = named("torch::distributed::autograd::RecvRpcBackward")
+    (whole,) = named("torch::distributed::autograd::backward")
+    assert whole.cpu_time_total > send.cpu_time_total
+    assert whole.cpu_time_total > recv.cpu_time_total
+    return True
+
+
 def proxies_look_methods_up_on_the_type():
     """torch's test_rref_proxy_non_exist, and the method that exists."""
     rref = B.rpc.remote(worker(1), my_function, args=(torch.ones(2, 2), 1, 3))

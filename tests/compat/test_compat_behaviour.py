@@ -19,6 +19,10 @@ def test_private_context_calls(world):
     assert world.run(sc.private_context_calls)
 
 
+def test_profiled_backward(world):
+    assert world.run(sc.profiled_backward)
+
+
 def test_remote_errors_keep_their_lines(world):
     assert world.run(sc.remote_errors_keep_their_lines)
 
