@@ -37,7 +37,7 @@ class RRef:
     RRef values arrive as new forks.
     """
 
-    __slots__ = ("_agent", "_record", "_creation", "_type", "__weakref__")
+    __slots__ = ("_agent", "_record", "_creation", "_type", "_type_future", "__weakref__")
 
     # torch's RRef is Generic: annotations such as ``RRef[torch.Tensor]``
     # (torch's own RemoteModule template has them) must evaluate.
@@ -55,6 +55,7 @@ class RRef:
         self._record = agent.calls.create_local(value)
         self._creation = None
         self._type = None
+        self._type_future = None
 
     @classmethod
     def _adopt(cls, agent, record, creation=None) -> "RRef":
@@ -63,6 +64,7 @@ class RRef:
         rref._record = record
         rref._creation = creation
         rref._type = None
+        rref._type_future = None
         return rref
 
     def __del__(self) -> None:
@@ -157,20 +159,22 @@ class RRef:
     def _get_type(self, timeout: float = constants.UNSET_RPC_TIMEOUT, blocking: bool = True):
         """The type of the value (torch's ``_get_type``), asked of the owner once and cached.
 
-        With ``blocking=False``, a future of it.
+        With ``blocking=False``, a future of it: the same future on every such
+        call, as torch caches the first one (its tests check that).
         """
+        if not blocking:
+            if self._type_future is None:
+                if self._type is not None:
+                    self._type_future = torch.futures.Future()
+                    self._type_future.set_result(self._type)
+                else:
+                    self._type_future = expose(self._ask_type(timeout))
+            return self._type_future
         if self._type is not None:
-            if blocking:
-                return self._type
-            done = torch.futures.Future()
-            done.set_result(self._type)
-            return done
-        future = self._type_future(timeout)
-        if blocking:
-            return wait(future)
-        return expose(future)
+            return self._type
+        return wait(self._ask_type(timeout))
 
-    def _type_future(self, timeout: float):
+    def _ask_type(self, timeout: float):
         """An internal future (see agent/futures.py) of the value's type, cached once known."""
         agent = self._live_agent()
         if self._record.is_owner or self._record.creation_failed:
@@ -342,7 +346,7 @@ class _Proxy:
                     return
                 inner.add_done_callback(lambda done: result.set_result(done.value()))
 
-            rref._type_future(timeout).add_done_callback(on_type)
+            rref._ask_type(timeout).add_done_callback(on_type)
             return expose(result)
         return invoke
 

@@ -28,6 +28,7 @@ import torch
 
 from ..codec.pickler import loads_exception
 from ..core import effects as fx
+from . import profiling
 from .futures import fail
 
 __all__ = ["Calls", "Pending", "RequestKind"]
@@ -69,11 +70,17 @@ class Calls:
         agent.check_open()
         agent.reader.before_request(will_wait)
         future = torch.futures.Future()
+        profiling.end_when_done(profiling.start("sync" if will_wait else "async", func,
+                                                agent, dst), future)
         dead = agent.dead.get(dst)
         if dead is not None:
             fail(future, dead)
             return future
-        data, forks = agent.encode_for(dst, (func, args, kwargs), func=func)
+        try:
+            data, forks = agent.encode_for(dst, (func, args, kwargs), func=func)
+        except BaseException as exc:
+            fail(future, exc)  # no one sees this future; it ends the profiling event
+            raise
         with agent.lock:
             request_id = agent.core.rpc(dst, data, forks, now=agent.clock(),
                                         timeout=agent.timeout_of(timeout))
@@ -92,8 +99,13 @@ class Calls:
         dead = agent.dead.get(dst)
         if dead is not None:
             raise dead
-        data, forks = agent.encode_for(dst, (func, args, kwargs), func=func)
         creation = torch.futures.Future()
+        profiling.end_when_done(profiling.start("remote", func, agent, dst), creation)
+        try:
+            data, forks = agent.encode_for(dst, (func, args, kwargs), func=func)
+        except BaseException as exc:
+            fail(creation, exc)  # no one sees this future; it ends the profiling event
+            raise
         with agent.lock:
             record = agent.core.remote(dst, data, forks, now=agent.clock(),
                                        timeout=agent.timeout_of(timeout))

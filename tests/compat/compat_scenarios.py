@@ -482,6 +482,36 @@ def profiled_backward():
     return True
 
 
+def rpc_profiling_events():
+    """torch's RPC events under the legacy profiler (what RpcTest's test_rref_type_*
+    look for), named as torch names them; none under the default profiler."""
+    from torch.autograd.profiler_legacy import profile as legacy_profile
+
+    me = B.rpc.get_worker_info().name
+    rref = B.rpc.remote(worker(1), torch.add, args=(torch.ones(2), 1))
+    rref.to_here()
+    with legacy_profile() as prof:
+        B.rpc.rpc_sync(worker(1), ident, args=(1,))
+        B.rpc.rpc_async(worker(2), torch.add, args=(torch.ones(2), 1)).wait()
+        B.rpc.remote(worker(1), ident, args=(2,)).to_here()
+        first = rref._get_type(blocking=False)
+        assert first.wait() is torch.Tensor
+        assert rref._get_type(blocking=False) is first  # torch caches the future itself
+        rref._get_type()  # cached: no call
+    # torch also copies the callee's own events into this profile ("...#remote_op:
+    # aten::add"); localrref does not.
+    names = sorted(e.name for e in prof.function_events
+                   if e.name.startswith("rpc_") and "#remote_op:" not in e.name)
+    assert names == [f"rpc_async#_rref_typeof_on_owner({me} -> {worker(1)})",
+                     f"rpc_async#aten::add({me} -> {worker(2)})",
+                     f"rpc_remote#ident({me} -> {worker(1)})",
+                     f"rpc_sync#ident({me} -> {worker(1)})"], names
+    with torch.autograd.profiler.profile() as prof:
+        B.rpc.rpc_sync(worker(1), ident, args=(1,))
+    assert not [e.name for e in prof.function_events if e.name.startswith("rpc_")]
+    return True
+
+
 def proxies_look_methods_up_on_the_type():
     """torch's test_rref_proxy_non_exist, and the method that exists."""
     rref = B.rpc.remote(worker(1), my_function, args=(torch.ones(2, 2), 1, 3))

@@ -23,6 +23,10 @@ def test_profiled_backward(world):
     assert world.run(sc.profiled_backward)
 
 
+def test_rpc_profiling_events(world):
+    assert world.run(sc.rpc_profiling_events)
+
+
 def test_remote_errors_keep_their_lines(world):
     assert world.run(sc.remote_errors_keep_their_lines)
 
