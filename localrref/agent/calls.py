@@ -71,7 +71,7 @@ class Calls:
         agent.reader.before_request(will_wait)
         future = torch.futures.Future()
         profiling.end_when_done(profiling.start("sync" if will_wait else "async", func,
-                                                agent, dst), future)
+                                                agent, dst), future, waited=will_wait)
         dead = agent.dead.get(dst)
         if dead is not None:
             fail(future, dead)
@@ -127,6 +127,8 @@ class Calls:
         if record.is_owner:
             self._owner_value(record, future)
             return future
+        profiling.end_when_done(profiling.start_fetch(agent, record.owner), future,
+                                waited=will_wait)
         dead = agent.dead.get(record.owner)
         if dead is not None:
             fail(future, dead)

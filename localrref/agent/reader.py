@@ -37,6 +37,7 @@ from ..core.messages import USER_LEVEL_TYPES
 from ..errors import WorkerClosedError
 from ..transport import wire
 from .current import mark_serving, runs_user_code
+from . import profiling
 from .futures import wait
 from .leadership import LEAD, REQUESTED, Leadership
 
@@ -273,6 +274,13 @@ class Reader:
         overtook the one it waits for first completed on the pool, a thread
         hand-off for nothing.
         """
+        try:
+            self._wait_replies(futures)
+        finally:
+            for future in futures:
+                profiling.end_waited(future)
+
+    def _wait_replies(self, futures) -> None:
         if not self.threads:
             self.agent.block_until(lambda: _all_done(futures), None, "a reply")
             return

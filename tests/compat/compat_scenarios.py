@@ -493,11 +493,17 @@ def rpc_profiling_events():
     with legacy_profile() as prof:
         B.rpc.rpc_sync(worker(1), ident, args=(1,))
         B.rpc.rpc_async(worker(2), torch.add, args=(torch.ones(2), 1)).wait()
-        B.rpc.remote(worker(1), ident, args=(2,)).to_here()
+        made = B.rpc.remote(worker(1), ident, args=(2,))
+        made.to_here()
+        made._get_future().wait()  # its event ends with the owner's confirmation
         first = rref._get_type(blocking=False)
         assert first.wait() is torch.Tensor
         assert rref._get_type(blocking=False) is first  # torch caches the future itself
         rref._get_type()  # cached: no call
+        rref.to_here()
+        B.rpc.RRef(torch.ones(1)).to_here()  # an owner's: no event
+    fetches = [e.name for e in prof.function_events if e.name.startswith("to_here#")]
+    assert fetches == [f"to_here#({me})->({worker(1)})"] * 2, fetches  # remote(ident), rref
     # torch also copies the callee's own events into this profile ("...#remote_op:
     # aten::add"); localrref does not.
     names = sorted(e.name for e in prof.function_events
