@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .tape import builtin_name
+
 __all__ = ["start", "start_fetch", "end_when_done", "end_waited"]
 
 _LEGACY = torch._C._profiler.ActiveProfilerType.LEGACY
@@ -87,7 +89,7 @@ def _name(agent, rank: int) -> str:
 def _name_of(func) -> str:
     # torch's choice (rpc/api.py, _enable_rpc_profiler): a builtin operator's
     # schema name, a ScriptFunction's qualified name, else __qualname__.
-    builtin = torch.jit._builtins._find_builtin(func)
+    builtin = builtin_name(func)
     if builtin is not None:
         return builtin
     if isinstance(func, torch.jit.ScriptFunction):

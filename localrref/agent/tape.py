@@ -52,12 +52,18 @@ except ImportError:  # another torch: every call takes the context along
 AUTOGRAD_DEBUG_KEYS = ("num_current_backward_passes", "num_autograd_contexts")
 
 
+def builtin_name(func) -> str | None:
+    """The schema name (``aten::add``) under which torch sends a call of ``func`` as a
+    builtin operator; None for a Python function."""
+    try:
+        return _find_builtin(func)
+    except TypeError:  # unhashable: not an operator
+        return None
+
+
 def is_builtin(func) -> bool:
     """Whether torch sends a call of ``func`` as a builtin operator (not a Python function)."""
-    try:
-        return _find_builtin(func) is not None
-    except TypeError:  # unhashable: not an operator
-        return False
+    return builtin_name(func) is not None
 
 
 HEADER = b"\x02"  # the codec's own prefixes are \x00, \x01 and a pickle's \x80
