@@ -5,9 +5,11 @@ its results go; this module runs it. A pass starts at some tensors (the
 roots of ``backward``, or the tensors a send carried) with gradients for
 them, and goes through this worker's autograd graph to its leaves:
 
-* a leaf that arrived in an RPC (a *recv* tensor) gets a gradient that must
-  travel back to the worker that sent it: the pass returns those;
-* any other leaf that requires grad accumulates its gradient in the context
+* a tensor that arrived in an RPC (a *recv* tensor) is an output of that
+  message's ``RecvRpcBackward`` node (:func:`attach_recv`), as under torch:
+  the gradients that reach the node must travel back to the worker that
+  sent the message, and the pass returns those;
+* any leaf that requires grad accumulates its gradient in the context
   (never in ``.grad``: that is what ``get_gradients`` returns).
 
 The graph is kept (``retain_graph=True``): in FAST mode a part of it may be
@@ -20,13 +22,12 @@ freed), so that a second ``backward`` through them fails as torch's does.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["RecvSlot", "EarlierLeaves", "find_leaves", "run_pass", "saves_tensors",
-           "engine_backward", "send_node", "SECOND_BACKWARD", "GRAD_LOCK"]
+__all__ = ["EarlierLeaves", "find_leaves", "run_pass", "saves_tensors", "engine_backward",
+           "send_node", "attach_recv", "is_recv_node", "SECOND_BACKWARD", "GRAD_LOCK"]
 
 # Held by whatever sets parameters' ``.grad`` aside for a moment: a pass (see
 # _leaf_gradients) and a DistributedOptimizer step (optim/). Two of them at
@@ -43,34 +44,93 @@ SECOND_BACKWARD = (
     "calling backward.")
 
 
-@dataclass(frozen=True, slots=True)
-class RecvSlot:
-    """Where a received tensor came from: position ``index`` of recv ``message_id`` from ``src``."""
+# torch's names for the two autograd nodes of an RPC (its C++ classes in
+# torch::distributed::autograd), so that a graph prints and compares the same
+# on either engine.
+SEND_NODE_NAME = "torch::distributed::autograd::SendRpcBackward"
+RECV_NODE_NAME = "torch::distributed::autograd::RecvRpcBackward"
 
-    src: int
-    message_id: int
-    index: int
+# What attach_recv hands the forward of RecvRpc: the received tensors travel
+# outside apply's arguments, since autograd makes an argument returned as it
+# is into a new view, and the user's object must be the one that gets the
+# node (torch sets the history of the received tensor itself).
+_RECEIVED = threading.local()
 
 
-class SendRpc(torch.autograd.Function):
-    """Builds the node that :func:`send_node` shows; never part of a pass."""
+def _recv_forward(ctx, anchor):
+    tensors, ctx.src, ctx.message_id = _RECEIVED.args
+    ctx.anchor_id = id(anchor)
+    ctx.captured = None
+    ctx.set_materialize_grads(False)
+    return tensors
 
-    @staticmethod
-    def forward(ctx, *tensors):
-        ctx.count = len(tensors)
-        return torch.empty(0)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return (None,) * ctx.count
+def _recv_backward(ctx, *grads):
+    # The pass that runs this node reads the gradients off it (run_pass); the
+    # anchor gets none.
+    ctx.captured = grads
+    return None
+
+
+# Its backward class is named RECV_NODE_NAME: autograd names a Function's
+# node after the Function, plus "Backward".
+RecvRpc = type(RECV_NODE_NAME[:-len("Backward")], (torch.autograd.Function,),
+               {"forward": staticmethod(_recv_forward),
+                "backward": staticmethod(_recv_backward),
+                "__doc__": "The node of one received message; see attach_recv."})
+
+
+def attach_recv(tensors: Sequence[torch.Tensor], src: int, message_id: int):
+    """Make ``tensors``, the tensors that arrived requiring grad in message
+    ``message_id`` from ``src``, the outputs of one ``RecvRpcBackward`` node,
+    in place, and return the node.
+
+    As under torch, a received tensor is then no leaf: the program may
+    change it in place, and its ``grad_fn`` is the node, shared by the
+    message's tensors. The node hangs off a leaf of its own, an empty
+    *anchor*, so that a pass that asks for the gradients of its leaves runs
+    the node; :func:`run_pass` takes the gradients that reached it for
+    ``src``. ``tensors`` must be leaves; they stop requiring grad until the
+    node is attached.
+    """
+    tensors = tuple(tensors)
+    for tensor in tensors:
+        tensor.requires_grad_(False)
+    anchor = torch.empty(0, requires_grad=True)
+    _RECEIVED.args = (tensors, src, message_id)
+    try:
+        with torch.enable_grad():
+            outputs = RecvRpc.apply(anchor)
+    finally:
+        _RECEIVED.args = None
+    return outputs[0].grad_fn
+
+
+def is_recv_node(node) -> bool:
+    return type(node).__name__ == RECV_NODE_NAME
+
+
+def _send_forward(ctx, *tensors):
+    ctx.count = len(tensors)
+    return torch.empty(0)
+
+
+def _send_backward(ctx, grad):
+    return (None,) * ctx.count
+
+
+SendRpc = type(SEND_NODE_NAME[:-len("Backward")], (torch.autograd.Function,),
+               {"forward": staticmethod(_send_forward),
+                "backward": staticmethod(_send_backward),
+                "__doc__": "Builds the node that send_node shows; never part of a pass."})
 
 
 def send_node(tensors: Sequence[torch.Tensor]):
     """An autograd node standing for one send, for inspection: its
     ``next_functions`` are the edges of the tensors the send carried (an
     ``AccumulateGrad`` for a leaf, the ``grad_fn`` of any other), in order,
-    as those of torch's ``SendRpcBackward``; its ``name()`` is
-    ``SendRpcBackward``. Passes never run it: they start from the tensors.
+    as those of torch's ``SendRpcBackward``, whose name it has. Passes never
+    run it: they start from the tensors.
     """
     with torch.enable_grad():
         return SendRpc.apply(*tensors).grad_fn
@@ -120,15 +180,14 @@ def find_leaves(starts: Sequence[torch.Tensor],
 
 
 def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
-             recv_slots: dict[int, RecvSlot],
              accumulate: Callable[[torch.Tensor, torch.Tensor], None],
              visit: Callable[[list], None] | None = None,
              earlier: "EarlierLeaves | None" = None,
              replace: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
              ) -> dict[tuple[int, int], dict[int, torch.Tensor]]:
-    """Run one pass; returns the recv tensors' gradients by (src, message id) and index.
+    """Run one pass; returns the gradients that reached received tensors, by the
+    (src, message id) of their message and their index in it.
 
-    ``recv_slots`` maps ``id(tensor)`` of each received tensor to its slot.
     A start with no gradient (None) is skipped; gradients are summed where
     a leaf is reached from several starts, as autograd sums them. ``visit``
     gets the graph's nodes before anything runs (it may raise to stop the pass).
@@ -142,25 +201,27 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
     if not pairs:
         return {}
     outputs = [t for t, _ in pairs]
-    nodes = None if visit is None else []
+    nodes: list = []
     leaves = find_leaves(outputs, nodes)
     if visit is not None:
         visit(nodes)
     if not leaves:
         return {}
-    found, rewritten = _leaf_gradients(outputs, [g for _, g in pairs], leaves, earlier)
+    recv_nodes = [node for node in nodes if is_recv_node(node)]
+    anchors = {node.anchor_id for node in recv_nodes}
+    found, rewritten, captured = _leaf_gradients(outputs, [g for _, g in pairs], leaves,
+                                                 earlier, recv_nodes)
     if replace is not None:
         for leaf, grad in rewritten:
             replace(leaf, grad)
-    outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
     for leaf, grad in zip(leaves, found):
-        if grad is None:
-            continue
-        slot = recv_slots.get(id(leaf))
-        if slot is None:
+        if grad is not None and id(leaf) not in anchors:
             accumulate(leaf, grad)
-        else:
-            outgoing.setdefault((slot.src, slot.message_id), {})[slot.index] = grad
+    outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+    for node, node_grads in zip(recv_nodes, captured):
+        by_index = {i: g for i, g in enumerate(node_grads or ()) if g is not None}
+        if by_index:
+            outgoing.setdefault((node.src, node.message_id), {}).update(by_index)
     return outgoing
 
 
@@ -194,10 +255,14 @@ class EarlierLeaves:
 
 def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
                     leaves: list[torch.Tensor], earlier: EarlierLeaves | None = None,
-                    ) -> tuple[list[torch.Tensor | None], list[tuple[torch.Tensor, torch.Tensor]]]:
+                    recv_nodes: Sequence = (),
+                    ) -> tuple[list[torch.Tensor | None], list[tuple[torch.Tensor, torch.Tensor]],
+                               list[tuple | None]]:
     """The gradients of ``leaves``, computed by running their AccumulateGrad nodes,
-    and the leaves of earlier passes whose ``.grad`` the pass rewrote (see
-    :class:`EarlierLeaves`), with their new gradients.
+    the leaves of earlier passes whose ``.grad`` the pass rewrote (see
+    :class:`EarlierLeaves`), with their new gradients, and the gradients
+    that reached each of ``recv_nodes`` (None for one the pass did not run),
+    taken off the node before another pass can run it.
 
     ``torch.autograd.grad`` would capture them without running those nodes,
     and so without the hooks registered on them: DistributedDataParallel's
@@ -221,16 +286,21 @@ def _leaf_gradients(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor
         try:
             for leaf in leaves:
                 leaf.grad = None
+            for node in recv_nodes:
+                node.captured = None
             engine_backward(outputs, grad_outputs, inputs=leaves)
             found = [None if leaf.grad is None else _own(leaf.grad) for leaf in leaves]
+            captured = [node.captured for node in recv_nodes]
             for leaf, (grad, version) in zip(others, before):
                 now = leaf.grad
                 if now is None or (now is grad and now._version == version):
                     continue
                 # Rewritten in place, it is the user's .grad tensor: a copy.
                 rewritten.append((leaf, now.clone() if now is grad else _own(now)))
-            return found, rewritten
+            return found, rewritten, captured
         finally:
+            for node in recv_nodes:
+                node.captured = None
             for leaf, grad in zip(leaves, kept):
                 leaf.grad = grad
             for leaf, (grad, _) in zip(others, before):

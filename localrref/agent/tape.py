@@ -2,8 +2,9 @@
 
 The core decides; this part holds the tensors and acts:
 
-* per context, the tensors of every send (by autograd message id) and the
-  leaves every recv made (by ``id()``, with their :class:`RecvSlot`), and the
+* per context, the tensors of every send (by autograd message id), the
+  ``RecvRpcBackward`` node of every recv (by message id; the received
+  tensors are its outputs, see ``autograd_pass.attach_recv``), and the
   gradients accumulated on this worker (what ``get_gradients`` returns);
 * the *forward* hooks: a call made, or a reply sent, by a thread inside a
   context is pickled with the tensors that require grad collected
@@ -33,8 +34,8 @@ import threading
 import torch
 
 from ..core import dist_autograd as da
-from .autograd_pass import (SECOND_BACKWARD, EarlierLeaves, RecvSlot, run_pass, saves_tensors,
-                            send_node)
+from .autograd_pass import (SECOND_BACKWARD, EarlierLeaves, attach_recv, run_pass,
+                            saves_tensors, send_node)
 
 __all__ = ["Tape", "HEADER", "split_header", "is_builtin", "AUTOGRAD_DEBUG_KEYS"]
 
@@ -79,14 +80,14 @@ def split_header(data: bytes) -> tuple[bytes, int, int] | None:
 
 
 class _Tables:
-    __slots__ = ("sends", "send_nodes", "recv_slots", "recv_tensors", "grads", "freed",
+    __slots__ = ("sends", "send_nodes", "recv_nodes", "recv_tensors", "grads", "freed",
                  "earlier")
 
     def __init__(self) -> None:
         self.sends: dict[int, list[torch.Tensor]] = {}
         self.send_nodes: dict[int, object] = {}  # message id -> its node, once asked for
-        self.recv_slots: dict[int, RecvSlot] = {}
-        self.recv_tensors: list[torch.Tensor] = []  # keeps the ids in recv_slots valid
+        self.recv_nodes: dict[int, object] = {}  # message id -> its RecvRpcBackward node
+        self.recv_tensors = 0  # how many tensors those nodes gave
         self.grads: dict[torch.Tensor, torch.Tensor] = {}
         # nodes a backward without retain_graph went through, by id (the
         # node is kept, so its id stays its own)
@@ -164,12 +165,13 @@ class Tape:
                     tables.send_nodes[message_id] = send_node(tensors)
             return dict(tables.send_nodes)
 
-    def received_any(self, context_id: int) -> bool:
-        """Whether tensors that require grad reached this worker in ``context_id``."""
+    def recv_functions(self, context_id: int) -> dict:
+        """torch's ``_recv_functions()``: message id -> the ``RecvRpcBackward`` node whose
+        outputs are the tensors that message brought."""
         with self.lock:
             self._check_context_locked(context_id)
             tables = self._tables.get(context_id)
-            return tables is not None and bool(tables.recv_slots)
+            return {} if tables is None else dict(tables.recv_nodes)
 
     def leak_records(self) -> list[dict]:
         """The contexts this worker made that are still alive (their ``with`` never ended)."""
@@ -185,7 +187,7 @@ class Tape:
                     "holder_rank": self.agent.rank,
                     "known_workers": sorted(self.core.known_workers(context_id)),
                     "send_functions": len(tables.sends) if tables is not None else 0,
-                    "recv_tensors": len(tables.recv_tensors) if tables is not None else 0})
+                    "recv_tensors": tables.recv_tensors if tables is not None else 0})
             return records
 
     def forget_all(self) -> None:
@@ -253,10 +255,9 @@ class Tape:
             if not joined:
                 return value, None  # released before this landed: plain tensors
             tables = self._tables.setdefault(context_id, _Tables())
-            if message_id:
-                for index, tensor in enumerate(grads):
-                    tables.recv_slots[id(tensor)] = RecvSlot(src, message_id, index)
-                    tables.recv_tensors.append(tensor)
+            if message_id and grads:
+                tables.recv_nodes[message_id] = attach_recv(grads, src, message_id)
+                tables.recv_tensors += len(grads)
         return value, context_id
 
     # -- backward ----------------------------------------------------------------
@@ -355,11 +356,6 @@ class Tape:
 
     def _send(self, dst: int, message) -> None:
         try:
-            if type(message) is da.PropagateGradients:
-                # What torch's RecvRpcBackward node does when its gradient is in.
-                with _profiled(RECV_EVENT):
-                    self.agent.send_autograd(dst, message)
-                return
             self.agent.send_autograd(dst, message)
         except Exception as exc:  # closing, or dst is gone: the core hears of deaths
             log.debug("localrref: autograd message to rank %d not sent: %s", dst, exc)
@@ -384,7 +380,7 @@ class Tape:
                 with self.lock:
                     earlier = tables.earlier.setdefault(run.backward_id, EarlierLeaves())
                 with _profiled(event):
-                    found = run_pass(starts, grads, tables.recv_slots,
+                    found = run_pass(starts, grads,
                                      lambda leaf, grad: _accumulate(self.lock, tables.grads,
                                                                     leaf, grad), visit, earlier,
                                      lambda leaf, grad: _replace(self.lock, tables.grads, leaf,
@@ -402,12 +398,11 @@ class Tape:
 
 # torch's profiler events of a distributed backward, under torch's names, so
 # that a profile reads the same on either engine: the whole backward on its
-# caller; a pass from the gradients that came back for a send (torch runs its
-# SendRpcBackward node there); gradients sent back for received tensors
-# (its RecvRpcBackward node).
+# caller, and a pass from the gradients that came back for a send (torch runs
+# its SendRpcBackward node there). The third, RecvRpcBackward, is autograd's
+# own event for the node of a received message (autograd_pass.attach_recv).
 BACKWARD_EVENT = "torch::distributed::autograd::backward"
 SEND_EVENT = "torch::distributed::autograd::SendRpcBackward"
-RECV_EVENT = "torch::distributed::autograd::RecvRpcBackward"
 
 
 def _profiled(name: str | None):

@@ -130,26 +130,16 @@ class DistAutogradContext:
     def _send_functions(self) -> dict:
         """Message id -> a node per send of tensors that require grad, whose
         ``next_functions`` are those tensors' edges, as torch's
-        ``SendRpcBackward``. A tensor that arrived in an RPC is a leaf here
-        (its edge is an ``AccumulateGrad``, where torch shows a ``RecvRpcBackward``)."""
+        ``SendRpcBackward`` (and named so)."""
         return _tape().send_functions(self._id)
 
     def _recv_functions(self) -> dict:
-        """Empty where no tensor that requires grad arrived in this context, as torch's;
-        otherwise unsupported (see ``_NO_RECV_NODES``)."""
-        if _tape().received_any(self._id):
-            raise NotImplementedError(_NO_RECV_NODES)
-        return {}
+        """Message id -> the ``RecvRpcBackward`` node of each message that brought
+        tensors requiring grad: those tensors are its outputs, as on torch."""
+        return _tape().recv_functions(self._id)
 
     def __repr__(self) -> str:
         return f"DistAutogradContext(context_id={self._id})"
-
-
-_NO_RECV_NODES = (
-    "localrref keeps a tensor that arrived in an RPC of a distributed autograd context as a "
-    "leaf that remembers its sender, not as the output of an autograd node (torch's "
-    "RecvRpcBackward): there is no _recv_functions() to inspect. localrref.get_debug_info() "
-    "counts them (num_recv_functions).")
 
 
 def _retrieve_context(context_id: int):

@@ -297,9 +297,16 @@ def _load_tensor(pid: bytes, mapper):
 
 
 def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> torch.Tensor:
-    """A tensor of its own (writable) memory holding the bytes ``data``."""
+    """A tensor of its own (writable) memory holding the bytes ``data``.
+
+    Not a view (``set_``, not ``reshape``): a received tensor that requires
+    grad inside a distributed autograd context becomes an output of an
+    autograd node, and autograd forbids changing such an output in place
+    when it is a view.
+    """
     if len(data):
-        tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        storage = torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
+        tensor = torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
     else:
         tensor = torch.empty(shape, dtype=dtype)
     if is_param:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from localrref.agent.autograd_pass import (EarlierLeaves, RecvSlot, engine_backward,
+from localrref.agent.autograd_pass import (EarlierLeaves, attach_recv, engine_backward,
                                            find_leaves, run_pass, send_node)
 
 
@@ -23,7 +23,7 @@ def test_a_send_node_shows_the_edges_of_the_tensors_sent_and_is_never_run():
     made = leaf * 2
     with torch.no_grad():  # built whatever the caller's grad mode
         node = send_node([leaf, made, other])
-    assert node.name() == "SendRpcBackward"
+    assert node.name() == "torch::distributed::autograd::SendRpcBackward"
     edges = node.next_functions
     assert [(n.name(), i) for n, i in edges] == [
         ("torch::autograd::AccumulateGrad", 0), ("MulBackward0", 0),
@@ -51,25 +51,52 @@ def test_a_pass_from_the_roots_matches_torch_and_leaves_grad_alone():
     x = torch.randn(3, requires_grad=True)
     loss = torch.tanh(w @ x).pow(2).sum()
     grads, accumulate = accumulator()
-    outgoing = run_pass([loss], [torch.ones(())], {}, accumulate)
+    outgoing = run_pass([loss], [torch.ones(())], accumulate)
     assert outgoing == {}
     expected_w, expected_x = torch.autograd.grad(loss, [w, x], retain_graph=True)
     assert torch.allclose(grads[w], expected_w) and torch.allclose(grads[x], expected_x)
     assert w.grad is None and x.grad is None  # the context holds gradients, not .grad
 
 
-def test_received_tensors_send_their_gradients_back_by_slot():
+def test_received_tensors_send_their_gradients_back_by_message_and_index():
     local = torch.randn(2, requires_grad=True)
-    received = torch.randn(2, requires_grad=True)   # arrived in an RPC from worker 3
-    other = torch.randn(2, requires_grad=True)      # arrived too, but unused
+    # Arrived in one RPC from worker 3, as leaves that require grad.
+    other, received = torch.randn(2, requires_grad=True), torch.randn(2, requires_grad=True)
+    values = received.detach().clone()
+    node = attach_recv([other, received], src=3, message_id=77)
+    assert received.grad_fn is node and other.grad_fn is node and not received.is_leaf
+    assert node.name() == "torch::distributed::autograd::RecvRpcBackward"
     loss = (local * received).sum()
-    slots = {id(received): RecvSlot(src=3, message_id=77, index=1),
-             id(other): RecvSlot(src=3, message_id=77, index=0)}
     grads, accumulate = accumulator()
-    outgoing = run_pass([loss], [torch.ones(())], slots, accumulate)
+    outgoing = run_pass([loss], [torch.ones(())], accumulate)
+    # Only what reached the node travels back: index 1, not the unused index 0.
     assert list(outgoing) == [(3, 77)] and list(outgoing[(3, 77)]) == [1]
     assert torch.allclose(outgoing[(3, 77)][1], local.detach())
-    assert list(grads) == [local] and torch.allclose(grads[local], received.detach())
+    assert list(grads) == [local] and torch.allclose(grads[local], values)
+
+
+def test_a_received_tensor_may_change_in_place_and_its_gradient_follows():
+    received = torch.ones(3, requires_grad=True)
+    attach_recv([received], src=1, message_id=5)
+    received.mul_(2)   # torch's error for a leaf that requires grad; fine for a recv
+    loss = (received * 3).sum()
+    outgoing = run_pass([loss], [torch.ones(())], lambda *_: None)
+    torch.testing.assert_close(outgoing[(1, 5)][0], torch.full((3,), 6.0))
+    # The graph is kept: a second pass gets the same gradient again, not a sum.
+    outgoing = run_pass([loss], [torch.ones(())], lambda *_: None)
+    torch.testing.assert_close(outgoing[(1, 5)][0], torch.full((3,), 6.0))
+
+
+def test_received_views_and_parameters_take_the_node_too():
+    base = torch.arange(6.0).reshape(2, 3)
+    view = base[1]
+    view.requires_grad_()
+    param = torch.nn.Parameter(torch.ones(3))
+    node = attach_recv([view, param], src=2, message_id=9)
+    assert view.grad_fn is node and param.grad_fn is node
+    outgoing = run_pass([(view * param).sum()], [torch.ones(())], lambda *_: None)
+    torch.testing.assert_close(outgoing[(2, 9)][0], torch.ones(3))
+    torch.testing.assert_close(outgoing[(2, 9)][1], torch.tensor([3.0, 4.0, 5.0]))
 
 
 def test_a_pass_from_a_send_runs_the_graph_again_and_accumulates():
@@ -78,15 +105,15 @@ def test_a_pass_from_a_send_runs_the_graph_again_and_accumulates():
     sent = w * 2
     grads, accumulate = accumulator()
     for _ in range(2):  # FAST mode: the graph may be entered twice (retained)
-        run_pass([sent], [torch.ones(3)], {}, accumulate)
+        run_pass([sent], [torch.ones(3)], accumulate)
     assert torch.allclose(grads[w], torch.full((3,), 4.0))
 
 
 def test_starts_without_gradients_or_grad_are_skipped():
     plain = torch.ones(2)
-    assert run_pass([plain], [torch.ones(2)], {}, lambda *_: None) == {}
+    assert run_pass([plain], [torch.ones(2)], lambda *_: None) == {}
     w = torch.ones(2, requires_grad=True)
-    assert run_pass([w * 1], [None], {}, lambda *_: None) == {}
+    assert run_pass([w * 1], [None], lambda *_: None) == {}
 
 
 def test_a_second_backward_through_freed_nodes_fails_as_on_torch():
@@ -111,13 +138,13 @@ def test_a_second_backward_through_freed_nodes_fails_as_on_torch():
     for loss, freed_by_torch in (((b * b).sum(), True), ((b + 1).sum(), False)):
         freed = {}
         nodes = []
-        run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+        run_pass([loss], [torch.ones(())], lambda leaf, grad: None,
                  lambda seen: (nodes.extend(seen), _free(freed, 1, False, seen)))
         # another pass of the same backward (FAST mode) goes through freely
-        run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+        run_pass([loss], [torch.ones(())], lambda leaf, grad: None,
                  lambda seen: _free(freed, 1, False, seen))
         try:
-            run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+            run_pass([loss], [torch.ones(())], lambda leaf, grad: None,
                      lambda seen: _free(freed, 2, False, seen))
         except RuntimeError as exc:
             assert str(exc) == SECOND_BACKWARD and freed_by_torch
@@ -127,7 +154,7 @@ def test_a_second_backward_through_freed_nodes_fails_as_on_torch():
     c = torch.randn(3, requires_grad=True)
     loss, freed = (c * c).sum(), {}
     for backward_id in (1, 2, 3):
-        run_pass([loss], [torch.ones(())], {}, lambda leaf, grad: None,
+        run_pass([loss], [torch.ones(())], lambda leaf, grad: None,
                  lambda seen, i=backward_id: _free(freed, i, True, seen))
     assert freed == {}
 
@@ -142,7 +169,7 @@ def test_a_pass_runs_the_hooks_of_each_leafs_accumulator_and_puts_grad_back():
     w.register_post_accumulate_grad_hook(lambda leaf: ran.append(leaf.grad.clone()))
     loss = (w * torch.tensor([1.0, 2.0, 3.0])).sum()
     grads, accumulate = accumulator()
-    run_pass([loss], [torch.ones(())], {}, accumulate)
+    run_pass([loss], [torch.ones(())], accumulate)
     assert len(ran) == 1 and torch.equal(ran[0], torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(grads[w], torch.tensor([1.0, 2.0, 3.0]))  # not 7 + that
     assert w.grad is earlier
@@ -158,7 +185,7 @@ def test_a_pass_leaves_no_python_object_in_the_state_its_hooks_capture():
     stashed = []
     w.register_hook(lambda grad: stashed.append(torch._C._is_key_in_tls("context")))
     grads, accumulate = accumulator()
-    run_pass([(w * 2).sum()], [torch.ones(())], {}, accumulate)
+    run_pass([(w * 2).sum()], [torch.ones(())], accumulate)
     assert stashed == [False]
     assert torch.allclose(grads[w], torch.full((3,), 2.0))
 
@@ -190,7 +217,7 @@ def test_passes_on_two_threads_through_one_leaf_keep_their_gradients_apart():
         for _ in range(20):
             grads.clear()
             loss = (w * scale).sum()
-            run_pass([loss], [torch.ones(())], {}, accumulate)
+            run_pass([loss], [torch.ones(())], accumulate)
             if not torch.equal(grads[w], torch.full_like(w, scale)):
                 results[scale] = grads[w]
                 return
@@ -231,7 +258,7 @@ def test_optimizer_steps_and_passes_through_one_parameter_do_not_mix(monkeypatch
         grads, accumulate = accumulator()
         for _ in range(200):
             grads.clear()
-            run_pass([(w * 2).sum()], [torch.ones(())], {}, accumulate)
+            run_pass([(w * 2).sum()], [torch.ones(())], accumulate)
             if not torch.equal(grads[w], torch.full_like(w, 2.0)):
                 bad.append("a pass saw another gradient")
                 return
@@ -263,7 +290,7 @@ def test_ddp_bucket_views_are_copied_into_the_context(tmp_path):
         for step in range(3):  # DDP rebuilds its buckets once, after the first
             grads, accumulate = accumulator()
             x = torch.full((3, 4), float(step + 1))
-            run_pass([model(x).sum()], [torch.ones(())], {}, accumulate)
+            run_pass([model(x).sum()], [torch.ones(())], accumulate)
             kept.append(grads[model.module.weight])
         assert torch.equal(kept[0], torch.full((2, 4), 3.0))  # three rows of ones
         assert torch.equal(kept[1], torch.full((2, 4), 6.0))
@@ -294,6 +321,7 @@ def test_ddp_over_a_model_split_by_an_rpc_gives_each_pass_the_reduced_gradient(t
         def forward(self, x):
             self.sent = self.fc1(x)
             self.received = self.sent.detach().requires_grad_()  # there and back
+            attach_recv([self.received], src=1, message_id=5)
             return self.fc2(self.received).sum()
 
     def times_ten(state, bucket):  # a reduction that shows whose gradient is kept
@@ -312,13 +340,11 @@ def test_ddp_over_a_model_split_by_an_rpc_gives_each_pass_the_reduced_gradient(t
             earlier = EarlierLeaves()
             loss = model(x)
             inner = model.module
-            slot = RecvSlot(src=1, message_id=5, index=0)
-
             def replace(leaf, grad):
                 grads[leaf] = grad
-            back = run_pass([loss], [torch.ones(())], {id(inner.received): slot}, accumulate,
+            back = run_pass([loss], [torch.ones(())], accumulate,
                             earlier=earlier, replace=replace)
-            run_pass([inner.sent], [back[(1, 5)][0]], {}, accumulate, earlier=earlier,
+            run_pass([inner.sent], [back[(1, 5)][0]], accumulate, earlier=earlier,
                      replace=replace)
             expected = torch.autograd.grad(inner.fc2(inner.fc1(x)).sum(),
                                            list(inner.parameters()))

@@ -19,6 +19,10 @@ def test_private_context_calls(world):
     assert world.run(sc.private_context_calls)
 
 
+def test_received_tensors_are_recv_outputs(world):
+    assert world.run(sc.received_tensors_are_recv_outputs)
+
+
 def test_profiled_backward(world):
     assert world.run(sc.profiled_backward)
 

@@ -110,3 +110,25 @@ def through_proxies_and_async_execution():
     assert torch.allclose(grads[x], 2 * w ** 4), grads[x]
     assert torch.allclose(w_grad, 4 * w ** 3), w_grad
     return True
+
+
+def _double_in_place(t):
+    t.mul_(2)
+    return t * 3
+
+
+def a_received_tensor_changed_in_place_sends_the_right_gradient():
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    with dist_autograd.context() as context_id:
+        out = rpc.rpc_sync("worker1", _double_in_place, args=(x,))
+        loss = (out * out).sum()
+        dist_autograd.backward(context_id, [loss])
+        got = dist_autograd.get_gradients(context_id)[x]
+        recvs = dist_autograd._current_context()._recv_functions()
+        assert list(recvs.values()) == [out.grad_fn], recvs
+    local = x.detach().clone().requires_grad_()
+    y = local * 1
+    y.mul_(2)
+    ((y * 3) ** 2).sum().backward()
+    torch.testing.assert_close(got, local.grad)
+    return True

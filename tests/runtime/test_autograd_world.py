@@ -24,3 +24,7 @@ def test_errors_in_torchs_words(world):
 
 def test_through_rref_proxies_and_async_execution_replies(world):
     assert world.run(scenarios.through_proxies_and_async_execution)
+
+
+def test_a_received_tensor_changed_in_place_sends_the_right_gradient(world):
+    assert world.run(scenarios.a_received_tensor_changed_in_place_sends_the_right_gradient)
