@@ -61,13 +61,15 @@ def _recv_forward(ctx, anchor):
     tensors, ctx.src, ctx.message_id = _RECEIVED.args
     ctx.anchor_id = id(anchor)
     ctx.captured = None
-    ctx.set_materialize_grads(False)
     return tensors
 
 
 def _recv_backward(ctx, *grads):
     # The pass that runs this node reads the gradients off it (run_pass); the
-    # anchor gets none.
+    # anchor gets none. An output no gradient reached gets zeros (autograd
+    # materialises them), as torch's RecvRpcBackward sends zeros for it: the
+    # sender's leaf then has a gradient in the context, which
+    # DistributedOptimizer steps.
     ctx.captured = grads
     return None
 
@@ -90,7 +92,7 @@ def attach_recv(tensors: Sequence[torch.Tensor], src: int, message_id: int):
     message's tensors. The node hangs off a leaf of its own, an empty
     *anchor*, so that a pass that asks for the gradients of its leaves runs
     the node; :func:`run_pass` takes the gradients that reached it for
-    ``src``. ``tensors`` must be leaves; they stop requiring grad until the
+    ``src``, zeros for an output none reached. ``tensors`` must be leaves; they stop requiring grad until the
     node is attached.
     """
     tensors = tuple(tensors)

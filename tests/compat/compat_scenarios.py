@@ -486,6 +486,34 @@ def received_tensors_are_recv_outputs():
     return True
 
 
+def _first_times_two(a, b):
+    return a * 2
+
+
+def _both_doubled_and_tripled(x):
+    return x * 2, x * 3
+
+
+def unused_received_tensors_get_zero_gradients():
+    """A received tensor the backward does not reach gets zeros from its message's
+    node, once the node runs: the sender's leaf has a zero gradient in the
+    context (DistributedOptimizer steps it). The same for a reply's tensors."""
+    ag = B.autograd
+    t1, t2 = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    with ag.context() as context_id:
+        out = B.rpc.rpc_sync(worker(1), _first_times_two, args=(t1, t2))
+        ag.backward(context_id, [out.sum()])
+        grads = ag.get_gradients(context_id)
+        assert torch.equal(grads[t1], torch.full((3,), 2.0)), grads
+        assert torch.equal(grads[t2], torch.zeros(2)), grads
+    x = torch.ones(2, requires_grad=True)
+    with ag.context() as context_id:
+        doubled, _ = B.rpc.rpc_sync(worker(1), _both_doubled_and_tripled, args=(x,))
+        ag.backward(context_id, [doubled.sum()])
+        assert torch.equal(ag.get_gradients(context_id)[x], torch.full((2,), 2.0))
+    return True
+
+
 def profiled_backward():
     """torch's test_dist_autograd_profiling: a profile of a distributed backward
     shows it, the send whose gradients came back and the recv that sent some."""

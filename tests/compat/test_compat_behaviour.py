@@ -23,6 +23,10 @@ def test_received_tensors_are_recv_outputs(world):
     assert world.run(sc.received_tensors_are_recv_outputs)
 
 
+def test_unused_received_tensors_get_zero_gradients(world):
+    assert world.run(sc.unused_received_tensors_get_zero_gradients)
+
+
 def test_profiled_backward(world):
     assert world.run(sc.profiled_backward)
 
