@@ -92,8 +92,8 @@ def attach_recv(tensors: Sequence[torch.Tensor], src: int, message_id: int):
     message's tensors. The node hangs off a leaf of its own, an empty
     *anchor*, so that a pass that asks for the gradients of its leaves runs
     the node; :func:`run_pass` takes the gradients that reached it for
-    ``src``, zeros for an output none reached. ``tensors`` must be leaves; they stop requiring grad until the
-    node is attached.
+    ``src``, zeros for an output none reached. ``tensors`` must be leaves;
+    they stop requiring grad until the node is attached.
     """
     tensors = tuple(tensors)
     for tensor in tensors:
