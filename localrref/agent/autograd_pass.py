@@ -59,7 +59,6 @@ _RECEIVED = threading.local()
 
 def _recv_forward(ctx, anchor):
     tensors, ctx.src, ctx.message_id = _RECEIVED.args
-    ctx.anchor_id = id(anchor)
     ctx.captured = None
     return tensors
 
@@ -109,7 +108,7 @@ def attach_recv(tensors: Sequence[torch.Tensor], src: int, message_id: int):
 
 
 def is_recv_node(node) -> bool:
-    return type(node).__name__ == RECV_NODE_NAME
+    return type(node) is RecvRpc._backward_cls
 
 
 def _send_forward(ctx, *tensors):
@@ -210,14 +209,13 @@ def run_pass(starts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None
     if not leaves:
         return {}
     recv_nodes = [node for node in nodes if is_recv_node(node)]
-    anchors = {node.anchor_id for node in recv_nodes}
     found, rewritten, captured = _leaf_gradients(outputs, [g for _, g in pairs], leaves,
                                                  earlier, recv_nodes)
     if replace is not None:
         for leaf, grad in rewritten:
             replace(leaf, grad)
     for leaf, grad in zip(leaves, found):
-        if grad is not None and id(leaf) not in anchors:
+        if grad is not None:  # an anchor gets none (_recv_backward)
             accumulate(leaf, grad)
     outgoing: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
     for node, node_grads in zip(recv_nodes, captured):
