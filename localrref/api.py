@@ -17,7 +17,7 @@ from torch.distributed.rpc import WorkerInfo
 from torch.distributed.rpc.backend_registry import BackendType
 
 from . import constants, handover
-from .agent import current
+from .agent import current, profiling
 from .agent.agent import Agent
 from .agent.futures import expose
 from .control_messages import ShutdownFailed
@@ -129,6 +129,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         if membership is not None:
             membership.watch_supervisor(
                 lambda reason: agent.on_control(spec.world_size, ShutdownFailed(reason=reason)))
+        profiling.mark_node(spec.rank)
         current.set(agent)
         try:
             agent.start(options.init_timeout)

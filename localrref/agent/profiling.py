@@ -23,9 +23,18 @@ import torch
 
 from .tape import builtin_name
 
-__all__ = ["start", "start_fetch", "end_when_done", "end_waited"]
+__all__ = ["mark_node", "start", "start_fetch", "end_when_done", "end_waited"]
 
 _LEGACY = torch._C._profiler.ActiveProfilerType.LEGACY
+
+
+def mark_node(rank: int) -> None:
+    """Every event this process records from now on carries ``rank`` as its
+    node id, as torch's ``init_rpc`` makes it: a profile that holds several
+    workers' events tells them apart by it."""
+    setter = getattr(getattr(torch._C, "_distributed_rpc", None), "_set_profiler_node_id", None)
+    if setter is not None:  # a torch built without distributed has none
+        setter(rank)
 
 
 def start(kind: str, func, agent, dst: int):

@@ -568,6 +568,11 @@ def rpc_profiling_events():
     # aten::add"); localrref does not.
     names = sorted(e.name for e in prof.function_events
                    if e.name.startswith("rpc_") and "#remote_op:" not in e.name)
+    # Every event this worker records carries its rank as the node id (torch's
+    # init_rpc sets it), so a profile tells the workers' events apart.
+    rank = B.rpc.get_worker_info().id
+    local = [e for e in prof.function_events if "#remote_op:" not in e.name]
+    assert local and {e.node_id for e in local} == {rank}, {(e.name, e.node_id) for e in local}
     assert names == [f"rpc_async#_rref_typeof_on_owner({me} -> {worker(1)})",
                      f"rpc_async#aten::add({me} -> {worker(2)})",
                      f"rpc_remote#ident({me} -> {worker(1)})",
