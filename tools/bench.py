@@ -417,6 +417,19 @@ def _world_median(size: int, field_name: str, group: str = "world") -> Callable[
     return pick
 
 
+# Sizes from which the tensor rows are also shown against one memcpy.
+MEMCPY_ROW_MIN = 64 << 20
+
+
+def _per_memcpy(group: str, nbytes: int) -> Callable[[dict], object]:
+    def pick(res: dict) -> object:
+        trip = _get(group, "p50_ms", str(nbytes))(res)
+        copy = _get(group, "memcpy_ms", str(nbytes))(res)
+        numeric = all(isinstance(v, (int, float)) for v in (trip, copy))
+        return trip / copy if numeric and copy else None
+    return pick
+
+
 def _drained(res: dict) -> object:
     drained = _get("fork", "drained")(res)
     if drained is None:
@@ -447,6 +460,12 @@ def build_rows(cfg: Config) -> list[Row]:
         rows += [Row(key=f"{group}_{n}", group=group, label=f"{verb} {wl._human(n)} p50",
                      unit="ms", better="lower", pick=_get(group, "p50_ms", str(n)))
                  for n in sizes]
+        # The floor for the big sizes: one memcpy of that size, timed in
+        # the same world right after the trips.
+        rows += [Row(key=f"{group}_{n}_per_memcpy", group=group,
+                     label=f"{verb} {wl._human(n)} p50 / one memcpy of {wl._human(n)}",
+                     unit="x", better="lower", pick=_per_memcpy(group, n))
+                 for n in sizes if n >= MEMCPY_ROW_MIN]
         rows.append(Row(key=f"{group}_independent", group=group,
                         label=f"{verb}: receiver's copy independent of sender's", unit="",
                         better="yes", pick=_yes_no(group)))

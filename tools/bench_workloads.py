@@ -26,6 +26,7 @@ the world as failed instead of the benchmark sitting silent.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import json
 import math
@@ -349,9 +350,20 @@ def _size_key(nbytes: int) -> str:
     return str(nbytes)
 
 
+def memcpy_ms(nbytes: int, reps: int) -> float:
+    """The median time of one ``memcpy`` of ``nbytes`` into memory already touched,
+    on this thread: the floor a tensor's trip is compared with, measured in the
+    same world and run as the trip."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    samples = _timed_calls(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes),
+                           max(3, reps))
+    return percentile(samples, 50) * 1e3
+
+
 def tensor_return(rpc: ModuleType, it: Iterations) -> dict:
     """Callee returns a tensor of N bytes; then check the two copies are independent."""
-    p50_ms, independent = {}, {}
+    p50_ms, independent, memcpy = {}, {}, {}
     for nbytes, calls in sorted(it.tensor.items()):
         got = rpc.rpc_sync("worker1", tensor_of, args=(nbytes,))  # builds it, warms the path
         if got.numel() != nbytes:
@@ -368,15 +380,17 @@ def tensor_return(rpc: ModuleType, it: Iterations) -> dict:
         independent[_size_key(nbytes)] = bool(callee_untouched and caller_untouched)
         del got
         rpc.rpc_sync("worker1", forget_sent)  # free the callee's copy before the next size
+        memcpy[_size_key(nbytes)] = memcpy_ms(nbytes, calls)
         _progress(f"  return {_human(nbytes)}: p50 {p50_ms[_size_key(nbytes)]:.3f} ms "
-                  f"({calls} calls), independent={independent[_size_key(nbytes)]}")
-    return {"p50_ms": p50_ms, "independent": independent}
+                  f"({calls} calls), one memcpy {memcpy[_size_key(nbytes)]:.3f} ms, "
+                  f"independent={independent[_size_key(nbytes)]}")
+    return {"p50_ms": p50_ms, "independent": independent, "memcpy_ms": memcpy}
 
 
 def tensor_arg(rpc: ModuleType, it: Iterations) -> dict:
     """Caller sends a tensor of N bytes; then check the two copies are independent."""
 
-    p50_ms, independent = {}, {}
+    p50_ms, independent, memcpy = {}, {}, {}
     for nbytes, calls in sorted(it.tensor.items()):
         sent = torch.ones(nbytes, dtype=torch.uint8)
         if rpc.rpc_sync("worker1", take_tensor, args=(sent,)) != nbytes:
@@ -392,9 +406,11 @@ def tensor_arg(rpc: ModuleType, it: Iterations) -> dict:
         independent[_size_key(nbytes)] = bool(callee_untouched and caller_untouched)
         rpc.rpc_sync("worker1", forget_kept)
         del sent
+        memcpy[_size_key(nbytes)] = memcpy_ms(nbytes, calls)
         _progress(f"  arg {_human(nbytes)}: p50 {p50_ms[_size_key(nbytes)]:.3f} ms "
-                  f"({calls} calls), independent={independent[_size_key(nbytes)]}")
-    return {"p50_ms": p50_ms, "independent": independent}
+                  f"({calls} calls), one memcpy {memcpy[_size_key(nbytes)]:.3f} ms, "
+                  f"independent={independent[_size_key(nbytes)]}")
+    return {"p50_ms": p50_ms, "independent": independent, "memcpy_ms": memcpy}
 
 
 def idle_world(rpc: ModuleType, it: Iterations, world_size: int) -> dict:

@@ -92,6 +92,18 @@ def test_report_gives_ratio_localrref_over_torch_and_flags_failures():
     assert sync_line == "| rpc_sync no-op latency p50 (us) | lower | 100 | 50.0 | 0.50× |"
 
 
+def test_big_tensor_rows_are_also_shown_against_one_memcpy_of_the_same_run():
+    cfg = bench.config_from_args(bench.build_parser().parse_args(
+        ["--rows", "tensor_return", "--sizes", "4K,64M"]))
+    rows = {row.key: row for row in bench.build_rows(cfg)}
+    big = 64 << 20
+    assert "tensor_return_4096_per_memcpy" not in rows  # small sizes: no memcpy row
+    per_memcpy = rows[f"tensor_return_{big}_per_memcpy"]
+    result = {"tensor_return": {"p50_ms": {str(big): 6.0}, "memcpy_ms": {str(big): 4.0}}}
+    assert bench.cell(per_memcpy, result) == 1.5
+    assert bench.cell(per_memcpy, {"tensor_return": {"p50_ms": {str(big): 6.0}}}) is None
+
+
 def test_repeated_runs_merge_to_medians_joined_lists_and_all():
     runs = [
         {"sync": {"p50_us": 100.0}, "fork": {"drained": True, "tables": {"n": 0}},
