@@ -14,7 +14,8 @@ Two kinds of objects never travel inside the pickle stream:
   :class:`~localrref.transport.shm.TensorHandle` (one copy into a pooled
   block; the receiver maps it without copying). Below it, its bytes are
   written inline, which is much faster than torch's own reducer for small
-  tensors.
+  tensors. Tensors of one payload on one storage share it on arrival, the
+  storage sent once (:class:`_Storages`), as torch's pickler gives.
 
 If pickling fails after RRefs were forked or tensors exported, the
 ``abandon`` hooks undo them: a failed call leaks nothing.
@@ -43,6 +44,11 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # A tensor's id is one bytes object: a tag, then a packed header.
 _HANDLE_TAG, _PARAM_HANDLE, _INLINE_TAG, _STRIDED_TAG = b"t", b"p", b"i", b"s"
+# Another tensor on the storage of an earlier tensor of the same payload:
+# the tag, the header of _INLINE, that tensor's index in the payload (pickling
+# order, which is unpickling order), then shape, strides and storage offset.
+_VIEW_TAG = b"v"
+_VIEW_INDEX = struct.Struct("<q")
 # Inline: the tag, then dtype code, requires_grad, is_param, ndim; then the
 # shape and the C-order bytes ("i"), or the shape, strides, storage offset
 # and the storage's bytes ("s").
@@ -114,6 +120,7 @@ class _Pickler(pickle.Pickler):
         self._fork = fork
         self._pool = pool
         self._grads = grads
+        self._storages = _Storages()
         self.forks: list = []
         self.handles: list = []
 
@@ -129,8 +136,10 @@ class _Pickler(pickle.Pickler):
         return _rref_at, (len(self.forks) - 1,)
 
     def _reduce_tensor(self, tensor: torch.Tensor):
-        pid = _tensor_pid(tensor, self._pool, self.handles, self._grads)
+        storages = self._storages
+        pid = _tensor_pid(tensor, self._pool, self.handles, self._grads, storages)
         if type(pid) is bytes:
+            storages.count += 1
             return _tensor_from_pid, (pid,)
         if pid is None:
             return tensor.__reduce_ex__(_PROTOCOL)  # torch's own reducer (sparse, quantized)
@@ -168,7 +177,28 @@ def _tensor_from_bytes(data, dtype, shape, requires_grad, is_param):
 _BOUND_NAMES = frozenset({"_rref_at", "_tensor_from_pid", "_tensor_from_bytes"})
 
 
-def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = None):
+class _Storages:
+    """The storages one payload carries whole, by the tensor that carried each.
+
+    torch's pickler writes a storage once per message, so tensors sent
+    together on one storage arrive on one storage (and a write through one
+    shows through the other). Tensors are numbered in pickling order, the
+    order the receiver rebuilds them in; a later tensor on a storage already
+    carried whole becomes a view of that tensor's storage on arrival.
+    Storages are known by address and size: the pickler's memo keeps every
+    tensor it met alive until the payload is done, so no address is reused
+    meanwhile.
+    """
+
+    __slots__ = ("count", "whole")
+
+    def __init__(self) -> None:
+        self.count = 0  # tensors with a bytes id so far: the next one's index
+        self.whole: dict[tuple[int, int], int] = {}
+
+
+def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = None,
+                storages: _Storages | None = None):
     """A tensor's id (exported tensors' handles go to ``handles``); for a
     dtype without a code, the arguments of :func:`_tensor_from_bytes`; None
     for layouts torch's own reducer handles.
@@ -176,6 +206,10 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = 
     ``grads``, if given, collects the tensors that require grad, in pickling
     order (distributed autograd's send records them; the receiver's
     :func:`loads` finds them in the same order).
+
+    ``storages``, if given, are the storages the payload carried whole so
+    far: a tensor that travels with its whole storage shares it with the
+    payload's earlier tensors on that storage (see :class:`_Storages`).
 
     The receiver gets the layout torch's RPC delivers (``cloneSparseTensors``
     in torch's ``rpc/utils.cpp``): a view is compacted, as ``clone()`` would,
@@ -198,11 +232,27 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = 
     dtype = tensor.dtype
     known_dtype = dtype in DTYPE_CODES
     if tensor.is_conj() or tensor.is_neg():
-        # Lazy in torch: the storage's bytes are not the values.
+        # Lazy in torch: the storage's bytes are not the values. The resolved
+        # copy is a storage of its own, gone before the next tensor: never
+        # shared.
         tensor = tensor.detach().resolve_conj().resolve_neg()
+        storages = None
     nbytes = tensor.nbytes
-    storage_bytes = tensor.untyped_storage().nbytes()
+    storage = tensor.untyped_storage()
+    storage_bytes = storage.nbytes()
     compact = storage_bytes >= _RECOPY_MIN_BYTES and storage_bytes >= 2 * nbytes
+    if storages is not None and not compact and storage_bytes and known_dtype:
+        key = (storage.data_ptr(), storage_bytes)
+        index = storages.whole.get(key)
+        if index is not None:
+            ndim = tensor.dim()
+            return b"".join((
+                _INLINE.pack(_VIEW_TAG, DTYPE_CODES[dtype], requires_grad, is_param, ndim),
+                _VIEW_INDEX.pack(index),
+                struct.pack(f"<{2 * ndim + 1}q", *tensor.shape, *tensor.stride(),
+                            tensor.storage_offset())))
+        # This tensor carries the storage whole, whichever way it goes below.
+        storages.whole[key] = storages.count
     if known_dtype and pool is not None and pool.takes(nbytes if compact else storage_bytes) \
             and nbytes:
         # export() copies the values as clone() lays them out; export_storage()
@@ -245,6 +295,7 @@ class _Unpickler(pickle.Unpickler):
         self._mapper = mapper
         self._grads = grads
         self.used = set()
+        self.tensors: list[torch.Tensor] = []  # by index (see _Storages)
 
     def find_class(self, module, name):
         # Called once per distinct global in a payload (the pickler memoizes them).
@@ -257,7 +308,11 @@ class _Unpickler(pickle.Unpickler):
         return self._rrefs[index]
 
     def _tensor_from_pid(self, pid):
-        tensor = _load_tensor(pid, self._mapper)
+        if pid[:1] == _VIEW_TAG:
+            tensor = _view_tensor(pid, self.tensors)
+        else:
+            tensor = _load_tensor(pid, self._mapper)
+        self.tensors.append(tensor)
         if self._grads is not None and tensor.requires_grad:
             self._grads.append(tensor)
         return tensor
@@ -294,6 +349,22 @@ def _load_tensor(pid: bytes, mapper):
             return torch.nn.Parameter(tensor, requires_grad)
         return tensor.requires_grad_(requires_grad) if requires_grad else tensor
     raise pickle.UnpicklingError(f"unknown tensor id {pid[:16]!r}")
+
+
+def _view_tensor(pid: bytes, tensors: list) -> torch.Tensor:
+    """A tensor on the storage of ``tensors[index]``, an earlier tensor of the
+    same payload, as a :data:`_VIEW_TAG` id describes it."""
+    _, code, requires_grad, is_param, ndim = _INLINE.unpack_from(pid)
+    (index,) = _VIEW_INDEX.unpack_from(pid, _INLINE.size)
+    dims = struct.unpack_from(f"<{2 * ndim + 1}q", pid, _INLINE.size + _VIEW_INDEX.size)
+    if not 0 <= index < len(tensors):
+        raise pickle.UnpicklingError(f"a tensor names the storage of tensor {index} of its "
+                                     f"payload, which has {len(tensors)} so far")
+    tensor = torch.empty((0,), dtype=DTYPES[code]).set_(
+        tensors[index].untyped_storage(), dims[2 * ndim], dims[:ndim], dims[ndim:2 * ndim])
+    if is_param:
+        return torch.nn.Parameter(tensor, requires_grad)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
 def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> torch.Tensor:
@@ -412,6 +483,7 @@ def loads(data: bytes, *, rrefs=(), mapper=None, grads: list | None = None):
         # find_class gave, the unpickler itself: a cycle that would keep the
         # payload's RRefs and tensors alive until the cyclic collector runs.
         unpickler.memo.clear()
+        unpickler.tensors.clear()
     unused = [i for i in range(len(rrefs)) if i not in unpickler.used]
     return obj, unused
 

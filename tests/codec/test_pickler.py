@@ -1,6 +1,7 @@
 """Payload pickling: tensors (inline, shared memory, bare), RRef side tables, failures."""
 
 import gc
+import pickle
 import weakref
 
 import pytest
@@ -257,3 +258,71 @@ def test_a_bare_tensor_requiring_grad_is_found_once(lane):
     loads(dumps([sparse, dense], pool=pool, grads=sent).data, mapper=mapper, grads=got)
     assert [id(t) for t in sent] == [id(dense)] and len(got) == 1
     assert torch.equal(got[0].detach(), dense.detach())
+
+
+def _shares(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("size", [16, 4096], ids=["inline", "shared"])
+def test_tensors_on_one_storage_arrive_on_one_storage_once(size, lane):
+    pool, _ = lane
+    base = torch.arange(float(size))
+    as_ints = base.view(torch.int32)  # torch's RPC delivers this one as floats; not here
+    grid = base.view(-1, 4).t()
+    payload = [base, (grid, [as_ints]), base[1:], torch.arange(float(size))]
+    encoded, back = round_trip(payload, lane)
+    got_base, (got_grid, [got_ints]), got_tail, other = back
+    assert len(encoded.tensor_handles) == (2 if size == 4096 else 0)  # base's, other's
+    for got, sent in ((got_base, base), (got_grid, grid), (got_ints, as_ints),
+                      (got_tail, base[1:])):
+        assert got.dtype == sent.dtype and got.stride() == sent.stride()
+        assert torch.equal(got, sent) and _shares(got, got_base)
+    assert not _shares(other, got_base)
+    got_base[1] = -1.0
+    assert got_tail[0].item() == -1.0 and got_grid[1, 0].item() == -1.0
+    # The sender's tensors are untouched, and the block is held until every
+    # tensor on it is gone.
+    assert base[1].item() == 1.0
+    if size == 4096:
+        del got_base, got_grid, got_ints, got_tail, back, got  # no cycle holds them
+        assert pool.stats().blocks_in_use == 1  # other's
+        del other
+        assert pool.stats().blocks_in_use == 0
+
+
+def test_views_torch_would_compact_arrive_on_storages_of_their_own(lane):
+    base = torch.arange(4096.)
+    middle = base[100:200]
+    payload = [base, base[:100], middle, middle]
+    _, back = round_trip(payload, lane)
+    assert not _shares(back[0], back[1]) and not _shares(back[1], back[2])
+    assert back[2] is back[3]
+    assert back[1].untyped_storage().nbytes() == 400
+
+
+def test_shared_storages_keep_grad_flags_parameters_and_autograd_order(lane):
+    pool, mapper = lane
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    leaf = torch.randn(64, requires_grad=True)
+    payload = [weight, weight.detach().t(), leaf, leaf.detach()[2:]]
+    sent: list = []
+    encoded = dumps(payload, pool=pool, grads=sent)
+    got: list = []
+    back = loads(encoded.data, mapper=mapper, grads=got)[0]
+    assert type(back[0]) is torch.nn.Parameter and not back[1].requires_grad
+    assert _shares(back[0], back[1]) and _shares(back[2], back[3])
+    assert [id(t) for t in sent] == [id(weight), id(leaf)]
+    assert [id(t) for t in got] == [id(back[0]), id(back[2])]
+
+
+def test_a_view_naming_a_tensor_the_payload_does_not_have_is_refused():
+    from localrref.codec import pickler
+    base = torch.arange(8.)
+    storages = pickler._Storages()
+    storage = base.untyped_storage()
+    storages.whole[(storage.data_ptr(), storage.nbytes())] = 7  # a hostile sender's claim
+    pid = pickler._tensor_pid(base[1:], None, [], None, storages)
+    assert pid[:1] == pickler._VIEW_TAG
+    with pytest.raises(pickle.UnpicklingError, match="storage of tensor 7 of its payload"):
+        pickler._view_tensor(pid, [base])

@@ -671,3 +671,74 @@ def tensor_layouts_as_torch_delivers_them():
         assert _layout(back) == expected, (name, "return", _layout(back), expected)
         torch.testing.assert_close(back, t)
     return True
+
+
+# ------------------------------------------------------------ tensors that share a storage
+
+def _storage_sharing_cases():
+    """Tensors sent together in one message, by pairs, and whether torch delivers
+    the pair on one storage (only views it does not compact keep theirs)."""
+    small = torch.arange(16.)                                # inline
+    big = torch.arange(float(1 << 17))                        # 512 KiB: shared memory
+    medium = torch.arange(4_096.)                             # 16 KiB: inline, >= 8 KiB
+    return {
+        "small and a slice": ((small, small[2:14]), True),
+        "big and its transpose": ((big, big.view(512, 256).t()), True),
+        "big and most of it": ((big, big[1:]), True),
+        "medium and most of it": ((medium, medium[:3000]), True),
+        "two overlapping views of big": ((big[:100_000], big[30_000:]), True),
+        "two halves of medium": ((medium[:2048], medium[2048:]), False),  # both compacted
+        "big and a row of it": ((big, big[:100]), False),      # the row is compacted
+        "two rows of big": ((big[:100], big[100:200]), False),  # both compacted
+    }
+
+
+def _same_storage(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _pair_shares(pair):
+    a, b = pair
+    return _same_storage(a, b)
+
+
+def _storage_pair_of(name):
+    return _storage_sharing_cases()[name][0]
+
+
+def tensors_sharing_a_storage_arrive_sharing_it():
+    """torch's pickler writes a storage once per message: views sent together that
+    it does not compact (cloneSparseTensors) arrive on one storage, as they left;
+    a write through one shows through the other, on either side of the call."""
+    for name, (pair, shared) in _storage_sharing_cases().items():
+        assert B.rpc.rpc_sync(worker(1), _pair_shares, args=(pair,)) is shared, (name, "argument")
+        back = B.rpc.rpc_sync(worker(1), _storage_pair_of, args=(name,))
+        assert _same_storage(*back) is shared, (name, "return")
+        for got, sent in zip(back, pair):
+            torch.testing.assert_close(got, sent)
+    # The same tensor twice is one object on arrival, on both engines.
+    t = torch.ones(3)
+    a, b = B.rpc.rpc_sync(worker(1), ident, args=((t, t),))
+    assert a is b
+    # A write through one view shows through the other.
+    base, view = B.rpc.rpc_sync(worker(1), _storage_pair_of, args=("big and its transpose",))
+    base[0] = -1.0
+    assert view[0, 0].item() == -1.0
+    # Inside a context, gradients of tensors that share a storage still go back
+    # to each: w and a view of it arrive as two outputs of the message's node.
+    ag = B.autograd
+    for size in (16, 1 << 17):
+        w = torch.ones(size, requires_grad=True)
+        with ag.context() as context_id:
+            out = B.rpc.rpc_sync(worker(1), _sum_and_twice_the_second, args=(w, w[1:]))
+            ag.backward(context_id, [out])
+            expected = torch.full((size,), 3.0)
+            expected[0] = 1.0
+            assert torch.equal(ag.get_gradients(context_id)[w], expected), size
+    return True
+
+
+def _sum_and_twice_the_second(a, b):
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    b.mul_(1)  # a received tensor may be changed in place, as on torch
+    return a.sum() + 2 * b.sum()

@@ -41,3 +41,7 @@ def test_remote_errors_keep_their_lines(world):
 
 def test_tensor_layouts_as_torch_delivers_them(world):
     assert world.run(sc.tensor_layouts_as_torch_delivers_them)
+
+
+def test_tensors_sharing_a_storage_arrive_sharing_it(world):
+    assert world.run(sc.tensors_sharing_a_storage_arrive_sharing_it)
