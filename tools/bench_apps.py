@@ -37,6 +37,11 @@ client side of the calls, and local compute).
 Page faults are where programs that allocate big tensors every step lose
 time to the allocator rather than to RPC: a fresh gradient of 32 MiB costs
 8,192 faults, several milliseconds of system time, on either engine.
+
+Where the time goes in one step, across processes: ``BENCH_APPS_TIMELINE=<dir>``
+records a timeline of the measured run in every localrref worker, and
+``tools/timeline.py <dir> --phase ...`` prints it (see there);
+``BENCH_APPS_PROFILE=<dir>`` writes a yappi profile of each process.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def _split_api(backend: str):
 
 
 RPC = None  # the module under test, in every worker
+TIMELINE = None  # tools/timeline.py, in every localrref worker when BENCH_APPS_TIMELINE is set
 
 
 def _name(rank: int) -> str:
@@ -122,10 +128,14 @@ class timed:
         self.phase = phase
 
     def __enter__(self):
+        if TIMELINE is not None:
+            TIMELINE.event("T>", self.phase.replace(" ", "_"))
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
         PHASES.add(self.phase, time.perf_counter() - self.start)
+        if TIMELINE is not None:
+            TIMELINE.event("T<", self.phase.replace(" ", "_"))
 
 
 _MARKS: dict[str, tuple[float, int]] = {}
@@ -146,9 +156,13 @@ def report() -> dict:
 
 
 def _entry(rank: int, plan: Plan) -> None:
-    global RPC
+    global RPC, TIMELINE
     torch.set_num_threads(1)
     RPC = _rpc(plan.backend)
+    if os.environ.get("BENCH_APPS_TIMELINE") and plan.backend == "localrref":
+        import timeline
+        timeline.install()
+        TIMELINE = timeline
     if plan.backend == "torch":
         options = RPC.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{plan.port}",
                                                   num_worker_threads=16, rpc_timeout=300)
@@ -190,15 +204,30 @@ def profile(action: str) -> None:
                     f"{s.module.split('/')[-1]}:{s.name}\n")
 
 
+def record_timeline(action: str) -> None:
+    """With BENCH_APPS_TIMELINE=<dir> (localrref only): this process's timeline
+    of the measured run, written to <dir>/rank<k>.txt (see tools/timeline.py)."""
+    if TIMELINE is None:
+        return
+    if action == "start":
+        TIMELINE.start()
+        return
+    TIMELINE.stop()
+    rank = RPC.get_worker_info().id
+    TIMELINE.write(os.path.join(os.environ["BENCH_APPS_TIMELINE"], f"rank{rank}.txt"))
+
+
 def _measure(plan: Plan, run, steps_of) -> dict:
     """Warm up, then time ``run()`` with every process's CPU marked around it."""
     run(warmup=True)
     _on_all(plan, reset_phases)
     _on_all(plan, mark, "start")
     _on_all(plan, profile, "start")
+    _on_all(plan, record_timeline, "start")
     started = time.perf_counter()
     run(warmup=False)
     wall = time.perf_counter() - started
+    _on_all(plan, record_timeline, "stop")
     _on_all(plan, profile, "stop")
     _on_all(plan, mark, "end")
     reports = _on_all(plan, report)

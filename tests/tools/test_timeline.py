@@ -1,0 +1,106 @@
+"""tools/timeline.py and tools/bench_apps.py: a real run records a timeline in every
+worker, the files merge into one, and the printout starts where asked.
+
+Like the bench smoke tests, this checks the harness, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+import timeline
+from localrref.testing.programs import run_program
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_APPS = REPO / "tools" / "bench_apps.py"
+
+
+def _events():
+    # (ns, rank, thread, kind, detail), in time order, as load() gives them
+    return [
+        (1_000, 1, 0, "T>", "trainer:_step@0"),
+        (2_000, 1, 0, "W>", "0:49@0"),
+        (2_500, 0, 0, "P<", "@1"),
+        (4_000, 1, 0, "T>", "trainer:_step@0"),
+        (9_000, 1, 0, "T>", "trainer:_step@1"),
+    ]
+
+
+def test_render_starts_at_the_chosen_phase_start_and_shows_gaps_and_ranks():
+    text = timeline.render(_events(), phase="trainer: step", rank=1, first=0, steps=1)
+    lines = text.splitlines()
+    assert len(lines) == 3  # up to the next start of the phase
+    assert lines[0].split()[0] == "0.0" and "rank1/t0 T> trainer:_step@0" in lines[0]
+    assert "+1.0" in lines[1] and "rank1/t0 W> 0:49@0" in lines[1]
+    assert "+0.5" in lines[2] and "rank0/t0 P< @1" in lines[2]
+    # Columns: rank 1's lines sit one column to the right of rank 0's.
+    assert lines[1].index("rank1") - lines[2].index("rank0") == 30
+    last = timeline.render(_events(), phase="trainer: step", rank=1, first=2, steps=5)
+    assert last.splitlines()[0].split()[0] == "0.0" and len(last.splitlines()) == 1
+
+
+def test_render_names_the_phases_there_are_when_asked_for_too_many():
+    with pytest.raises(SystemExit, match=r"starts 3 times on rank 1.*trainer: step"):
+        timeline.render(_events(), phase="trainer: step", rank=1, first=3, steps=1)
+
+
+def test_events_are_recorded_only_while_recording():
+    timeline.event("X>")  # not recording: dropped
+    timeline.start()
+    try:
+        timeline.event("Y>", "detail")
+    finally:
+        timeline.stop()
+    timeline.event("Z>")
+    recorded = [(kind, detail) for _, _, kind, detail, _ in timeline._events]
+    assert recorded == [("Y>", "detail")]
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_real_run_writes_a_timeline_per_rank_that_merges_and_prints(tmp_path):
+    token = uuid.uuid4().hex
+    directory = tmp_path / "timeline"
+    directory.mkdir()
+    out = tmp_path / "apps.json"
+    proc = run_program(
+        [sys.executable, str(BENCH_APPS), "--apps", "ps", "--world-sizes", "3",
+         "--backends", "localrref", "--scale", "0.02", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "BENCH_APPS_TIMELINE": str(directory),
+                       "BENCH_SMOKE_TOKEN": token},
+        capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["app"] == "ps" and row["localrref"]["steps_per_s"] > 0
+
+    assert sorted(p.name for p in directory.iterdir()) == ["rank0.txt", "rank1.txt",
+                                                           "rank2.txt"]
+    events = timeline.load(str(directory))
+    assert [e[0] for e in events] == sorted(e[0] for e in events)
+    for rank in range(3):
+        kinds = {kind for _, r, _, kind, _ in events if r == rank}
+        # Every worker sent and received frames; the server ran the trainers' calls.
+        assert {"W>", "W<", "R>", "R<", "P>", "P<"} <= kinds, (rank, kinds)
+    assert {"J>", "J<", "T>"} <= {kind for _, r, _, kind, _ in events if r == 0}
+    text = timeline.render(events, phase="trainer: forward and backward", rank=1, first=1,
+                           steps=1)
+    assert "trainer:_forward_and_backward" in text.splitlines()[0]
+    assert any("rank0/" in line and " J> " in line for line in text.splitlines())
+
+    _, alive = psutil.wait_procs(
+        [p for p in psutil.process_iter() if _has_token(p, token)], timeout=5)
+    assert not alive, f"bench_apps left processes behind: {alive}"
+
+
+def _has_token(proc: psutil.Process, token: str) -> bool:
+    try:
+        return proc.environ().get("BENCH_SMOKE_TOKEN") == token
+    except (psutil.Error, OSError):
+        return False
