@@ -26,9 +26,11 @@ from __future__ import annotations
 import collections
 import copyreg
 import ctypes
+import importlib
 import io
 import pickle
 import struct
+import sys
 import traceback
 import types
 from dataclasses import dataclass
@@ -111,6 +113,7 @@ class _Pickler(pickle.Pickler):
         # code may extend at any time) are copied in each time.
         table = dict(copyreg.dispatch_table)
         table[collections.OrderedDict] = _reduce_ordered_dict
+        table[torch.jit.ScriptFunction] = _reduce_script_function
         table.update(_RPC_REDUCERS)
         table[torch.Tensor] = table[torch.nn.Parameter] = self._reduce_tensor
         if rref_type is not None:
@@ -157,6 +160,45 @@ def _reduce_ordered_dict(od):
     if not od and not od.__dict__:
         return _EMPTY_ORDERED_DICT
     return collections.OrderedDict, (), (vars(od) or None), None, iter(od.items())
+
+
+def _reduce_script_function(function):
+    # torch sends a TorchScript function by its qualified name
+    # (_invoke_rpc_torchscript), and the callee finds it among the functions
+    # its own imports compiled: plain pickle refuses ScriptFunctions.
+    return _script_function, (torch._jit_internal._qualified_name(function),)
+
+
+_TORCHSCRIPT_PREFIX = "__torch__."
+
+
+def _script_function(qualified_name: str):
+    """The TorchScript function ``qualified_name`` names in this process: one its
+    imports compiled, else one that importing its module (from the name) compiles."""
+    unit = torch.jit._state._python_cu
+    found = unit.find_function(qualified_name)
+    if found is not None:
+        return found
+    path = qualified_name[len(_TORCHSCRIPT_PREFIX):] \
+        if qualified_name.startswith(_TORCHSCRIPT_PREFIX) else qualified_name
+    parts = path.split(".")
+    # The longest importable module prefix; a name with none (a function of
+    # the main module, which TorchScript names without one) is looked up there.
+    candidates = [(".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
+    candidates.append(("__main__", parts))
+    for module_name, attributes in candidates:
+        try:
+            value = importlib.import_module(module_name) if module_name != "__main__" \
+                else sys.modules["__main__"]
+        except ImportError:
+            continue
+        for attribute in attributes:
+            value = getattr(value, attribute, None)
+        if isinstance(value, torch.jit.ScriptFunction):
+            return value
+    raise pickle.UnpicklingError(
+        f"the TorchScript function {qualified_name} is not known in this process: define it "
+        f"with @torch.jit.script at the top level of a module that every worker can import")
 
 
 # What a payload's tensors and RRefs reduce to. These names are resolved by

@@ -1,7 +1,10 @@
 """Payload pickling: tensors (inline, shared memory, bare), RRef side tables, failures."""
 
 import gc
+import os
 import pickle
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -326,3 +329,43 @@ def test_a_view_naming_a_tensor_the_payload_does_not_have_is_refused():
     assert pid[:1] == pickler._VIEW_TAG
     with pytest.raises(pickle.UnpicklingError, match="storage of tensor 7 of its payload"):
         pickler._view_tensor(pid, [base])
+
+
+_SCRIPTED = '''
+import torch
+
+@torch.jit.script
+def twice_plus(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t * 2 + k
+'''
+
+_RECEIVER = '''
+import sys
+import torch
+from localrref.codec.pickler import loads
+fn, args, kwargs = loads(sys.stdin.buffer.read())[0]
+assert "lrr_scripted" in sys.modules, "the module was imported to find the function"
+print(type(fn).__name__, fn(*args, **kwargs).tolist())
+'''
+
+
+def test_a_torchscript_function_travels_by_name_and_its_module_is_imported_there(
+        tmp_path, monkeypatch):
+    (tmp_path / "lrr_scripted.py").write_text(_SCRIPTED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import lrr_scripted
+    encoded = dumps((lrr_scripted.twice_plus, (torch.ones(2),), {"k": 1}))
+    assert b"__torch__.lrr_scripted.twice_plus" in encoded.data
+    receiver = subprocess.run(
+        [sys.executable, "-c", _RECEIVER], input=encoded.data, capture_output=True,
+        timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    assert receiver.returncode == 0, receiver.stderr.decode()[-2000:]
+    assert receiver.stdout.decode().split() == ["ScriptFunction", "[3.0,", "3.0]"]
+
+
+def test_a_torchscript_function_no_module_defines_is_refused_by_name():
+    from localrref.codec import pickler
+    with pytest.raises(pickle.UnpicklingError,
+                       match=r"__torch__\.no_such_module\.f is not known in this process"):
+        pickler._script_function("__torch__.no_such_module.f")

@@ -742,3 +742,39 @@ def _sum_and_twice_the_second(a, b):
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     b.mul_(1)  # a received tensor may be changed in place, as on torch
     return a.sum() + 2 * b.sum()
+
+
+# ------------------------------------------------------------ TorchScript functions
+
+@torch.jit.script
+def script_add(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+    return torch.add(t1, t2) * 2
+
+
+def script_functions_run_by_name():
+    """torch sends a TorchScript function by its qualified name and runs the
+    callee's compiled copy (torch's test_backward_simple_script_call): every
+    way of calling, and a distributed backward through it."""
+    # torch's callee looks the name up among the functions it compiled, so this
+    # module must be imported there first: a call of one of its Python functions
+    # does that. (localrref's callee imports the module itself if it must.)
+    for i in (1, 2):
+        assert B.rpc.rpc_sync(worker(i), ident, args=(i,)) == i
+    a, b = torch.ones(2, 2), torch.full((2, 2), 3.0)
+    expected = (a + b) * 2
+    torch.testing.assert_close(B.rpc.rpc_sync(worker(1), script_add, args=(a, b)), expected)
+    torch.testing.assert_close(B.rpc.rpc_async(worker(2), script_add, args=(a, b)).wait(),
+                               expected)
+    torch.testing.assert_close(B.rpc.remote(worker(1), script_add, args=(a, b)).to_here(),
+                               expected)
+    torch.testing.assert_close(
+        B.rpc.rpc_sync(worker(1), script_add, kwargs={"t1": a, "t2": b}), expected)
+    ag = B.autograd
+    t1, t2 = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with ag.context() as context_id:
+        out = B.rpc.rpc_sync(worker(1), script_add, args=(t1, t2))
+        ag.backward(context_id, [out.sum()])
+        grads = ag.get_gradients(context_id)
+        assert torch.equal(grads[t1], torch.full((3,), 2.0)), grads
+        assert torch.equal(grads[t2], torch.full((3,), 2.0)), grads
+    return True

@@ -45,3 +45,7 @@ def test_tensor_layouts_as_torch_delivers_them(world):
 
 def test_tensors_sharing_a_storage_arrive_sharing_it(world):
     assert world.run(sc.tensors_sharing_a_storage_arrive_sharing_it)
+
+
+def test_script_functions_run_by_name(world):
+    assert world.run(sc.script_functions_run_by_name)
