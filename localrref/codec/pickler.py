@@ -590,7 +590,12 @@ def wrap_exception(exc: BaseException, worker_info) -> RemoteException:
     # "unicode_escape", which also mangles non-ASCII characters; only the
     # repr is escaped, so only it is undone here, losslessly.
     text = f"On {worker_info}:\n{_unescape(repr(exc))}\n{''.join(traceback.format_exception(exc))}"
-    return RemoteException(text, type(exc))
+    # torch's callee runs a TorchScript function in C++, which turns its
+    # error into a RuntimeError carrying the interpreter's text; the
+    # torch.jit.Error Python sees is no RuntimeError, so it would escape an
+    # ``except RuntimeError`` that works on torch.
+    kind = RuntimeError if isinstance(exc, torch.jit.Error) else type(exc)
+    return RemoteException(text, kind)
 
 
 def _unescape(text: str) -> str:

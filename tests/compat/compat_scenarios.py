@@ -751,6 +751,11 @@ def script_add(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
     return torch.add(t1, t2) * 2
 
 
+@torch.jit.script
+def script_raise(text: str) -> torch.Tensor:
+    raise ValueError(text)
+
+
 def script_functions_run_by_name():
     """torch sends a TorchScript function by its qualified name and runs the
     callee's compiled copy (torch's test_backward_simple_script_call): every
@@ -769,6 +774,18 @@ def script_functions_run_by_name():
                                expected)
     torch.testing.assert_close(
         B.rpc.rpc_sync(worker(1), script_add, kwargs={"t1": a, "t2": b}), expected)
+    # A TorchScript function's error reaches the caller as a RuntimeError with
+    # the interpreter's text (torch's test_wait_all_exit_early_script_function).
+    for call in (lambda: B.rpc.rpc_sync(worker(1), script_raise, args=("scripted boom",)),
+                 lambda: B.rpc.rpc_async(worker(2), script_raise, args=("scripted boom",)).wait(),
+                 lambda: torch.futures.wait_all(
+                     [B.rpc.rpc_async(worker(1), script_raise, args=("scripted boom",))])):
+        try:
+            call()
+        except RuntimeError as exc:
+            assert "scripted boom" in str(exc), str(exc)
+        else:
+            raise AssertionError("a TorchScript function's error did not reach the caller")
     ag = B.autograd
     t1, t2 = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     with ag.context() as context_id:
