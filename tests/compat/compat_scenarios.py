@@ -494,18 +494,27 @@ def _both_doubled_and_tripled(x):
     return x * 2, x * 3
 
 
+def _context_grads(dst, func, *tensors):
+    """The gradient of each of ``tensors`` that a distributed backward from the
+    sum of ``func(*tensors)``, run on ``dst``, leaves in the caller's context
+    (None for one it has none for)."""
+    ag = B.autograd
+    with ag.context() as context_id:
+        out = B.rpc.rpc_sync(dst, func, args=tensors)
+        ag.backward(context_id, [out.sum()])
+        grads = ag.get_gradients(context_id)
+    return [grads.get(t) for t in tensors]
+
+
 def unused_received_tensors_get_zero_gradients():
     """A received tensor the backward does not reach gets zeros from its message's
     node, once the node runs: the sender's leaf has a zero gradient in the
     context (DistributedOptimizer steps it). The same for a reply's tensors."""
     ag = B.autograd
     t1, t2 = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
-    with ag.context() as context_id:
-        out = B.rpc.rpc_sync(worker(1), _first_times_two, args=(t1, t2))
-        ag.backward(context_id, [out.sum()])
-        grads = ag.get_gradients(context_id)
-        assert torch.equal(grads[t1], torch.full((3,), 2.0)), grads
-        assert torch.equal(grads[t2], torch.zeros(2)), grads
+    g1, g2 = _context_grads(worker(1), _first_times_two, t1, t2)
+    assert torch.equal(g1, torch.full((3,), 2.0)), g1
+    assert torch.equal(g2, torch.zeros(2)), g2
     x = torch.ones(2, requires_grad=True)
     with ag.context() as context_id:
         doubled, _ = B.rpc.rpc_sync(worker(1), _both_doubled_and_tripled, args=(x,))
@@ -726,15 +735,12 @@ def tensors_sharing_a_storage_arrive_sharing_it():
     assert view[0, 0].item() == -1.0
     # Inside a context, gradients of tensors that share a storage still go back
     # to each: w and a view of it arrive as two outputs of the message's node.
-    ag = B.autograd
     for size in (16, 1 << 17):
         w = torch.ones(size, requires_grad=True)
-        with ag.context() as context_id:
-            out = B.rpc.rpc_sync(worker(1), _sum_and_twice_the_second, args=(w, w[1:]))
-            ag.backward(context_id, [out])
-            expected = torch.full((size,), 3.0)
-            expected[0] = 1.0
-            assert torch.equal(ag.get_gradients(context_id)[w], expected), size
+        grad, _ = _context_grads(worker(1), _sum_and_twice_the_second, w, w[1:])
+        expected = torch.full((size,), 3.0)
+        expected[0] = 1.0
+        assert torch.equal(grad, expected), size
     return True
 
 
@@ -786,12 +792,7 @@ def script_functions_run_by_name():
             assert "scripted boom" in str(exc), str(exc)
         else:
             raise AssertionError("a TorchScript function's error did not reach the caller")
-    ag = B.autograd
     t1, t2 = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
-    with ag.context() as context_id:
-        out = B.rpc.rpc_sync(worker(1), script_add, args=(t1, t2))
-        ag.backward(context_id, [out.sum()])
-        grads = ag.get_gradients(context_id)
-        assert torch.equal(grads[t1], torch.full((3,), 2.0)), grads
-        assert torch.equal(grads[t2], torch.full((3,), 2.0)), grads
+    for grad in _context_grads(worker(1), script_add, t1, t2):
+        assert torch.equal(grad, torch.full((3,), 2.0)), grad
     return True
