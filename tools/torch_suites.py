@@ -13,9 +13,10 @@ with a fixture of our own, as torch's ``rpc_utils.generate_tests`` mixes in
 its TensorPipe one, and pytest runs the result under the runner, so that
 ``torch.distributed.rpc`` in the test processes is localrref.
 
-Some tests are torch's alone and are expected to fail: TorchScript over RPC
-(``*_script*``, ``_RemoteModule`` with a module interface), CUDA and device
-maps, the profiler, the faulty agent, and tests that reach into torch's
+Some tests are torch's alone and are expected to fail: TorchScript's own
+RRef type (a ``ScriptFunction`` taking an ``RRef[T]``, ``_RemoteModule``
+with a module interface), CUDA and device maps, the callee's events in the
+legacy profiler, the faulty agent, and tests that reach into torch's
 private agent (``_get_current_rpc_agent``). The summary lists every
 failure with the first line of its error, so a new one stands out.
 
