@@ -423,10 +423,8 @@ MEMCPY_ROW_MIN = 64 << 20
 
 def _per_memcpy(group: str, nbytes: int) -> Callable[[dict], object]:
     def pick(res: dict) -> object:
-        trip = _get(group, "p50_ms", str(nbytes))(res)
-        copy = _get(group, "memcpy_ms", str(nbytes))(res)
-        numeric = all(isinstance(v, (int, float)) for v in (trip, copy))
-        return trip / copy if numeric and copy else None
+        return ratio(_get(group, "p50_ms", str(nbytes))(res),
+                     _get(group, "memcpy_ms", str(nbytes))(res))
     return pick
 
 

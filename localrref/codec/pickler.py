@@ -30,7 +30,6 @@ import importlib
 import io
 import pickle
 import struct
-import sys
 import traceback
 import types
 from dataclasses import dataclass
@@ -188,8 +187,7 @@ def _script_function(qualified_name: str):
     candidates.append(("__main__", parts))
     for module_name, attributes in candidates:
         try:
-            value = importlib.import_module(module_name) if module_name != "__main__" \
-                else sys.modules["__main__"]
+            value = importlib.import_module(module_name)
         except ImportError:
             continue
         for attribute in attributes:
