@@ -8,15 +8,21 @@ With ``BENCH_APPS_TIMELINE=<dir>``, every process of a localrref world that
 ``tools/bench_apps.py`` starts records, during the measured run only, a
 timestamp at each of these points, and writes them to ``<dir>/rank<k>.txt``:
 
-* ``W>``/``W<``: a frame handed to the outbox (destination, bytes), and back;
+* ``W>``/``W<``: a frame handed to the outbox (``destination:bytes:kind``),
+  and back;
 * ``R>``/``R<``: a thread asks its inbox for the next frame, and has it
-  (source, bytes); ``P>``/``P<`` around the wait (spin, then poll) inside;
+  (``source:bytes:kind``); ``P>``/``P<`` around the wait (spin, then poll)
+  inside. The kind is the protocol message's class (``PythonCall``,
+  ``RRefAck``, ...), ``autograd`` or ``control``; a frame sent through
+  shared memory is a ``blob`` where it is sent, and shows its kind where
+  it is read. Kinds are worked out when the file is written, not while the
+  run is timed;
 * ``J>``/``J<``: a job (a user function, a fetch) run by the thread that read it;
 * ``A>``/``A<``: a distributed autograd frame handled; ``RP>``/``RP<`` a
   gradient pass, ``EB>``/``EB<`` torch's engine inside it;
 * ``T>``/``T<``: the program's own phases (bench_apps' ``timed`` blocks).
 
-Each line is ``ns thread event detail@cpu``; the clock is CLOCK_MONOTONIC
+Each line is ``ns thread event detail@cpu``, the directory made if need be; the clock is CLOCK_MONOTONIC
 (``time.perf_counter_ns``), which every process on the machine shares, so
 the files merge into one timeline. The CLI prints it from the N-th start of
 a phase on one rank, one column per rank, with the gap since the previous
@@ -76,10 +82,11 @@ def install() -> None:
     from localrref.agent import agent, autograd_pass, jobs, tape
     from localrref.transport import mpqueue, outbox
 
+    # Frames are described when written out, not while the run is timed.
     _wrap(outbox.Outbox, "send", "W>", "W<",
-          detail=lambda self, dst, record, token=None: f"{dst}:{len(record)}")
+          detail=lambda self, dst, record, token=None: _Frame(dst, record, sent=True))
     _wrap(mpqueue.Endpoint, "recv", "R>", "R<",
-          result=lambda item: "none" if item is None else f"{item[0]}:{len(item[1])}")
+          result=lambda item: "none" if item is None else _Frame(*item, sent=False))
     _wrap(mpqueue.Endpoint, "_wait_readable", "P>", "P<")
     _wrap(jobs.Jobs, "run", "J>", "J<")
     _wrap(agent.Agent, "on_autograd", "A>", "A<",
@@ -100,8 +107,40 @@ def stop() -> None:
     _recording = False
 
 
+class _Frame:
+    """A frame seen at a send or a receive: its peer, size and kind.
+
+    It keeps a copy of the frame's first bytes only (all of an inline
+    message), never a view of the transport's buffers. A blob's record at a
+    send holds only its shared-memory handle: its kind shows at the receive."""
+
+    __slots__ = ("peer", "size", "head", "blob")
+
+    def __init__(self, peer: int, data, sent: bool) -> None:
+        from localrref.transport import wire
+        start = wire.LENGTH.size + wire.SRC.size if sent else 0
+        self.peer, self.size = peer, len(data) - start
+        self.blob = sent and wire.SRC.unpack_from(data, wire.LENGTH.size)[0] < 0
+        self.head = b"" if self.blob else bytes(data[start:start + wire.PIPE_BUF])
+
+    def __str__(self) -> str:
+        if self.blob:
+            return f"{self.peer}:{self.size}:blob"
+        tag = self.head[:1]
+        if tag == b"M" and len(self.head) == self.size:
+            from localrref.codec import frames
+            try:
+                kind = type(frames.decode_message(self.head)).__name__
+            except Exception:  # noqa: BLE001 - a description, never an error
+                kind = "message"
+        else:
+            kind = {b"M": "message", b"A": "autograd", b"C": "control"}.get(tag, "frame")
+        return f"{self.peer}:{self.size}:{kind}"
+
+
 def write(path: str) -> None:
     threads: dict[int, int] = {}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         for ns, thread, kind, detail, cpu in _events:
             number = threads.setdefault(thread, len(threads))

@@ -63,6 +63,29 @@ def test_events_are_recorded_only_while_recording():
     assert recorded == [("Y>", "detail")]
 
 
+def test_frames_are_described_by_peer_size_and_kind_when_written(tmp_path):
+    from localrref.codec import frames
+    from localrref.core.messages import PythonCall
+    from localrref.transport import wire
+
+    call = frames.encode_message(PythonCall(request_id=7, payload=b"x"))
+    sent = timeline._Frame(2, wire.pack(0, call), sent=True)
+    received = timeline._Frame(0, memoryview(call), sent=False)
+    blob = timeline._Frame(1, wire.pack_blob(0, b"h" * 30), sent=True)
+    autograd = timeline._Frame(1, wire.AUTOGRAD_TAG + b"...", sent=False)
+    assert str(sent) == str(received).replace("0:", "2:", 1) == f"2:{len(call)}:PythonCall"
+    assert str(blob) == "1:30:blob"
+    assert str(autograd) == "1:4:autograd"
+    timeline.start()
+    try:
+        timeline.event("W>", sent)
+    finally:
+        timeline.stop()
+    path = tmp_path / "new" / "rank0.txt"  # the directory is made
+    timeline.write(str(path))
+    assert f"W> 2:{len(call)}:PythonCall@" in path.read_text()
+
+
 @pytest.mark.processes
 @pytest.mark.timeout(120)
 def test_a_real_run_writes_a_timeline_per_rank_that_merges_and_prints(tmp_path):
