@@ -40,7 +40,9 @@ import argparse
 import ctypes
 import functools
 import glob
+import io
 import os
+import pickletools
 import sys
 import threading
 import time
@@ -127,15 +129,22 @@ class _Frame:
         if self.blob:
             return f"{self.peer}:{self.size}:blob"
         tag = self.head[:1]
-        if tag == b"M" and len(self.head) == self.size:
-            from localrref.codec import frames
-            try:
-                kind = type(frames.decode_message(self.head)).__name__
-            except Exception:  # noqa: BLE001 - a description, never an error
-                kind = "message"
-        else:
-            kind = {b"M": "message", b"A": "autograd", b"C": "control"}.get(tag, "frame")
+        kind = {b"M": _message_class(self.head), b"A": "autograd",
+                b"C": "control"}.get(tag, "frame")
         return f"{self.peer}:{self.size}:{kind}"
+
+
+def _message_class(head: bytes) -> str:
+    """The class of the message whose frame starts with ``head``: its type code
+    is the first number of the pickled tuple, so the start of a frame is enough."""
+    from localrref.codec import frames
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(head[1:])):
+            if isinstance(arg, int) and opcode.name.startswith("BININT"):
+                return frames._MESSAGE_CLASSES[arg].__name__
+    except Exception:  # noqa: BLE001 - a cut stream, a strange frame: only a description
+        pass
+    return "message"
 
 
 def write(path: str) -> None:

@@ -75,6 +75,9 @@ def test_frames_are_described_by_peer_size_and_kind_when_written(tmp_path):
     autograd = timeline._Frame(1, wire.AUTOGRAD_TAG + b"...", sent=False)
     assert str(sent) == str(received).replace("0:", "2:", 1) == f"2:{len(call)}:PythonCall"
     assert str(blob) == "1:30:blob"
+    # A frame read out of shared memory: its start names its class.
+    big = frames.encode_message(PythonCall(request_id=8, payload=b"x" * 10_000))
+    assert str(timeline._Frame(1, big, sent=False)) == f"1:{len(big)}:PythonCall"
     assert str(autograd) == "1:4:autograd"
     timeline.start()
     try:
