@@ -28,6 +28,7 @@ import copyreg
 import ctypes
 import importlib
 import io
+import math
 import pickle
 import struct
 import traceback
@@ -37,6 +38,11 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import DTYPE_CODES, DTYPES
+
+try:
+    import numpy
+except ImportError:  # torch runs without numpy: inline tensors are then built by torch alone
+    numpy = None
 
 __all__ = ["Encoded", "dumps", "loads", "register_reducer", "RemoteException", "wrap_exception",
            "rebuild_exception", "describe_unpicklable"]
@@ -265,7 +271,8 @@ def _tensor_pid(tensor: torch.Tensor, pool, handles: list, grads: list | None = 
                         f"Move it with .cpu() before sending")
     if tensor.layout is not torch.strided or tensor.is_quantized:
         return None  # torch's own reducer handles the exotic layouts (sparse among them)
-    is_param = isinstance(tensor, torch.nn.Parameter)
+    # Parameter's isinstance goes through its metaclass (0.27 us); most tensors are plain.
+    is_param = type(tensor) is not torch.Tensor and isinstance(tensor, torch.nn.Parameter)
     requires_grad = tensor.requires_grad
     if requires_grad and grads is not None:
         grads.append(tensor)
@@ -413,9 +420,14 @@ def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> t
     Not a view (``set_``, not ``reshape``): a received tensor that requires
     grad inside a distributed autograd context becomes an output of an
     autograd node, and autograd forbids changing such an output in place
-    when it is a view.
+    when it is a view. For the dtypes numpy holds as they are, numpy makes
+    the copy: the same tensor (a storage of its own, not resizable, as
+    ``frombuffer``'s), in half the time (1.4 us against 2.9).
     """
-    if len(data):
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    if np_dtype is not None and len(data) == math.prod(shape) * np_dtype.itemsize and len(data):
+        tensor = torch.from_numpy(numpy.frombuffer(data, dtype=np_dtype).reshape(shape).copy())
+    elif len(data):
         storage = torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
         tensor = torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
     else:
@@ -423,6 +435,14 @@ def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> t
     if is_param:
         return torch.nn.Parameter(tensor, requires_grad)
     return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+
+
+_NUMPY_DTYPES = {} if numpy is None else {
+    dtype: numpy.dtype(name) for dtype, name in (
+        (torch.float32, "float32"), (torch.float64, "float64"), (torch.float16, "float16"),
+        (torch.uint8, "uint8"), (torch.int8, "int8"), (torch.int16, "int16"),
+        (torch.int32, "int32"), (torch.int64, "int64"), (torch.bool, "bool"),
+        (torch.complex64, "complex64"), (torch.complex128, "complex128"))}
 
 
 def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None,

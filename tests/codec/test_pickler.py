@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from localrref.codec.pickler import dumps, loads
+from localrref.codec.pickler import _inline_tensor, dumps, loads
 from localrref.dtypes import DTYPES
 from localrref.transport.shm import ShmMapper, ShmPool, new_world_id, \
     sweep_world_segments, world_segments
@@ -55,6 +55,24 @@ def test_tensors_round_trip_exactly(dtype, n, bare, lane):
     assert got.dtype == dtype and got.shape == tensor.shape and torch.equal(got, tensor)
     if not bare:
         assert back[2]["k"] is got  # one tensor, pickled once, comes back once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool, torch.bfloat16],
+                         ids=str)  # the first three through numpy, bfloat16 without
+def test_an_inline_tensor_arrives_in_memory_of_its_own_and_not_as_a_view(dtype):
+    sent = sample(dtype, 6).reshape(2, 3)
+    encoded = dumps(sent)
+    back, _ = loads(encoded.data)
+    assert torch.equal(back, sent) and back.dtype == dtype and back.is_contiguous()
+    assert not back._is_view() and back._base is None
+    assert not back.untyped_storage().resizable()  # as frombuffer's: sent whole, kept whole
+    back.add_(1) if dtype != torch.bool else back.logical_not_()
+    assert torch.equal(loads(encoded.data)[0], sent)  # the frame's bytes untouched
+    # A frame whose bytes outnumber its shape's (forged): as before, the
+    # tensor takes the leading bytes.
+    data = memoryview(sent.contiguous().view(-1).view(torch.uint8).numpy().tobytes() + b"\0" * 8)
+    odd = _inline_tensor(data, dtype, (2, 3), False, False)
+    assert torch.equal(odd, sent)
 
 
 def test_a_bare_tensor_is_not_a_pickle_and_a_parameter_keeps_its_type(lane):
