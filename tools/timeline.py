@@ -22,12 +22,13 @@ timestamp at each of these points, and writes them to ``<dir>/rank<k>.txt``:
   gradient pass, ``EB>``/``EB<`` torch's engine inside it;
 * ``T>``/``T<``: the program's own phases (bench_apps' ``timed`` blocks).
 
-Each line is ``ns thread event detail@cpu``, the directory made if need be; the clock is CLOCK_MONOTONIC
-(``time.perf_counter_ns``), which every process on the machine shares, so
-the files merge into one timeline. The CLI prints it from the N-th start of
-a phase on one rank, one column per rank, with the gap since the previous
-line: a hop is a ``W>`` on one rank and the ``P<`` that follows on another,
-and a long ``W>``..``W<`` is the kernel waking a process on another CPU.
+Each line is ``ns thread event detail@cpu`` (the directory is made if need
+be); the clock is CLOCK_MONOTONIC (``time.perf_counter_ns``), which every
+process on the machine shares, so the files merge into one timeline. The
+CLI prints it from the N-th start of a phase on one rank, one column per
+rank, with the gap since the previous line: a hop is a ``W>`` on one rank
+and the ``P<`` that follows on another, and a long ``W>``..``W<`` is the
+kernel waking a process on another CPU.
 
 The points are wrapped around localrref's internals at run time: no code in
 localrref pays for them. A rename there makes :func:`install` fail loudly
@@ -129,8 +130,10 @@ class _Frame:
         if self.blob:
             return f"{self.peer}:{self.size}:blob"
         tag = self.head[:1]
-        kind = {b"M": _message_class(self.head), b"A": "autograd",
-                b"C": "control"}.get(tag, "frame")
+        if tag == b"M":
+            kind = _message_class(self.head)
+        else:
+            kind = {b"A": "autograd", b"C": "control"}.get(tag, "frame")
         return f"{self.peer}:{self.size}:{kind}"
 
 

@@ -414,6 +414,15 @@ def _view_tensor(pid: bytes, tensors: list) -> torch.Tensor:
     return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
+# The dtypes numpy holds as they are (see _inline_tensor).
+_NUMPY_DTYPES = {} if numpy is None else {
+    dtype: numpy.dtype(name) for dtype, name in (
+        (torch.float32, "float32"), (torch.float64, "float64"), (torch.float16, "float16"),
+        (torch.uint8, "uint8"), (torch.int8, "int8"), (torch.int16, "int16"),
+        (torch.int32, "int32"), (torch.int64, "int64"), (torch.bool, "bool"),
+        (torch.complex64, "complex64"), (torch.complex128, "complex128"))}
+
+
 def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> torch.Tensor:
     """A tensor of its own (writable) memory holding the bytes ``data``.
 
@@ -425,7 +434,7 @@ def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> t
     ``frombuffer``'s), in half the time (1.4 us against 2.9).
     """
     np_dtype = _NUMPY_DTYPES.get(dtype)
-    if np_dtype is not None and len(data) == math.prod(shape) * np_dtype.itemsize and len(data):
+    if np_dtype is not None and len(data) and len(data) == math.prod(shape) * np_dtype.itemsize:
         tensor = torch.from_numpy(numpy.frombuffer(data, dtype=np_dtype).reshape(shape).copy())
     elif len(data):
         storage = torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
@@ -435,14 +444,6 @@ def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> t
     if is_param:
         return torch.nn.Parameter(tensor, requires_grad)
     return tensor.requires_grad_(requires_grad) if requires_grad else tensor
-
-
-_NUMPY_DTYPES = {} if numpy is None else {
-    dtype: numpy.dtype(name) for dtype, name in (
-        (torch.float32, "float32"), (torch.float64, "float64"), (torch.float16, "float16"),
-        (torch.uint8, "uint8"), (torch.int8, "int8"), (torch.int16, "int16"),
-        (torch.int32, "int32"), (torch.int64, "int64"), (torch.bool, "bool"),
-        (torch.complex64, "complex64"), (torch.complex128, "complex128"))}
 
 
 def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None,

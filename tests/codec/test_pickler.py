@@ -66,7 +66,10 @@ def test_an_inline_tensor_arrives_in_memory_of_its_own_and_not_as_a_view(dtype):
     assert torch.equal(back, sent) and back.dtype == dtype and back.is_contiguous()
     assert not back._is_view() and back._base is None
     assert not back.untyped_storage().resizable()  # as frombuffer's: sent whole, kept whole
-    back.add_(1) if dtype != torch.bool else back.logical_not_()
+    if dtype == torch.bool:
+        back.logical_not_()
+    else:
+        back.add_(1)
     assert torch.equal(loads(encoded.data)[0], sent)  # the frame's bytes untouched
     # A frame whose bytes outnumber its shape's (forged): as before, the
     # tensor takes the leading bytes.
