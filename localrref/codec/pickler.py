@@ -392,10 +392,15 @@ def _load_tensor(pid: bytes, mapper):
             if len(data) else torch.UntypedStorage(0)
         tensor = torch.empty((0,), dtype=DTYPES[code]).set_(
             storage, dims[2 * ndim], dims[:ndim], dims[ndim:2 * ndim])
-        if is_param:
-            return torch.nn.Parameter(tensor, requires_grad)
-        return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+        return _as_sent(tensor, requires_grad, is_param)
     raise pickle.UnpicklingError(f"unknown tensor id {pid[:16]!r}")
+
+
+def _as_sent(tensor: torch.Tensor, requires_grad: bool, is_param: bool) -> torch.Tensor:
+    """A rebuilt tensor with the sender's grad flag, as a Parameter if it was one."""
+    if is_param:
+        return torch.nn.Parameter(tensor, requires_grad)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
 def _view_tensor(pid: bytes, tensors: list) -> torch.Tensor:
@@ -409,9 +414,7 @@ def _view_tensor(pid: bytes, tensors: list) -> torch.Tensor:
                                      f"payload, which has {len(tensors)} so far")
     tensor = torch.empty((0,), dtype=DTYPES[code]).set_(
         tensors[index].untyped_storage(), dims[2 * ndim], dims[:ndim], dims[ndim:2 * ndim])
-    if is_param:
-        return torch.nn.Parameter(tensor, requires_grad)
-    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+    return _as_sent(tensor, requires_grad, is_param)
 
 
 # The dtypes numpy holds as they are (see _inline_tensor).
@@ -441,9 +444,7 @@ def _inline_tensor(data, dtype, shape, requires_grad: bool, is_param: bool) -> t
         tensor = torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
     else:
         tensor = torch.empty(shape, dtype=dtype)
-    if is_param:
-        return torch.nn.Parameter(tensor, requires_grad)
-    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+    return _as_sent(tensor, requires_grad, is_param)
 
 
 def dumps(obj, *, fork=None, abandon=None, pool=None, rref_type=None,
