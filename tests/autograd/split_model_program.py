@@ -293,15 +293,16 @@ def remote_param_grads(module_rref, context_id):
     return [grads[p] for p in module_rref.local_value().parameters()]
 
 
-def _train_split(optimizer_class, kwargs, steps=3):
-    """Two remote MLPs (on workers 1 and 2), trained with DistributedOptimizer, against local."""
+def _train_split(optimizer_class, kwargs, steps=3, local_kwargs=None):
+    """Two remote MLPs (on workers 1 and 2), trained with DistributedOptimizer, against
+    local training with ``local_kwargs`` (default: the same ``kwargs``)."""
     first = rpc.remote("worker1", Det, args=(1,))
     second = rpc.remote("worker2", Det, args=(2,))
     params = (rpc.rpc_sync("worker1", param_rrefs, args=(first,))
               + rpc.rpc_sync("worker2", param_rrefs, args=(second,)))
     optimizer = DistributedOptimizer(optimizer_class, params, **kwargs)
     local = nn.Sequential(Det(1), Det(2))
-    local_optimizer = optimizer_class(local.parameters(), **kwargs)
+    local_optimizer = optimizer_class(local.parameters(), **(local_kwargs or kwargs))
     for step in range(steps):
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
         with dist_autograd.context() as cid:
@@ -317,6 +318,13 @@ def _train_split(optimizer_class, kwargs, steps=3):
                + rpc.rpc_sync("worker2", params_of, args=(second,)))
         for g, want in zip(got, local.parameters()):
             assert_close(g, want.detach(), msg=lambda m: f"step {step}: {m}")
+    for owner, module in (("worker1", first), ("worker2", second)):
+        grads = rpc.rpc_sync(owner, grads_of, args=(module,))
+        assert grads == [None] * len(grads), f"{owner}: a step left .grad set"
+
+
+def grads_of(module_rref):
+    return [p.grad for p in module_rref.local_value().parameters()]
 
 
 def distributed_optimizer_sgd():
@@ -325,6 +333,21 @@ def distributed_optimizer_sgd():
 
 def distributed_optimizer_adam():
     _train_split(torch.optim.Adam, {"lr": 0.05})
+
+
+def distributed_optimizer_takes_torchs_defaults_and_arguments():
+    # torch makes SGD and Adamax in their functional forms, whose default
+    # learning rates (0.01, 0.001) are not the optimizer classes' (0.001, 0.002).
+    _train_split(torch.optim.SGD, {}, steps=2, local_kwargs={"lr": 0.01})
+    _train_split(torch.optim.Adamax, {}, steps=2, local_kwargs={"lr": 0.001})
+    first = rpc.remote("worker1", Det, args=(1,))
+    params = rpc.rpc_sync("worker1", param_rrefs, args=(first,))
+    try:  # an argument of SGD's that its functional form lacks
+        DistributedOptimizer(torch.optim.SGD, params, lr=0.1, differentiable=True)
+    except TypeError as exc:
+        assert "differentiable" in str(exc), str(exc)
+    else:
+        raise AssertionError("DistributedOptimizer took SGD(differentiable=True)")
 
 
 def distributed_optimizer_step_outside_a_context():
@@ -526,7 +549,8 @@ SCENARIOS = [one_hop, three_hops_and_back_to_the_caller, several_roots, retain_g
              an_error_in_a_remote_backward_reaches_the_caller,
              backward_refuses_bad_arguments_in_torchs_words, cleanup_reaches_every_participant,
              remote_and_to_here, rref_proxies, distributed_optimizer_sgd,
-             distributed_optimizer_adam, distributed_optimizer_step_outside_a_context,
+             distributed_optimizer_adam, distributed_optimizer_takes_torchs_defaults_and_arguments,
+             distributed_optimizer_step_outside_a_context,
              an_error_in_one_owners_step_surfaces_and_the_others_step,
              remote_module_forward_and_training, ddp_trainers_average_their_gradients,
              rref_backward_on_the_owner_and_from_a_user]

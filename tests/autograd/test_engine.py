@@ -244,15 +244,16 @@ class _Held:
 
 
 def test_optimizer_steps_and_passes_through_one_parameter_do_not_mix(monkeypatch):
-    # A parameter server: one trainer's DistributedOptimizer step sets .grad to
-    # its context's gradient while another trainer's pass sets .grad aside.
+    # A parameter server: one trainer's DistributedOptimizer step (of an
+    # optimizer torch has no functional form of) sets .grad to its context's
+    # gradient while another trainer's pass sets .grad aside.
     import threading
 
     import localrref.optim as optim
     w = torch.zeros(512, 512, requires_grad=True)
     context_grad = torch.ones(512, 512)
     monkeypatch.setattr(optim.autograd, "get_gradients", lambda context_id: {w: context_grad})
-    stepper = optim._LocalOptimizer(torch.optim.SGD, [_Held(w)], lr=0.0)
+    stepper = optim._LocalOptimizer(torch.optim.SGD, False, [_Held(w)], lr=0.0)
     bad = []
 
     def passes() -> None:
