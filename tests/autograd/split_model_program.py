@@ -340,6 +340,13 @@ def distributed_optimizer_takes_torchs_defaults_and_arguments():
     # learning rates (0.01, 0.001) are not the optimizer classes' (0.001, 0.002).
     _train_split(torch.optim.SGD, {}, steps=2, local_kwargs={"lr": 0.01})
     _train_split(torch.optim.Adamax, {}, steps=2, local_kwargs={"lr": 0.001})
+    mine = torch.ones(4, requires_grad=True)  # a parameter of this worker's: stepped here
+    optimizer = DistributedOptimizer(torch.optim.SGD, [rpc.RRef(mine)])
+    with dist_autograd.context() as cid:
+        dist_autograd.backward(cid, [(mine * 2).sum()])
+        optimizer.step(cid)
+    assert_close(mine.detach(), torch.full((4,), 1 - 0.01 * 2))
+    assert mine.grad is None
     first = rpc.remote("worker1", Det, args=(1,))
     params = rpc.rpc_sync("worker1", param_rrefs, args=(first,))
     try:  # an argument of SGD's that its functional form lacks
