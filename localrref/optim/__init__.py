@@ -11,12 +11,14 @@ torch has a functional form of (``SGD``, ``Adam``, ``AdamW``, ``Adagrad``,
 ``Adadelta``, ``RMSprop``, ``Rprop``, ``Adamax``; its ``functional_optim_map``)
 that form, unless TorchScript is off (``PYTORCH_JIT=0``), so its defaults
 and the arguments it takes are torch's (``DistributedOptimizer(SGD, params)``
-steps with lr 0.01 there, not ``SGD``'s 0.001). It takes the context's
-gradients as a list and never touches ``.grad``. torch compiles it with
-TorchScript to step without the GIL; here it runs as Python, which in a
-worker that just served other calls costs about half of what
-``torch.optim.SGD.step`` does (no profiler hooks, less code to bring back
-into the caches). Any other optimizer class steps with each parameter's
+steps with lr 0.01 there, not ``SGD``'s 0.001). The caller decides, as in
+torch, so a form registered there with torch's ``register_functional_optim``
+counts. The form takes the context's gradients as a list and never touches
+``.grad``. torch compiles it with TorchScript to step without the GIL; here
+it runs as Python, which in a worker that just served other calls costs
+about half of what ``torch.optim.SGD.step`` does (no profiler hooks, less
+code to bring back into the caches; compiled, it costs more than as
+Python there). Any other optimizer class steps with each parameter's
 ``.grad`` set to its gradient in the context (None for one the context has
 no gradient for, so the optimizer skips it) and put back afterwards, so
 distributed training never leaves anything in ``.grad`` either. Steps of
