@@ -27,8 +27,18 @@ be); the clock is CLOCK_MONOTONIC (``time.perf_counter_ns``), which every
 process on the machine shares, so the files merge into one timeline. The
 CLI prints it from the N-th start of a phase on one rank, one column per
 rank, with the gap since the previous line: a hop is a ``W>`` on one rank
-and the ``P<`` that follows on another, and a long ``W>``..``W<`` is the
-kernel waking a process on another CPU.
+and the ``P<`` that follows on another. A ``W>``..``W<`` of tens of
+microseconds is the kernel waking a process on an idle CPU; one of
+hundreds is the writer preempted, on its own CPU, by the process it woke.
+
+``--wakes`` prints, instead, how long the writes of the run took to wake
+their readers: for every frame written to a worker whose reader was waiting
+for its inbox (``P>``), the time from the start of the write to the end of
+that wait, by writer and reader, how many woke on the CPU the write began on,
+and how many took longer than ``--stall-us`` (a reader put behind another
+busy task on its CPU while another CPU idles)::
+
+    python tools/timeline.py /tmp/tl --wakes
 
 The points are wrapped around localrref's internals at run time: no code in
 localrref pays for them. A rename there makes :func:`install` fail loudly
@@ -38,6 +48,7 @@ localrref pays for them. A rename there makes :func:`install` fail loudly
 from __future__ import annotations
 
 import argparse
+import bisect
 import ctypes
 import functools
 import glob
@@ -47,8 +58,10 @@ import pickletools
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
-__all__ = ["install", "start", "stop", "write", "event", "load", "render", "main"]
+__all__ = ["install", "start", "stop", "write", "event", "load", "render", "wakes",
+           "summarize_wakes", "render_wakes", "Wake", "WakeRow", "main"]
 
 _events: list[tuple[int, int, str, str, int]] = []
 _recording = False
@@ -194,6 +207,120 @@ def render(events, *, phase: str, rank: int, first: int, steps: int, width: int 
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Wake:
+    """One frame written to a worker whose reader was waiting for its inbox."""
+
+    src: int
+    dst: int
+    latency_us: float   # from the start of the write to the end of the reader's wait
+    write_us: float     # the writer's own write call, which wakes the reader
+    same_cpu: bool      # the reader's wait ended on the CPU the write began on
+
+
+def wakes(events) -> list[Wake]:
+    """Every write that found its reader waiting (in ``P>``), and when the wait ended.
+
+    A write to a worker that was busy is left out: nobody had to be woken.
+    """
+    waits: dict[int, list[tuple[int, int, int]]] = {}  # rank: (start, end, cpu at end)
+    open_waits: dict[tuple[int, int], int] = {}
+    open_writes: dict[tuple[int, int], tuple[int, int, int]] = {}  # (rank, thread): W>
+    writes = []
+    for ns, rank, thread, kind, detail in events:
+        if kind == "P>":
+            open_waits[rank, thread] = ns
+        elif kind == "P<" and (rank, thread) in open_waits:
+            waits.setdefault(rank, []).append((open_waits.pop((rank, thread)), ns,
+                                               _cpu(detail)))
+        elif kind == "W>":
+            open_writes[rank, thread] = (ns, int(detail.split(":", 1)[0]), _cpu(detail))
+        elif kind == "W<" and (rank, thread) in open_writes:
+            start, dst, cpu = open_writes.pop((rank, thread))
+            writes.append((start, ns, rank, dst, cpu))
+    starts = {rank: [w[0] for w in sorted(ws)] for rank, ws in waits.items()}
+    for rank in waits:
+        waits[rank].sort()
+    found = []
+    for start, end, src, dst, cpu in writes:
+        i = bisect.bisect_right(starts.get(dst, []), start) - 1
+        if i < 0:
+            continue
+        wait_start, wait_end, wait_cpu = waits[dst][i]
+        if not wait_start <= start < wait_end:
+            continue  # the reader was not waiting: it finds the frame when it looks
+        found.append(Wake(src=src, dst=dst, latency_us=(wait_end - start) / 1e3,
+                          write_us=(end - start) / 1e3, same_cpu=wait_cpu == cpu >= 0))
+    return found
+
+
+@dataclass(frozen=True)
+class WakeRow:
+    """The wake-ups from one writer rank to one reader rank (or all: ``src`` is None)."""
+
+    src: int | None
+    dst: int | None
+    wakes: int
+    median_us: float
+    p90_us: float
+    max_us: float
+    same_cpu: int       # how many woke on the CPU the write began on
+    stalls: int         # how many took longer than the stall threshold
+    stalled_ms: float   # their latencies, summed
+    write_median_us: float
+    write_p90_us: float
+
+
+def summarize_wakes(found: list[Wake], *, stall_us: float = 300.0) -> list[WakeRow]:
+    """One row per (writer, reader) pair that had wake-ups, then one for all of them."""
+    pairs: dict[tuple[int, int], list[Wake]] = {}
+    for wake in found:
+        pairs.setdefault((wake.src, wake.dst), []).append(wake)
+    groups = [(src, dst, group) for (src, dst), group in sorted(pairs.items())]
+    if found:
+        groups.append((None, None, found))
+    rows = []
+    for src, dst, group in groups:
+        latency = sorted(w.latency_us for w in group)
+        write = sorted(w.write_us for w in group)
+        stalls = [x for x in latency if x > stall_us]
+        rows.append(WakeRow(src=src, dst=dst, wakes=len(group), median_us=_pct(latency, 50),
+                            p90_us=_pct(latency, 90), max_us=latency[-1],
+                            same_cpu=sum(w.same_cpu for w in group), stalls=len(stalls),
+                            stalled_ms=sum(stalls) / 1e3, write_median_us=_pct(write, 50),
+                            write_p90_us=_pct(write, 90)))
+    return rows
+
+
+def render_wakes(found: list[Wake], *, stall_us: float = 300.0) -> str:
+    """A table of ``found`` by writer and reader: how long waking took, and where."""
+    if not found:
+        return "no write found its reader waiting"
+    lines = [f"{'from':>4} {'to':>3} {'wakes':>6} {'median':>8} {'p90':>8} {'max':>8} "
+             f"{'on the writer CPU':>17} {f'over {stall_us:.0f} us':>13} {'stalled':>8} "
+             f"{'write median':>12} {'write p90':>9}"]
+    for row in summarize_wakes(found, stall_us=stall_us):
+        src, dst = ("all", "") if row.src is None else (row.src, row.dst)
+        lines.append(
+            f"{src:>4} {dst:>3} {row.wakes:>6} {row.median_us:>5.0f} us {row.p90_us:>5.0f} us "
+            f"{row.max_us:>5.0f} us {row.same_cpu:>9} ({100 * row.same_cpu / row.wakes:3.0f} %) "
+            f"{row.stalls:>6} ({100 * row.stalls / row.wakes:3.0f} %) "
+            f"{row.stalled_ms:>5.1f} ms {row.write_median_us:>9.0f} us "
+            f"{row.write_p90_us:>6.0f} us")
+    return "\n".join(lines)
+
+
+def _pct(ordered: list[float], p: int) -> float:
+    return ordered[min(len(ordered) - 1, len(ordered) * p // 100)]
+
+
+def _cpu(detail: str) -> int:
+    try:
+        return int(detail.rsplit("@", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def _phases(events) -> list[str]:
     return sorted({e[4].split("@")[0].replace("_", " ") for e in events if e[3] == "T>"})
 
@@ -201,7 +328,11 @@ def _phases(events) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="the BENCH_APPS_TIMELINE directory of a run")
-    parser.add_argument("--phase", required=True, help="a program phase to align on")
+    parser.add_argument("--phase", help="a program phase to align on")
+    parser.add_argument("--wakes", action="store_true",
+                        help="instead: how long each write took to wake a waiting reader")
+    parser.add_argument("--stall-us", type=float, default=300.0,
+                        help="with --wakes: a wake-up slower than this counts as a stall")
     parser.add_argument("--rank", type=int, default=0, help="the rank whose phase starts count")
     parser.add_argument("--first", type=int, default=10, help="which start to begin at")
     parser.add_argument("--steps", type=int, default=1, help="how many starts to show")
@@ -209,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     events = load(args.directory)
     if not events:
         raise SystemExit(f"no rank*.txt files with events in {args.directory}")
+    if args.wakes:
+        print(render_wakes(wakes(events), stall_us=args.stall_us))
+        return 0
+    if args.phase is None:
+        parser.error(f"name a --phase to align on (phases: {_phases(events)}), or ask for --wakes")
     print(render(events, phase=args.phase, rank=args.rank, first=args.first, steps=args.steps))
     return 0
 

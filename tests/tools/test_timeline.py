@@ -51,6 +51,53 @@ def test_render_names_the_phases_there_are_when_asked_for_too_many():
         timeline.render(_events(), phase="trainer: step", rank=1, first=3, steps=1)
 
 
+def _wake_events():
+    # rank 1 waits twice; rank 0 writes to it during the first wait, between
+    # the waits and during the second, and rank 2 writes during the second too.
+    events = [
+        (1_000, 1, 0, "P>", "@1"),
+        (2_000, 0, 0, "W>", "1:41:blob@0"),
+        (2_100, 0, 0, "W<", "@0"),
+        (5_000, 1, 0, "P<", "@0"),
+        (6_000, 0, 0, "W>", "1:41:PythonCall@0"),
+        (6_050, 0, 0, "W<", "@0"),
+        (7_000, 1, 0, "P>", "@1"),
+        (7_100, 0, 0, "W>", "1:20:RRefAck@1"),
+        (7_200, 0, 0, "W<", "@1"),
+        (7_150, 2, 3, "W>", "1:20:RRefAck@0"),
+        (57_150, 2, 3, "W<", "@0"),
+        (407_100, 1, 0, "P<", "@0"),
+    ]
+    return sorted(events)
+
+
+def test_wakes_are_the_writes_that_found_their_reader_waiting():
+    found = timeline.wakes(_wake_events())
+    by_start = sorted(found, key=lambda w: (w.src, w.latency_us))
+    assert [(w.src, w.dst) for w in by_start] == [(0, 1), (0, 1), (2, 1)]
+    first, second, third = by_start
+    # From the start of the write to the end of the reader's wait; the write
+    # made while rank 1 was busy (at 6 us) woke nobody and is not counted.
+    assert first.latency_us == 3.0 and first.write_us == 0.1 and first.same_cpu
+    assert second.latency_us == 400.0 and not second.same_cpu
+    assert third.latency_us == 399.95 and third.write_us == 50.0 and third.same_cpu
+
+
+def test_wake_ups_are_summed_up_by_writer_and_reader_with_their_stalls():
+    rows = timeline.summarize_wakes(timeline.wakes(_wake_events()), stall_us=300)
+    assert [(r.src, r.dst, r.wakes) for r in rows] == [(0, 1, 2), (2, 1, 1), (None, None, 3)]
+    everything = rows[-1]
+    assert everything.max_us == 400.0 and everything.median_us == 399.95
+    # Two took longer than 300 us, 800 us between them; two woke where the write began.
+    assert everything.stalls == 2 and round(everything.stalled_ms, 3) == 0.8
+    assert everything.same_cpu == 2
+    assert rows[0].write_median_us == 0.1 and rows[1].write_p90_us == 50.0
+    table = timeline.render_wakes(timeline.wakes(_wake_events()), stall_us=300)
+    assert "over 300 us" in table.splitlines()[0]
+    assert table.splitlines()[-1].split()[:2] == ["all", "3"]
+    assert timeline.render_wakes([]) == "no write found its reader waiting"
+
+
 def test_events_are_recorded_only_while_recording():
     timeline.event("X>")  # not recording: dropped
     timeline.start()
@@ -119,6 +166,11 @@ def test_a_real_run_writes_a_timeline_per_rank_that_merges_and_prints(tmp_path):
                            steps=1)
     assert "trainer:_forward_and_backward" in text.splitlines()[0]
     assert any("rank0/" in line and " J> " in line for line in text.splitlines())
+    # Each trainer waits for its reply, and the first call of every round
+    # finds the server waiting: writes both ways found their reader waiting.
+    pairs = {(w.src, w.dst) for w in timeline.wakes(events)}
+    assert {(0, 1), (0, 2)} <= pairs and pairs & {(1, 0), (2, 0)}, pairs
+    assert all(w.latency_us > 0 for w in timeline.wakes(events))
 
     _, alive = psutil.wait_procs(
         [p for p in psutil.process_iter() if _has_token(p, token)], timeout=5)
