@@ -13,6 +13,10 @@ import os
 import threading
 
 from torch.distributed.rpc import WorkerInfo
+# torch's own: a _wait_all() block collects, in _thread_local_var, the futures
+# rpc_async returns in its thread, and waits for them when it ends. Sharing
+# them makes a block of either library's collect the other's calls too.
+from torch.distributed.rpc.api import _thread_local_var, _wait_all  # noqa: F401
 # torch programs pass BackendType.TENSORPIPE to init_rpc routinely; it is torch's own enum.
 from torch.distributed.rpc.backend_registry import BackendType
 
@@ -286,10 +290,14 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
         TypeError: an argument cannot be pickled (the message names it).
     """
     agent = current.get()
-    if agent is None:
+    if agent is None:  # torch's rpc_async collects it for _wait_all itself
         return _handed_over(NOT_INITIALIZED_MESSAGE).rpc_async(to, func, args, kwargs, timeout)
     rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
-    return expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout))
+    future = expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout))
+    collected = getattr(_thread_local_var, "future_list", None)
+    if collected is not None:
+        collected.append(future)
+    return future
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):

@@ -7,6 +7,8 @@ other workers are defined here too, so every worker can import them.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 # localrref.functions.async_execution is this very decorator.
 from torch.distributed.rpc.functions import async_execution
@@ -308,6 +310,37 @@ def wait_all_with_partial_exception():
     futures.append(B.rpc.rpc_async(worker(1), raise_value_error))
     assert "Expected error" in _raises(ValueError, torch.futures.wait_all, futures)
     return True
+
+
+def wait_all_block():
+    # torch's test_wait_all, test_wait_all_multiple_call and
+    # test_wait_all_raise_in_user_func: rpc.api._wait_all() waits, when the
+    # block ends, for the futures rpc_async returned in this thread inside it.
+    api = B.rpc.api
+    others = []
+    with api._wait_all():
+        assert api._thread_local_var.future_list == []
+        fut = B.rpc.rpc_async(worker(1), torch.add, args=(torch.ones(2, 2), 1))
+        B.rpc.rpc_sync(worker(1), torch.add, args=(torch.ones(2, 2), 1))
+        thread = threading.Thread(target=lambda: others.append(
+            B.rpc.rpc_async(worker(1), torch.add, args=(torch.ones(1), 1)).wait()))
+        thread.start()
+        thread.join()
+        # Neither rpc_sync nor another thread's call is collected.
+        assert len(api._thread_local_var.future_list) == 1
+        assert isinstance(api._thread_local_var.future_list[0], torch._C.Future)
+    assert fut.done() and not hasattr(api._thread_local_var, "future_list")
+    torch.testing.assert_close(fut.wait(), torch.ones(2, 2) + 1)
+    assert others == [torch.ones(1) + 1]
+    # A failure reaches the end of the block as the remote type.
+    assert "Expected error" in _raises(ValueError, _in_wait_all_block, api, raise_value_error)
+    assert not hasattr(api._thread_local_var, "future_list")
+    return True
+
+
+def _in_wait_all_block(api, func):
+    with api._wait_all():
+        B.rpc.rpc_async(worker(1), func)
 
 
 # ------------------------------------------------------------ item 4: shutdown drains work

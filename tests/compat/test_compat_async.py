@@ -28,3 +28,7 @@ def test_type_of_a_failed_remote(world):
 
 def test_wait_all_with_a_partial_exception(world):
     assert world.run(sc.wait_all_with_partial_exception)
+
+
+def test_a_wait_all_block_waits_for_this_threads_rpc_async_futures(world):
+    assert world.run(sc.wait_all_block)

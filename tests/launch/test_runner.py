@@ -159,6 +159,9 @@ import torch.distributed.rpc.api as api
 api._ignore_rref_leak = False
 assert api.rpc_sync is rpc.rpc_sync
 assert api._all_gather is rpc.api._all_gather  # a private helper programs use
+# torch's _wait_all block, however it is imported, collects localrref's futures.
+from torch.distributed.rpc.api import _thread_local_var, _wait_all
+assert _wait_all is api._wait_all and _thread_local_var is api._thread_local_var
 try:
     api._delete_all_user_and_unforked_owner_rrefs
 except AttributeError as exc:
