@@ -507,6 +507,16 @@ def _barrier(worker_names) -> None:
         log.exception("Failed to complete barrier")
 
 
+def _wait_all_workers(timeout: float = constants.DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+    """Return once every worker called it (torch's ``api._wait_all_workers``, which
+    torch's graceful shutdown used to start with; 0: no limit)."""
+    try:
+        _all_gather(None, timeout=timeout)
+    except RuntimeError:
+        log.exception("Failed to respond to 'Shutdown Proceed' in time")
+        raise
+
+
 class _AgentView:
     """What torch's ``_get_current_rpc_agent()`` offers programs: the workers and debug info."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
 
 import torch
@@ -82,6 +83,17 @@ def agent_view():
 # ------------------------------------------------------ every rank of a fresh world
 
 _AFTER: list = []
+_ARRIVALS: dict = {}
+_ARRIVALS_LOCK = threading.Lock()  # calls may run on several threads at once
+
+
+def _arrive(round_):
+    with _ARRIVALS_LOCK:
+        _ARRIVALS[round_] = _ARRIVALS.get(round_, 0) + 1
+
+
+def _arrivals(round_):
+    return _ARRIVALS.get(round_, 0)
 
 
 def gather_and_barrier(rank, world_size):
@@ -92,6 +104,13 @@ def gather_and_barrier(rank, world_size):
     B.rpc.api._barrier(evens if rank % 2 == 0 else odds)
     again = B.rpc.api._all_gather(f"second {rank}")
     assert again == {f"worker{r}": f"second {r}" for r in range(world_size)}, again
+    # _wait_all_workers returns once every worker called it: each one's
+    # arrival, recorded before, is seen by all after (twice over, as torch's
+    # test_wait_all_workers_twice_dense).
+    for round_ in (1, 2):
+        B.rpc.rpc_sync("worker0", _arrive, args=(round_,))
+        B.rpc.api._wait_all_workers(**({"timeout": 30} if round_ == 2 else {}))
+        assert B.rpc.rpc_sync("worker0", _arrivals, args=(round_,)) == world_size
     # An RRef kept past shutdown(): torch's "after deletion" words.
     _AFTER.append(B.rpc.remote(f"worker{(rank + 1) % world_size}", torch.add,
                                args=(torch.ones(2), 1)))
