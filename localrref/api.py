@@ -508,8 +508,8 @@ def _barrier(worker_names) -> None:
 
 
 def _wait_all_workers(timeout: float = constants.DEFAULT_SHUTDOWN_TIMEOUT) -> None:
-    """Return once every worker called it (torch's ``api._wait_all_workers``, which
-    torch's graceful shutdown used to start with; 0: no limit)."""
+    """Return once every worker called it (torch's ``api._wait_all_workers``, with which
+    torch's graceful shutdown starts; 0: no limit)."""
     try:
         _all_gather(None, timeout=timeout)
     except RuntimeError:

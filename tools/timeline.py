@@ -238,9 +238,11 @@ def wakes(events) -> list[Wake]:
         elif kind == "W<" and (rank, thread) in open_writes:
             start, dst, cpu = open_writes.pop((rank, thread))
             writes.append((start, ns, rank, dst, cpu))
-    starts = {rank: [w[0] for w in sorted(ws)] for rank, ws in waits.items()}
-    for rank in waits:
-        waits[rank].sort()
+    # One thread at a time waits for a worker's inbox (the transport's recv
+    # lock), so a rank's waits do not overlap.
+    for rank_waits in waits.values():
+        rank_waits.sort()
+    starts = {rank: [w[0] for w in rank_waits] for rank, rank_waits in waits.items()}
     found = []
     for start, end, src, dst, cpu in writes:
         i = bisect.bisect_right(starts.get(dst, []), start) - 1
