@@ -35,8 +35,8 @@ the wait leaves nothing written). So no writer, in any process, takes a
 lock, and a writer SIGKILLed anywhere in ``send`` leaves either its whole
 frame or nothing: no lock held forever, no torn frame. (The queue's own
 write lock, ``SimpleQueue._wlock``, is never taken: a process killed while
-holding it used to block every later writer, the supervisor's
-``__peer_exited__`` notice included.) Frames too big for one such write go
+holding it would block every later writer, the supervisor's ``PeerExited``
+notices included.) Frames too big for one such write go
 out of band: the sender copies them into a pooled shared-memory block
 (:meth:`ShmPool.export_bytes`, reused, pre-faulted blocks) and writes the
 handle; the receiver copies the bytes out and frees the block at once.
