@@ -39,6 +39,12 @@ and how many took longer than ``--stall-us`` (a reader put behind another
 busy task on its CPU while another CPU idles)::
 
     python tools/timeline.py /tmp/tl --wakes
+    python tools/timeline.py /tmp/tl --wakes --phase "ps: optimizer step"
+
+With a ``--phase``, it also splits that phase's steps (from one start to the
+next, on ``--rank``) by whether a stalled wake-up began in them, and says
+what share of the steps' time the stalled ones would save at the others'
+median.
 
 The points are wrapped around localrref's internals at run time: no code in
 localrref pays for them. A rename there makes :func:`install` fail loudly
@@ -61,7 +67,8 @@ import time
 from dataclasses import dataclass
 
 __all__ = ["install", "start", "stop", "write", "event", "load", "render", "wakes",
-           "summarize_wakes", "render_wakes", "Wake", "WakeRow", "main"]
+           "summarize_wakes", "render_wakes", "stall_cost", "Wake", "WakeRow", "StallCost",
+           "main"]
 
 _events: list[tuple[int, int, str, str, int]] = []
 _recording = False
@@ -213,6 +220,7 @@ class Wake:
 
     src: int
     dst: int
+    at_ns: int          # when the write began
     latency_us: float   # from the start of the write to the end of the reader's wait
     write_us: float     # the writer's own write call, which wakes the reader
     same_cpu: bool      # the reader's wait ended on the CPU the write began on
@@ -251,7 +259,7 @@ def wakes(events) -> list[Wake]:
         wait_start, wait_end, wait_cpu = waits[dst][i]
         if not wait_start <= start < wait_end:
             continue  # the reader was not waiting: it finds the frame when it looks
-        found.append(Wake(src=src, dst=dst, latency_us=(wait_end - start) / 1e3,
+        found.append(Wake(src=src, dst=dst, at_ns=start, latency_us=(wait_end - start) / 1e3,
                           write_us=(end - start) / 1e3, same_cpu=wait_cpu == cpu >= 0))
     return found
 
@@ -312,6 +320,42 @@ def render_wakes(found: list[Wake], *, stall_us: float = 300.0) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class StallCost:
+    """What stalled wake-ups cost the steps of a program phase (start to next start)."""
+
+    steps: int
+    stalled: int               # steps in which a wake-up began that stalled
+    stalled_median_ms: float
+    others_median_ms: float
+    share: float               # of all steps' time, saved if the stalled ones took
+                               # the others' median
+
+
+def stall_cost(events, found: list[Wake], *, phase: str, rank: int,
+               stall_us: float = 300.0) -> StallCost | None:
+    """Split the steps of ``phase`` on ``rank`` by whether a stalled wake-up began in
+    them; None without two steps of each kind."""
+    label = phase.replace(" ", "_")
+    starts = [e[0] for e in events
+              if e[1] == rank and e[3] == "T>" and e[4].split("@")[0] == label]
+    stall_starts = sorted(w.at_ns for w in found if w.latency_us > stall_us)
+    stalled, others = [], []
+    for begin, end in zip(starts, starts[1:]):
+        i = bisect.bisect_left(stall_starts, begin)
+        hit = i < len(stall_starts) and stall_starts[i] < end
+        (stalled if hit else others).append((end - begin) / 1e6)
+    if len(stalled) < 2 or len(others) < 2:
+        return None
+    stalled.sort()
+    others.sort()
+    typical = _pct(others, 50)
+    total = sum(stalled) + sum(others)
+    return StallCost(steps=len(stalled) + len(others), stalled=len(stalled),
+                     stalled_median_ms=_pct(stalled, 50), others_median_ms=typical,
+                     share=(sum(stalled) - typical * len(stalled)) / total)
+
+
 def _pct(ordered: list[float], p: int) -> float:
     return ordered[min(len(ordered) - 1, len(ordered) * p // 100)]
 
@@ -332,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="the BENCH_APPS_TIMELINE directory of a run")
     parser.add_argument("--phase", help="a program phase to align on")
     parser.add_argument("--wakes", action="store_true",
-                        help="instead: how long each write took to wake a waiting reader")
+                        help="instead: how long each write took to wake a waiting reader "
+                             "(with --phase, also what the stalls cost its steps)")
     parser.add_argument("--stall-us", type=float, default=300.0,
                         help="with --wakes: a wake-up slower than this counts as a stall")
     parser.add_argument("--rank", type=int, default=0, help="the rank whose phase starts count")
@@ -343,7 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     if not events:
         raise SystemExit(f"no rank*.txt files with events in {args.directory}")
     if args.wakes:
-        print(render_wakes(wakes(events), stall_us=args.stall_us))
+        found = wakes(events)
+        print(render_wakes(found, stall_us=args.stall_us))
+        if args.phase is not None:
+            cost = stall_cost(events, found, phase=args.phase, rank=args.rank,
+                              stall_us=args.stall_us)
+            print(f"steps of {args.phase!r} on rank {args.rank}: " + (
+                "too few with and without a stall to compare" if cost is None else
+                f"{cost.stalled} of {cost.steps} had a wake-up over {args.stall_us:.0f} us, "
+                f"{cost.stalled_median_ms:.2f} ms at the median against "
+                f"{cost.others_median_ms:.2f} ms for the others; at the others' median "
+                f"they would save {100 * cost.share:.0f} % of the steps' time"))
         return 0
     if args.phase is None:
         parser.error(f"name a --phase to align on (phases: {_phases(events)}), or ask for --wakes")

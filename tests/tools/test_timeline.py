@@ -98,6 +98,27 @@ def test_wake_ups_are_summed_up_by_writer_and_reader_with_their_stalls():
     assert timeline.render_wakes([]) == "no write found its reader waiting"
 
 
+def test_the_stall_cost_splits_a_phases_steps_by_whether_a_wake_up_stalled_in_them():
+    ms = 1_000_000
+    # Steps 1 and 3 last 4 ms, having a wake-up of 500 us; the rest 2 ms,
+    # one of them with a quick wake-up.
+    starts = [0, 2, 6, 8, 12, 14]
+    steps = [(at * ms, 0, 0, "T>", "ps:_step@0") for at in starts]
+    found = [timeline.Wake(src=0, dst=1, at_ns=3 * ms, latency_us=500.0, write_us=10.0,
+                           same_cpu=True),
+             timeline.Wake(src=1, dst=0, at_ns=9 * ms, latency_us=600.0, write_us=10.0,
+                           same_cpu=False),
+             timeline.Wake(src=1, dst=0, at_ns=1 * ms, latency_us=40.0, write_us=10.0,
+                           same_cpu=False)]
+    cost = timeline.stall_cost(steps, found, phase="ps: step", rank=0, stall_us=300)
+    assert (cost.steps, cost.stalled) == (5, 2)
+    assert cost.stalled_median_ms == 4.0 and cost.others_median_ms == 2.0
+    assert cost.share == (8 - 2 * 2) / 14  # 4 of the 14 ms would be saved
+    # A phase another rank runs, or too few steps of a kind: nothing to compare.
+    assert timeline.stall_cost(steps, found, phase="ps: step", rank=1) is None
+    assert timeline.stall_cost(steps, found[2:], phase="ps: step", rank=0) is None
+
+
 def test_events_are_recorded_only_while_recording():
     timeline.event("X>")  # not recording: dropped
     timeline.start()
