@@ -43,8 +43,9 @@ busy task on its CPU while another CPU idles)::
 
 With a ``--phase``, it also splits that phase's steps (from one start to the
 next, on ``--rank``) by whether a stalled wake-up began in them, and says
-what share of the steps' time the stalled ones would save at the others'
-median.
+what share of the steps' time the stalled ones took beyond the others'
+median: an upper bound on what the stalls cost, since the same steps may be
+long for other reasons (an RL episode's update, say).
 
 The points are wrapped around localrref's internals at run time: no code in
 localrref pays for them. A rename there makes :func:`install` fail loudly
@@ -328,7 +329,7 @@ class StallCost:
     stalled: int               # steps in which a wake-up began that stalled
     stalled_median_ms: float
     others_median_ms: float
-    share: float               # of all steps' time, saved if the stalled ones took
+    share: float               # of all steps' time, what the stalled ones took beyond
                                # the others' median
 
 
@@ -397,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
                 "too few with and without a stall to compare" if cost is None else
                 f"{cost.stalled} of {cost.steps} had a wake-up over {args.stall_us:.0f} us, "
                 f"{cost.stalled_median_ms:.2f} ms at the median against "
-                f"{cost.others_median_ms:.2f} ms for the others; at the others' median "
-                f"they would save {100 * cost.share:.0f} % of the steps' time"))
+                f"{cost.others_median_ms:.2f} ms for the others; beyond the others' median "
+                f"they took {100 * cost.share:.0f} % of the steps' time (what the stalls "
+                f"cost, at most: those steps may be long for other reasons too)"))
         return 0
     if args.phase is None:
         parser.error(f"name a --phase to align on (phases: {_phases(events)}), or ask for --wakes")
