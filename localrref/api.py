@@ -14,8 +14,9 @@ import threading
 
 from torch.distributed.rpc import WorkerInfo
 # torch's own: a _wait_all() block collects, in _thread_local_var, the futures
-# rpc_async returns in its thread, and waits for them when it ends. Sharing
-# them makes a block of either library's collect the other's calls too.
+# rpc_async returns in its thread (agent.futures.collected), and waits for them
+# when it ends. Sharing them makes a block of either library's collect the
+# other's calls too.
 from torch.distributed.rpc.api import _thread_local_var, _wait_all  # noqa: F401
 # torch programs pass BackendType.TENSORPIPE to init_rpc routinely; it is torch's own enum.
 from torch.distributed.rpc.backend_registry import BackendType
@@ -23,7 +24,7 @@ from torch.distributed.rpc.backend_registry import BackendType
 from . import constants, handover
 from .agent import current, profiling
 from .agent.agent import Agent
-from .agent.futures import expose
+from .agent.futures import collected, expose
 from .control_messages import ShutdownFailed
 from .launch import paused_gc
 from .errors import (
@@ -293,11 +294,7 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=constants.UNSET_RPC_TIME
     if agent is None:  # torch's rpc_async collects it for _wait_all itself
         return _handed_over(NOT_INITIALIZED_MESSAGE).rpc_async(to, func, args, kwargs, timeout)
     rank, args, kwargs = _call_args(agent, to, func, args, kwargs)
-    future = expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout))
-    collected = getattr(_thread_local_var, "future_list", None)
-    if collected is not None:
-        collected.append(future)
-    return future
+    return collected(expose(agent.calls.rpc_async(rank, func, args, kwargs, timeout)))
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout: float = constants.UNSET_RPC_TIMEOUT):

@@ -18,7 +18,7 @@ from torch.distributed.rpc import WorkerInfo
 from . import constants, functions, handover
 from .agent import current
 from .agent.autograd_pass import engine_backward
-from .agent.futures import Failed, expose, fail, raise_copy, wait
+from .agent.futures import Failed, collected, expose, fail, raise_copy, wait
 from .errors import WorkerClosedError
 
 __all__ = ["RRef", "worker_info"]
@@ -360,4 +360,7 @@ def _call(rref: RRef, api_name: str, invoker, call_args: tuple, timeout: float):
     if api_name == "rpc_sync":
         return agent.reader.wait_reply(agent.calls.rpc_async(owner, invoker, call_args, {},
                                                              timeout, will_wait=True))
-    return expose(agent.calls.rpc_async(owner, invoker, call_args, {}, timeout))
+    # Collected by an open _wait_all() block, as torch's proxy does when the
+    # value's type is known (otherwise its call goes out later, from the
+    # thread that learns the type, as here in _Proxy).
+    return collected(expose(agent.calls.rpc_async(owner, invoker, call_args, {}, timeout)))

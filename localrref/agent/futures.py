@@ -51,8 +51,11 @@ from __future__ import annotations
 import copy
 
 import torch
+# torch's own: while a rpc.api._wait_all() block is open in a thread, its
+# future_list collects the futures that rpc_async returns there.
+from torch.distributed.rpc.api import _thread_local_var
 
-__all__ = ["Failed", "fail", "wait", "expose", "raise_copy"]
+__all__ = ["Failed", "fail", "wait", "expose", "raise_copy", "collected"]
 
 
 class Failed:
@@ -116,3 +119,12 @@ def expose(future: torch.futures.Future) -> torch.futures.Future:
     child = future.then(_settle)
     child._set_unwrap_func(_unwrap)
     return child
+
+
+def collected(future: torch.futures.Future) -> torch.futures.Future:
+    """``future``, an ``rpc_async``'s, also in the list of a ``_wait_all()`` block open
+    in this thread (as torch's ``rpc_async`` puts its own), so that the block waits for it."""
+    future_list = getattr(_thread_local_var, "future_list", None)
+    if future_list is not None:
+        future_list.append(future)
+    return future

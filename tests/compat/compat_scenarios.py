@@ -335,6 +335,14 @@ def wait_all_block():
     # A failure reaches the end of the block as the remote type.
     assert "Expected error" in _raises(ValueError, _in_wait_all_block, api, raise_value_error)
     assert not hasattr(api._thread_local_var, "future_list")
+    # A proxy's rpc_async joins the block too, once the proxy knows the
+    # value's type (before, its call leaves from the thread that learns it).
+    rref = B.rpc.remote(worker(1), AsyncExecutionClass, args=(1,))
+    torch.testing.assert_close(rref.rpc_sync().plain(torch.ones(1)), torch.ones(1) * 2)
+    with api._wait_all():
+        proxied = rref.rpc_async().plain(torch.ones(1))
+        assert len(api._thread_local_var.future_list) == 1
+    torch.testing.assert_close(proxied.wait(), torch.ones(1) * 2)
     return True
 
 
