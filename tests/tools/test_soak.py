@@ -53,9 +53,8 @@ def test_a_short_soak_is_clean(tmp_path):
     # Four epochs (an RPC restart between each), the first a warm-up. Three
     # minutes, not one: in its first minutes a worker's native memory still
     # rises by a few hundred KiB per batch of rounds, about 1.4 KiB per round
-    # over a one-minute soak (above the auditor's 1 KiB tolerance, so that
-    # soak failed here in 3 runs of 3) and 0.5 KiB per round over three
-    # minutes, while Python's objects (py_blocks) stay flat throughout.
+    # over one minute (above the auditor's 1 KiB tolerance) and 0.5 KiB per
+    # round over three, while Python's objects (py_blocks) stay flat.
     done = run_program([sys.executable, str(TOOL), "--seconds", "180", "--epoch", "45",
                         "--svg", str(tmp_path / "s.svg")],
                        capture_output=True, text=True, timeout=360)
