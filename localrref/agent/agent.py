@@ -60,7 +60,7 @@ from ..errors import WorkerClosedError, WorkerGoneError
 from ..transport import wire
 from . import current
 from .calls import Calls
-from .faults import COPY, DyingCopier, FaultPlan, FaultyTransport, spec_for
+from .faults import COPY, DyingCopier, FaultPlan, FaultyTransport, InjectedFault, spec_for
 from .handshake import Handshake, WorkerDesc
 from .housekeeper import Housekeeper
 from .jobs import Jobs
@@ -406,7 +406,8 @@ class Agent:
                 # (retrying them would hold their futures for the backoff).
                 effects = self.core.on_send_failed(
                     message.request_id, exc, now=self.clock(),
-                    peer_gone=isinstance(exc, WorkerGoneError))
+                    peer_gone=isinstance(exc, WorkerGoneError),
+                    intentional=isinstance(exc, InjectedFault))
                 self.housekeeper.poke_timer_locked()
             self.run(effects)
 

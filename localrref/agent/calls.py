@@ -28,6 +28,7 @@ import torch
 
 from ..codec.pickler import loads_exception
 from ..core import effects as fx
+from ..core.rref_context import creation_error_for
 from . import profiling
 from .futures import fail
 
@@ -159,10 +160,16 @@ class Calls:
 
     def _owner_value(self, owner, future) -> None:
         with self.agent.lock:
+            failed = creation_error_for(owner) if owner.timed_out or (
+                owner.creation_error is not None and not owner.has_value) else None
             ready = owner.has_value
-            if not ready:
+            if failed is None and not ready:
                 self._owner_waiters.setdefault(id(owner), []).append(future)
-        if ready:
+        # Seed: OwnerRRef::getValue fails a remote() to self that timed out,
+        # even once its value came; one whose message was never sent has none.
+        if failed is not None:
+            _fail_with(future, failed)
+        elif ready:
             self._settle_owner_future(owner, future)
 
     def owner_ready(self, owner) -> None:
@@ -230,6 +237,13 @@ class Calls:
 
     def creation_settled(self, effect: fx.CreationSettled) -> None:
         key = id(effect.rref)
+        if effect.error is not None and effect.rref.is_owner:
+            # A remote() to self failed: a to_here() that waits for its value
+            # gets the error (see _owner_value).
+            with self.agent.lock:
+                waiters = self._owner_waiters.pop(key, [])
+            for waiter in waiters:
+                _fail_with(waiter, creation_error_for(effect.rref))
         future = self.creations.get(key)
         if future is None:
             return

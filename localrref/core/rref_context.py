@@ -70,7 +70,8 @@ from .messages import (
 )
 from .rref import OwnerRRef, PyObjectType, RRefForkData, TensorType, UserRRef
 
-__all__ = ["RRefContext", "RetryPolicy", "RequestKind", "PendingOwner", "PendingRRefsWaiter"]
+__all__ = ["RRefContext", "RetryPolicy", "RequestKind", "PendingOwner", "PendingRRefsWaiter",
+           "creation_error_for"]
 
 # Debug-info keys: torch's four, then localrref's own.
 NUM_OWNER_RREFS = "num_owner_rrefs"
@@ -747,7 +748,7 @@ class RRefContext:
                     outcome = self.requests.step(request, Event.CREATION_FAILED, now=self._now)
                     if outcome is Outcome.FAILED:
                         self._emit(Fail(request_id=request.request_id,
-                                        error=_creation_error_for(rref)))
+                                        error=creation_error_for(rref)))
 
     def finish_fork_request(self, fork_id: GloballyUniqueId, parent: int | None) -> None:
         """Seed: ``finishForkRequest``: the owner knows the fork; release the parent
@@ -825,7 +826,7 @@ class RRefContext:
                              f"cannot be fetched")
         if rref.creation_failed:
             request_id = self.requests.reserve_id()
-            self._emit(Fail(request_id=request_id, error=_creation_error_for(rref)))
+            self._emit(Fail(request_id=request_id, error=creation_error_for(rref)))
             return request_id
         request = self._start_request(
             RequestKind.FETCH, rref.owner,
@@ -897,13 +898,17 @@ class RRefContext:
         return self.take_effects()
 
     def on_send_failed(self, request_id: int, error: object = None, *, now: float,
-                       peer_gone: bool = False) -> list:
+                       peer_gone: bool = False, intentional: bool = False) -> list:
         """The transport could not deliver the message of ``request_id``.
 
         Control messages are retried with backoff (torch's faulty-agent
         "failed sends"), unless ``peer_gone``: the destination is dead, and
         a control message to it is dropped (its tables died with it), as in
         :meth:`on_peer_gone`. Anything else fails its request.
+        ``intentional``: fault injection failed the send; a ``remote()``
+        whose message it failed is then timed out (seed: ``RRef::handleError``
+        takes the faulty agent's INTENTIONAL_FAILURE for a timeout), so its
+        RRef fails every later use with torch's "RRef creation ... timed out".
         """
         self._advance(now)
         request = self.requests.get(request_id)
@@ -913,9 +918,12 @@ class RRefContext:
                 self._children_in_requests.pop(request_id, None)
                 for fork_data in getattr(request.message, "rrefs", ()):
                     self.abandon_child_fork(fork_data)
+            timed_out = intentional and not peer_gone and request.kind in (
+                RequestKind.REMOTE, RequestKind.REMOTE_SELF)
             self._step(request, Event.PEER_GONE if peer_gone else Event.SEND_FAILED,
                        error if error is not None else RRefInternalError(
-                           f"send of request {request_id} to worker {request.dst} failed"))
+                           f"send of request {request_id} to worker {request.dst} failed"),
+                       timed_out=timed_out)
         return self.take_effects()
 
     def on_peer_gone(self, rank: int, error: object, *, now: float) -> list:
@@ -951,8 +959,12 @@ class RRefContext:
                 self.confirm_pending_user(fork_id, error=error)
         return self.take_effects()
 
-    def _step(self, request: Request, event: Event, error: object = None) -> Outcome:
-        """Move ``request`` on (requests.py) and carry out what the outcome means here."""
+    def _step(self, request: Request, event: Event, error: object = None, *,
+              timed_out: bool = False) -> Outcome:
+        """Move ``request`` on (requests.py) and carry out what the outcome means here.
+
+        ``timed_out``: a FAILED outcome counts as a timeout for the caller
+        (the failure ``error`` is what the creation future fails with)."""
         outcome = self.requests.step(request, event, now=self._now)
         kind = request.kind
         if kind in RETRYABLE_KINDS:
@@ -978,11 +990,11 @@ class RRefContext:
         if outcome is Outcome.TIMED_OUT:
             self._tell_caller(request, None, timed_out=True)
         elif outcome is Outcome.FAILED:
-            self._tell_caller(request, error)
+            self._tell_caller(request, error, timed_out=timed_out)
         return outcome
 
     def _tell_caller(self, request: Request, error: object, *, timed_out: bool = False) -> None:
-        if timed_out:
+        if timed_out and error is None:
             error = RPCTimeoutError(rpc_timeout_message(request.timeout))
         if request.kind is RequestKind.REMOTE:
             self.confirm_pending_user(request.fork_id, error=error, timed_out=timed_out)
@@ -1345,7 +1357,8 @@ class RRefContext:
                     or self._children_in_requests)
 
 
-def _creation_error_for(rref) -> object:
+def creation_error_for(rref) -> object:
+    """What a use of ``rref``, whose creation failed, fails with."""
     if rref.timed_out:
         return RRefCreationError(TIMED_OUT_CREATION_MESSAGE)
     return rref.creation_error

@@ -14,7 +14,7 @@ from localrref.core.messages import (
     RRefForkRequest, RRefUserDelete,
 )
 from localrref.core.rref import OwnerRRef, RRefForkData, UserRRef
-from localrref.core.rref_context import PendingOwner, RetryPolicy, RRefContext
+from localrref.core.rref_context import PendingOwner, RetryPolicy, RRefContext, creation_error_for
 from localrref.core.shutdown import DelAllUsersAndUnforkedOwners, ShutdownPhase
 from localrref.errors import RPCTimeoutError, RRefCreationError, RRefInternalError, RRefLeakError
 
@@ -503,6 +503,32 @@ def test_finishCreatingOwnerRRef_timeout_marks_owner(world):
     effects = ctx.on_tick(1.5)
     assert owner.timed_out and ctx.owners == {} and ctx.forks == {}
     assert isinstance(only(of(effects, fx.CreationSettled)).error, RPCTimeoutError)
+
+
+@pytest.mark.parametrize("dst", [1, 0], ids=["to_user", "to_self"])
+def test_a_remote_whose_send_fault_injection_failed_counts_as_timed_out(world, dst):
+    # Seed: RRef::handleError takes the faulty agent's INTENTIONAL_FAILURE
+    # for a timeout: the creation future fails with the send's error, every
+    # later use with torch's "RRef creation via rpc.remote() timed out".
+    ctx = world[0]
+    rref = ctx.remote(dst, "payload", now=0.0)
+    call = only(sends(ctx.take_effects(), "PYTHON_REMOTE_CALL"))
+    injected = RuntimeError("send failed on purpose")
+    effects = ctx.on_send_failed(call.message.request_id, injected, now=0.0, intentional=True)
+    assert only(of(effects, fx.CreationSettled)).error is injected
+    assert rref.timed_out and rref.creation_failed
+    assert "RRef creation via rpc.remote() timed out" in str(creation_error_for(rref))
+    assert ctx.pending_users == {} and len(ctx.requests) == 0
+
+
+def test_a_remote_whose_send_failed_otherwise_keeps_the_error(world):
+    ctx = world[0]
+    user = ctx.remote(1, "payload", now=0.0)
+    call = only(sends(ctx.take_effects(), "PYTHON_REMOTE_CALL"))
+    error = OSError("pipe")
+    effects = ctx.on_send_failed(call.message.request_id, error, now=0.0)
+    assert only(of(effects, fx.CreationSettled)).error is error
+    assert not user.timed_out and creation_error_for(user) is error
 
 
 def test_finishCreatingOwnerRRef_rejects_a_fork_reply(world):
