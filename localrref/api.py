@@ -11,6 +11,7 @@ import logging
 import numbers
 import os
 import threading
+import warnings
 
 from torch.distributed.rpc import WorkerInfo
 # torch's own: a _wait_all() block collects, in _thread_local_var, the futures
@@ -30,7 +31,7 @@ from .launch import paused_gc
 from .errors import (
     AGENT_NOT_SET_MESSAGE, NOT_INITIALIZED_MESSAGE, RPCNotInitializedError, UnknownWorkerError,
 )
-from .options import FaultyRpcBackendOptions, RpcBackendOptions
+from .options import FaultyRpcBackendOptions, RpcBackendOptions, from_torch_faulty
 from .rref import RRef, worker_info
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
@@ -106,7 +107,8 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
             rank = _resolve_int("rank", rank, os.environ.get("RANK"), -1, unset=-1)
             world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"),
                                       None, unset=None)
-            handover.start(name, rank, world_size, rpc_backend_options, choice.reason)
+            handover.start(name, rank, world_size, rpc_backend_options, choice.reason,
+                           backend=backend)
             return
         options = _options(rpc_backend_options, backend)
         membership = None
@@ -219,6 +221,17 @@ def _options(options, backend) -> RpcBackendOptions:
             raise TypeError(f"Could not infer backend for options {options!r}: pass backend= "
                             f"to init_rpc, or use localrref.RpcBackendOptions")
         return options
+    faulty = from_torch_faulty(options)
+    if faulty is not None:
+        ours, dropped = faulty
+        if dropped:
+            warnings.warn(
+                f"localrref injects no faults into {', '.join(dropped)}: it sends builtin "
+                f"operators and TorchScript functions as PYTHON_CALL, PYTHON_REMOTE_CALL and "
+                f"PYTHON_RREF_FETCH_CALL messages, and distributed autograd's messages go as "
+                f"they are. Name the PYTHON_* types (localrref.FaultyRpcBackendOptions) to "
+                f"fail or delay those calls", stacklevel=3)
+        return ours
     # torch's TensorPipeRpcBackendOptions: take the fields both understand.
     try:
         return RpcBackendOptions(rpc_timeout=options.rpc_timeout,

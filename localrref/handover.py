@@ -25,12 +25,14 @@ deletes every RRef without one).
 from __future__ import annotations
 
 import enum
+import importlib
 import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Mapping
 
-__all__ = ["ENV", "Engine", "Choice", "choose", "active", "start", "stop"]
+__all__ = ["ENV", "Engine", "Choice", "choose", "active", "start", "stop",
+           "swap_in", "torch_original"]
 
 ENV = "LOCALRREF_BACKEND"
 
@@ -114,6 +116,52 @@ def choose(backend: object, environ: Mapping[str, str], *, launcher_world: bool,
 
 _torch_rpc: ModuleType | None = None
 
+# What ``python -m localrref.run`` put in place of torch's objects
+# (run/alias.py swaps through :func:`swap_in`): ``(where, name, torch's,
+# localrref's)``, where ``where`` is ``sys.modules`` or a module. A world that
+# hands over to torch puts torch's back while it runs: torch's own code
+# reaches its package through them at every call (``dist.rpc.PyRRef``, ``from
+# . import TensorPipeAgent``); the program's own names, bound already, are
+# localrref's, which forward to torch.
+_swaps: list[tuple[object, str, object, object]] = []
+
+
+def swap_in(where, name: str, ours: object) -> None:
+    """Put ``ours`` in place of torch's ``name`` in ``where`` (``sys.modules``
+    or a module), keeping torch's for :func:`torch_original` and the hand-over."""
+    torchs = where.get(name) if isinstance(where, dict) else getattr(where, name)
+    _swaps.append((where, name, torchs, ours))
+    _put(where, name, ours)
+
+
+def _put(where, name: str, value: object) -> None:
+    if isinstance(where, dict):
+        where[name] = value
+    else:
+        setattr(where, name, value)
+
+
+def _put_all(torchs: bool) -> None:
+    for where, name, torch_value, ours in _swaps:
+        _put(where, name, torch_value if torchs else ours)
+
+
+def torch_original(name: str) -> object:
+    """torch's own ``name`` (``"torch.distributed.rpc"``,
+    ``"torch.distributed.optim.DistributedOptimizer"``, ...), even under the runner."""
+    for where, key, torchs, _ in _swaps:
+        if torchs is not None and key == name and where is sys.modules:
+            return torchs
+    for where, key, torchs, _ in _swaps:
+        if torchs is not None and where is not sys.modules and \
+                f"{where.__name__}.{key}" == name:
+            return torchs
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        module, _, attribute = name.rpartition(".")
+        return getattr(importlib.import_module(module), attribute)
+
 
 def active() -> ModuleType | None:
     """``torch.distributed.rpc`` while this process's world runs on torch, else None."""
@@ -122,8 +170,9 @@ def active() -> ModuleType | None:
 
 def torch_options(options) -> object:
     """torch's ``TensorPipeRpcBackendOptions`` for localrref's (torch's own pass through)."""
-    import torch.distributed.rpc as torch_rpc
-    if options is None or isinstance(options, torch_rpc.TensorPipeRpcBackendOptions):
+    torch_rpc = torch_original("torch.distributed.rpc")
+    # torch's own (its faulty agent's too) pass through
+    if options is None or isinstance(options, torch_rpc._TensorPipeRpcBackendOptionsBase):
         return options
     return torch_rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=options.num_worker_threads, rpc_timeout=options.rpc_timeout,
@@ -131,24 +180,35 @@ def torch_options(options) -> object:
         devices=options.devices or None)
 
 
-def start(name: str, rank: int, world_size: int | None, options, reason: str) -> None:
-    """Start torch's RPC in this process for this world; localrref's API forwards to it."""
+def start(name: str, rank: int, world_size: int | None, options, reason: str,
+          backend: object = None) -> None:
+    """Start torch's RPC in this process for this world; localrref's API forwards to it.
+
+    ``backend``: ``init_rpc``'s; one of torch's ``BackendType`` members (its
+    faulty agent's, say) is torch's to run, anything else means TensorPipe.
+    """
     global _torch_rpc
-    import torch.distributed.rpc as torch_rpc
+    torch_rpc = torch_original("torch.distributed.rpc")
     print(f"localrref: this world runs on torch.distributed.rpc (TensorPipe): {reason}",
           file=sys.stderr, flush=True)
     # Forward first: torch's agent serves peers before its init_rpc returns,
     # and a function they run here may already call localrref's API.
     _torch_rpc = torch_rpc
+    _put_all(torchs=True)
     try:
-        torch_rpc.init_rpc(name, backend=torch_rpc.BackendType.TENSORPIPE, rank=rank,
-                           world_size=world_size, rpc_backend_options=torch_options(options))
+        if type(backend).__name__ != "BackendType":
+            backend = torch_rpc.BackendType.TENSORPIPE
+        torch_rpc.init_rpc(name, backend=backend, rank=rank, world_size=world_size,
+                           rpc_backend_options=torch_options(options))
     except BaseException:
         _torch_rpc = None
+        _put_all(torchs=False)
         raise
 
 
 def stop() -> None:
     global _torch_rpc
+    if _torch_rpc is not None:
+        _put_all(torchs=False)
     _torch_rpc = None
 

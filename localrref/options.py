@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from . import constants
 
-__all__ = ["RpcBackendOptions", "TensorPipeRpcBackendOptions", "FaultyRpcBackendOptions"]
+__all__ = ["RpcBackendOptions", "TensorPipeRpcBackendOptions", "FaultyRpcBackendOptions",
+           "TORCH_ONLY_FAULTS", "from_torch_faulty"]
 
 
 @dataclass(kw_only=True)
@@ -97,6 +98,41 @@ class FaultyRpcBackendOptions(RpcBackendOptions):
 
 # torch's faulty agent fails these by default: the RRef protocol retries them.
 _RETRYABLE = ("RREF_FORK_REQUEST", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE")
+
+# Message types torch's faulty agent knows that localrref has no message for:
+# torch sends builtin operators and TorchScript functions (and fetches of the
+# RRefs they made) as SCRIPT_* messages, where localrref sends PYTHON_* ones
+# for every function; and localrref injects no faults into distributed
+# autograd's messages.
+TORCH_ONLY_FAULTS = ("SCRIPT_CALL", "SCRIPT_REMOTE_CALL", "SCRIPT_RREF_FETCH_CALL",
+                     "CLEANUP_AUTOGRAD_CONTEXT_REQ")
+
+
+def from_torch_faulty(options) -> tuple[FaultyRpcBackendOptions, tuple[str, ...]] | None:
+    """localrref's options for torch's ``FaultyTensorPipeRpcBackendOptions``
+    (``torch.distributed.rpc._testing``), and the types it names that inject
+    nothing here (:data:`TORCH_ONLY_FAULTS`); None for options of another kind.
+
+    The faults torch's agent injects into the messages both engines send
+    (``PYTHON_CALL``, ``PYTHON_REMOTE_CALL``, ``PYTHON_RREF_FETCH_CALL`` and
+    the RRef control messages) are injected the same way: the first
+    ``num_fail_sends`` sends of each type in ``messages_to_fail`` fail (and
+    the control messages are retried), and each type in
+    ``messages_to_delay`` waits that many seconds.
+    """
+    if not all(hasattr(options, name) for name in
+               ("num_fail_sends", "messages_to_fail", "messages_to_delay", "rpc_timeout")):
+        return None
+    fail = list(options.messages_to_fail)
+    delay = dict(options.messages_to_delay)
+    dropped = tuple(sorted({name for name in [*fail, *delay] if name in TORCH_ONLY_FAULTS}))
+    return FaultyRpcBackendOptions(
+        rpc_timeout=options.rpc_timeout, num_worker_threads=options.num_worker_threads,
+        init_method=getattr(options, "init_method", constants.DEFAULT_INIT_METHOD),
+        num_fail_sends=options.num_fail_sends,
+        messages_to_fail=[name for name in fail if name not in TORCH_ONLY_FAULTS],
+        messages_to_delay={name: seconds for name, seconds in delay.items()
+                           if name not in TORCH_ONLY_FAULTS}), dropped
 
 
 def _spin_us_from_env() -> float:

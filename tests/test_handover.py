@@ -125,3 +125,36 @@ def test_the_api_forwards_while_torchs_init_rpc_runs(monkeypatch, capsys):
         handover.start("fails", 0, 2, None, "asked")
     assert handover.active() is None
     assert "this world runs on torch.distributed.rpc (TensorPipe): asked" in capsys.readouterr().err
+
+
+def test_a_hand_over_puts_torchs_originals_back_while_torch_runs(monkeypatch):
+    # Under `python -m localrref.run`, torch's own code reaches its package
+    # at every call (dist.rpc.PyRRef): while a world runs on torch, the
+    # runner's swaps are undone, and done again when it stops.
+    import sys
+    import types
+
+    import torch.distributed.rpc as torch_rpc
+
+    from localrref import handover
+    package = types.ModuleType("fake_torch_package")
+    package.thing = "torch's thing"
+    monkeypatch.setattr(handover, "_swaps", [])
+    monkeypatch.setitem(sys.modules, "fake_torch_package.sub", "torch's sub")
+    handover.swap_in(package, "thing", "our thing")
+    handover.swap_in(sys.modules, "fake_torch_package.sub", "our sub")
+    assert package.thing == "our thing" and sys.modules["fake_torch_package.sub"] == "our sub"
+    assert handover.torch_original("fake_torch_package.thing") == "torch's thing"
+    assert handover.torch_original("fake_torch_package.sub") == "torch's sub"
+    assert handover.torch_original("torch.distributed.rpc") is torch_rpc  # never swapped here
+
+    during = []
+    monkeypatch.setattr(torch_rpc, "init_rpc", lambda name, **kwargs: during.append(
+        (package.thing, sys.modules["fake_torch_package.sub"])))
+    try:
+        handover.start("w0", 0, 2, None, "asked")
+        assert during == [("torch's thing", "torch's sub")]
+        assert package.thing == "torch's thing"
+    finally:
+        handover.stop()
+    assert package.thing == "our thing" and sys.modules["fake_torch_package.sub"] == "our sub"

@@ -16,9 +16,12 @@ its TensorPipe one, and pytest runs the result under the runner, so that
 Some tests are torch's alone and are expected to fail: TorchScript's own
 RRef type (a ``ScriptFunction`` taking an ``RRef[T]``, ``_RemoteModule``
 with a module interface), CUDA and device maps, the callee's events in the
-legacy profiler, the faulty agent, and tests that reach into torch's
-private agent (``_get_current_rpc_agent``). The summary lists every
+legacy profiler, the faulty agent's ``SCRIPT_*`` message types (localrref
+sends builtin and TorchScript calls as ``PYTHON_*`` ones), and tests that
+reach into torch's private agent and internals. The summary lists every
 failure with the first line of its error, so a new one stands out.
+``FaultyAgentRpcTest`` runs with torch's own faulty fixture: its
+``FaultyTensorPipeRpcBackendOptions`` become localrref's faults.
 
 Each test starts four fresh interpreters (torch's harness), so a suite takes
 minutes: RpcTest, the largest, about an hour on two cores.
@@ -49,6 +52,9 @@ SUITES = {
     "DdpComparisonTest": "torch.testing._internal.distributed.ddp_under_dist_autograd_test",
     "DistAutogradTest": "torch.testing._internal.distributed.rpc.dist_autograd_test",
     "RpcTest": "torch.testing._internal.distributed.rpc.rpc_test",
+    # With torch's own fixture: torch's faulty agent's options, which localrref
+    # takes as its FaultyRpcBackendOptions.
+    "FaultyAgentRpcTest": "torch.testing._internal.distributed.rpc.faulty_agent_rpc_test",
 }
 DEFAULT = ("DistOptimizerTest,ParameterServerTest,ReinforcementLearningRpcTest,"
            "RemoteModuleTest,ThreeWorkersRemoteModuleTest,DdpUnderDistAutogradTest,"
@@ -87,9 +93,17 @@ class SpawnHelper(MultiProcessTestCase):
         self._spawn_processes()
 
 
+def _fixture(name):
+    if name.startswith("Faulty"):
+        from torch.testing._internal.distributed.rpc.faulty_rpc_agent_test_fixture import (
+            FaultyRpcAgentTestFixture)
+        return FaultyRpcAgentTestFixture
+    return LocalrrefFixture
+
+
 for _name, _where in {suites!r}.items():
     _suite = getattr(importlib.import_module(_where), _name)
-    _class = type("Lrr" + _name, (_suite, LocalrrefFixture, SpawnHelper), {{}})
+    _class = type("Lrr" + _name, (_suite, _fixture(_name), SpawnHelper), {{}})
     _class.__module__ = __name__  # the spawned processes find it here
     globals()["Lrr" + _name] = _class
 del _suite, _class

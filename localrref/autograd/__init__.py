@@ -37,8 +37,7 @@ def is_available() -> bool:
 def _torch_autograd():
     """torch's ``torch.distributed.autograd`` if this world was handed over to torch, else None."""
     if current.get() is None and handover.active() is not None:
-        import torch.distributed.autograd as torch_autograd
-        return torch_autograd
+        return handover.torch_original("torch.distributed.autograd")
     return None
 
 

@@ -108,8 +108,8 @@ class RemoteModule(nn.Module):
     def __new__(cls, *args, **kwargs):
         torch_rpc = handover.active()
         if torch_rpc is not None and current.get() is None:
-            from torch.distributed.nn import RemoteModule as TorchRemoteModule
-            return TorchRemoteModule(*args, **kwargs)
+            torchs = handover.torch_original("torch.distributed.nn.RemoteModule")
+            return torchs(*args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, remote_device: str, module_cls: type[nn.Module], args: tuple | None = None,

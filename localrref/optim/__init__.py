@@ -148,8 +148,8 @@ class DistributedOptimizer:
     def __new__(cls, *args, **kwargs):
         torch_rpc = handover.active()
         if torch_rpc is not None and current.get() is None:
-            from torch.distributed.optim import DistributedOptimizer as TorchDistributedOptimizer
-            return TorchDistributedOptimizer(*args, **kwargs)
+            torchs = handover.torch_original("torch.distributed.optim.DistributedOptimizer")
+            return torchs(*args, **kwargs)
         return object.__new__(cls)
 
     def __init__(self, optimizer_class, params_rref, *args, **kwargs) -> None:

@@ -14,7 +14,9 @@ that right after one has loaded its names are swapped:
 
 A module already imported when :func:`install` runs is swapped at once.
 Modules of torch that imported the real ``rpc`` while torch loaded keep it;
-the program's own imports, done later, get localrref's.
+the program's own imports, done later, get localrref's. Every swap goes
+through :func:`localrref.handover.swap_in`, which keeps torch's original: a
+world that hands over to torch puts them back while it runs on torch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+
+from localrref import handover
 
 __all__ = ["ENV", "install", "installed"]
 
@@ -52,19 +56,19 @@ def install() -> None:
 
 
 def _swap_torch(torch_module) -> None:
-    from . import as_torch_autograd, as_torch_rpc  # as_torch_rpc imports localrref's API
     import torch.distributed
+    from . import as_torch_autograd, as_torch_rpc  # as_torch_rpc imports localrref's API
     for name, module in (("rpc", as_torch_rpc), ("autograd", as_torch_autograd)):
-        sys.modules[f"torch.distributed.{name}"] = module
-        setattr(torch.distributed, name, module)
+        handover.swap_in(sys.modules, f"torch.distributed.{name}", module)
+        handover.swap_in(torch.distributed, name, module)
 
 
 def _replace(package, names: tuple[str, ...], attribute: str, ours: type) -> None:
-    setattr(package, attribute, ours)
+    handover.swap_in(package, attribute, ours)
     for name in names:  # where torch defines it, for `from <there> import <it>`
         module = sys.modules.get(name)
         if module is not None and hasattr(module, attribute):
-            setattr(module, attribute, ours)
+            handover.swap_in(module, attribute, ours)
 
 
 def _swap_optim(package) -> None:

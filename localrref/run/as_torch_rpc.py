@@ -3,12 +3,18 @@
 What a program written for torch's RPC reaches through ``torch.distributed.rpc``
 once the runner swapped this module in (``alias.py``). Names localrref does
 not provide raise an ``AttributeError`` that names them and says why, rather
-than a bare "module has no attribute".
+than a bare "module has no attribute". Submodules are torch's: those torch
+loaded stay in ``sys.modules``, and the others load from torch's package.
 """
 
 from __future__ import annotations
 
 # Imported while the real torch.distributed.rpc is still in place.
+import torch.distributed.rpc as _torch_rpc
+from torch.distributed.rpc import backend_registry  # noqa: F401 - torch's, shared
+# torch's C++ classes that its faulty agent (torch.distributed.rpc._testing)
+# subclasses as it loads: its C++ reads them off this module.
+from torch.distributed.rpc import TensorPipeAgent, _TensorPipeRpcBackendOptionsBase  # noqa: F401
 from torch.distributed.rpc.backend_registry import BackendType
 
 import localrref
@@ -40,6 +46,13 @@ share_tensor = localrref.share_tensor
 
 def is_available() -> bool:
     return True
+
+
+# A submodule of torch's package that torch did not import while it loaded
+# (``torch.distributed.rpc._testing``, whose faulty backend registers itself
+# in the shared ``backend_registry``) is found where torch keeps it.
+__path__ = list(_torch_rpc.__path__)
+del _torch_rpc
 
 
 __getattr__ = _refuse(

@@ -180,3 +180,25 @@ def test_a_delayed_frame_is_overtaken_and_close_drops_what_waits():
     faulty.close()
     assert len(endpoint.sent) == 2 and endpoint.closed
     assert not any(t.name == "localrref-faults" for t in threading.enumerate())
+
+
+def test_torchs_faulty_agent_options_become_localrrefs():
+    # torch's FaultyTensorPipeRpcBackendOptions (torch.distributed.rpc._testing),
+    # as torch's faulty test fixture makes them.
+    from torch.distributed.rpc._testing import FaultyTensorPipeRpcBackendOptions
+
+    from localrref.options import from_torch_faulty
+    torchs = FaultyTensorPipeRpcBackendOptions(
+        num_worker_threads=8, rpc_timeout=20, init_method="tcp://127.0.0.1:1", num_fail_sends=3,
+        messages_to_fail=["RREF_FORK_REQUEST", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE",
+                          "CLEANUP_AUTOGRAD_CONTEXT_REQ"],
+        messages_to_delay={"PYTHON_CALL": 1.5, "SCRIPT_CALL": 1.5})
+    ours, dropped = from_torch_faulty(torchs)
+    assert type(ours) is FaultyRpcBackendOptions
+    assert (ours.num_fail_sends, ours.rpc_timeout, ours.num_worker_threads, ours.init_method) == (
+        3, 20, 8, "tcp://127.0.0.1:1")
+    assert ours.messages_to_fail == ["RREF_FORK_REQUEST", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE"]
+    assert ours.messages_to_delay == {"PYTHON_CALL": 1.5}
+    assert dropped == ("CLEANUP_AUTOGRAD_CONTEXT_REQ", "SCRIPT_CALL")
+    assert spec_for(ours, {}).messages_to_delay == {"PYTHON_CALL": 1.5}
+    assert from_torch_faulty(RpcBackendOptions()) is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -66,6 +67,12 @@ def env(tmp_path):
                            "MASTER_PORT": "29500"})
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(args, env, cwd=SCRIPTS):
     return run_program([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=TIMEOUT)
@@ -90,6 +97,76 @@ def test_an_unmodified_torch_program_runs_on_localrref(env, tmp_path):
     # leak report (rank 0 still held the accumulator at shutdown) and left.
     assert "localrref: leaked RRef" in done.stderr and "value_type=Accumulator" in done.stderr
     assert os.listdir(env[rendezvous_dir.RUNTIME_DIR_ENV]) in ([], ["rendezvous.lock"])
+
+
+@pytest.mark.processes
+def test_an_unmodified_torch_program_under_the_runner_hands_over_to_torch(env, tmp_path):
+    # Its workers' `rpc` is localrref's, which forwards to torch's; torch's own
+    # code finds torch's package meanwhile (its pickler reaches dist.rpc.PyRRef
+    # at every call, its backend imports TensorPipeRpcBackendOptions from it).
+    outfile = tmp_path / "seen.json"
+    done = run(["-m", "localrref.run", "torch_rpc_program.py", str(outfile)],
+               dict(env, LOCALRREF_BACKEND="torch", MASTER_PORT=str(free_port())))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(outfile.read_text())
+    assert {k: seen[k] for k in EXPECTED} == EXPECTED
+    assert seen["rpc_module"] == "localrref.run.as_torch_rpc"
+    assert seen["rref_class"] == "torch._C._distributed_rpc.PyRRef"
+    assert done.stderr.count("localrref: this world runs on torch.distributed.rpc") == 2
+
+
+FAULTY = """\
+import os, sys, warnings
+import torch
+import torch.distributed.rpc as rpc
+import torch.distributed.rpc._testing  # torch's faulty agent: a submodule torch did not load
+from torch.distributed.rpc._testing import FaultyTensorPipeRpcBackendOptions
+import torch.multiprocessing as mp
+
+def square(x):
+    return x * x
+
+def run(rank):
+    options = FaultyTensorPipeRpcBackendOptions(
+        num_worker_threads=8, rpc_timeout=60, init_method="env://", num_fail_sends=3,
+        messages_to_fail=["PYTHON_REMOTE_CALL", "CLEANUP_AUTOGRAD_CONTEXT_REQ"],
+        messages_to_delay={"PYTHON_CALL": 1.5, "SCRIPT_CALL": 1.5})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2, rpc_backend_options=options,
+                     backend=rpc.backend_registry.BackendType.FAULTY_TENSORPIPE)
+    if rank == 0:
+        print("warned:", [str(w.message).split(":")[0] for w in caught])
+        try:  # the call waits 1.5 s before it leaves
+            rpc.rpc_sync("worker1", square, args=(torch.ones(2),), timeout=0.5)
+        except RuntimeError as exc:
+            print("delayed:", "RPC ran for more than" in str(exc))
+        print("answer:", rpc.rpc_sync("worker1", square, args=(torch.ones(2) * 3,)).tolist())
+        for dst in ("worker1", "worker0"):  # the first sends of remote() fail
+            rref = rpc.remote(dst, square, args=(torch.ones(2),))
+            # torch says the same for worker1; to_here() on itself hangs
+            # there (its OwnerRRef waits for a value no job will set).
+            try:
+                rref.to_here()
+            except RuntimeError as exc:
+                print("failed:", dst, "RRef creation via rpc.remote() timed out" in str(exc))
+            del rref
+    rpc.shutdown()
+
+if __name__ == "__main__":
+    mp.spawn(run, nprocs=2)
+"""
+
+
+@pytest.mark.processes
+def test_torchs_faulty_agent_options_inject_the_same_faults_under_the_runner(env, tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    done = run(["-m", "localrref.run", str(script)], dict(env, MASTER_PORT=str(free_port())))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "warned: ['localrref injects no faults into CLEANUP_AUTOGRAD_CONTEXT_REQ, SCRIPT_CALL']",
+        "delayed: True", "answer: [9.0, 9.0]", "failed: worker1 True", "failed: worker0 True"]
 
 
 @pytest.mark.processes
