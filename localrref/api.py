@@ -19,8 +19,10 @@ from torch.distributed.rpc import WorkerInfo
 # when it ends. Sharing them makes a block of either library's collect the
 # other's calls too.
 from torch.distributed.rpc.api import _thread_local_var, _wait_all  # noqa: F401
-# torch programs pass BackendType.TENSORPIPE to init_rpc routinely; it is torch's own enum.
-from torch.distributed.rpc.backend_registry import BackendType
+# torch programs pass BackendType.TENSORPIPE to init_rpc routinely; it is torch's own
+# enum, the one torch.distributed.rpc has (torch's register_backend makes a new one in
+# backend_registry: its faulty agent's FAULTY_TENSORPIPE is only there, as on torch).
+from torch.distributed.rpc import BackendType
 
 from . import constants, handover
 from .agent import current, profiling
@@ -226,11 +228,9 @@ def _options(options, backend) -> RpcBackendOptions:
         ours, dropped = faulty
         if dropped:
             warnings.warn(
-                f"localrref injects no faults into {', '.join(dropped)}: it sends builtin "
-                f"operators and TorchScript functions as PYTHON_CALL, PYTHON_REMOTE_CALL and "
-                f"PYTHON_RREF_FETCH_CALL messages, and distributed autograd's messages go as "
-                f"they are. Name the PYTHON_* types (localrref.FaultyRpcBackendOptions) to "
-                f"fail or delay those calls", stacklevel=3)
+                f"localrref injects no faults into {', '.join(dropped)}: distributed "
+                f"autograd's messages go as they are; the other types in the options do "
+                f"meet their faults", stacklevel=3)
         return ours
     # torch's TensorPipeRpcBackendOptions: take the fields both understand.
     try:

@@ -99,13 +99,9 @@ class FaultyRpcBackendOptions(RpcBackendOptions):
 # torch's faulty agent fails these by default: the RRef protocol retries them.
 _RETRYABLE = ("RREF_FORK_REQUEST", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE")
 
-# Message types torch's faulty agent knows that localrref has no message for:
-# torch sends builtin operators and TorchScript functions (and fetches of the
-# RRefs they made) as SCRIPT_* messages, where localrref sends PYTHON_* ones
-# for every function; and localrref injects no faults into distributed
-# autograd's messages.
-TORCH_ONLY_FAULTS = ("SCRIPT_CALL", "SCRIPT_REMOTE_CALL", "SCRIPT_RREF_FETCH_CALL",
-                     "CLEANUP_AUTOGRAD_CONTEXT_REQ")
+# Message types torch's faulty agent knows that localrref injects nothing
+# into: it leaves distributed autograd's messages alone.
+TORCH_ONLY_FAULTS = ("CLEANUP_AUTOGRAD_CONTEXT_REQ",)
 
 
 def from_torch_faulty(options) -> tuple[FaultyRpcBackendOptions, tuple[str, ...]] | None:
@@ -113,12 +109,12 @@ def from_torch_faulty(options) -> tuple[FaultyRpcBackendOptions, tuple[str, ...]
     (``torch.distributed.rpc._testing``), and the types it names that inject
     nothing here (:data:`TORCH_ONLY_FAULTS`); None for options of another kind.
 
-    The faults torch's agent injects into the messages both engines send
-    (``PYTHON_CALL``, ``PYTHON_REMOTE_CALL``, ``PYTHON_RREF_FETCH_CALL`` and
-    the RRef control messages) are injected the same way: the first
-    ``num_fail_sends`` sends of each type in ``messages_to_fail`` fail (and
-    the control messages are retried), and each type in
-    ``messages_to_delay`` waits that many seconds.
+    The faults torch's agent injects into the calls, the ``remote()`` calls,
+    fetches and RRef control messages are injected the same way (its
+    ``SCRIPT_*`` types name those of builtin operators and TorchScript
+    functions, as on torch): the first ``num_fail_sends`` sends of each type
+    in ``messages_to_fail`` fail (and the control messages are retried), and
+    each type in ``messages_to_delay`` waits that many seconds.
     """
     if not all(hasattr(options, name) for name in
                ("num_fail_sends", "messages_to_fail", "messages_to_delay", "rpc_timeout")):

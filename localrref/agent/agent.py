@@ -60,7 +60,8 @@ from ..errors import WorkerClosedError, WorkerGoneError
 from ..transport import wire
 from . import current
 from .calls import Calls
-from .faults import COPY, DyingCopier, FaultPlan, FaultyTransport, InjectedFault, spec_for
+from .faults import (COPY, DyingCopier, FaultPlan, FaultyTransport, InjectedFault, ScriptSends,
+                     spec_for)
 from .handshake import Handshake, WorkerDesc
 from .housekeeper import Housekeeper
 from .jobs import Jobs
@@ -105,10 +106,15 @@ class Agent:
         if set_may_wait is not None:
             set_may_wait(self._may_wait_for_room)
         faults = spec_for(options, os.environ)
+        # Which requests torch would send as SCRIPT_* messages: kept only
+        # while faults are injected (the calls note them; see faults.py).
+        self.script_sends = None
         if faults is not None:
             log.info("localrref: rank %d injects faults: %s", rank, faults)
+            self.script_sends = ScriptSends()
             transport = FaultyTransport(transport, FaultPlan(faults, rank),
-                                        on_copy=self._count_copy)
+                                        on_copy=self._count_copy,
+                                        classify=self.script_sends.kind)
             if faults.kill_on == COPY and pool is not None:
                 pool.copier = DyingCopier(pool.copier, transport)
         self.transport = transport

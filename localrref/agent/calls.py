@@ -30,6 +30,7 @@ from ..codec.pickler import loads_exception
 from ..core import effects as fx
 from ..core.rref_context import creation_error_for
 from . import profiling
+from .faults import SCRIPT_KINDS
 from .futures import fail
 
 __all__ = ["Calls", "Pending", "RequestKind"]
@@ -88,6 +89,8 @@ class Calls:
             self.pending[request_id] = Pending(future, RequestKind.CALL, dst)
             effects = agent.core.take_effects()
             agent.housekeeper.poke_timer_locked()
+        if agent.script_sends is not None:
+            self._note_script(func, effects)
         agent.run(effects)
         return future
 
@@ -116,6 +119,8 @@ class Calls:
         if agent.record_sites:
             self.sites[id(record)] = _caller_site()
         rref = agent.rref_type._adopt(agent, record, creation)
+        if agent.script_sends is not None:
+            self._note_script(func, effects, record)
         agent.run(effects)
         return rref
 
@@ -143,8 +148,23 @@ class Calls:
             self.pending[request_id] = Pending(future, RequestKind.FETCH, record.owner)
             effects = agent.core.take_effects()
             agent.housekeeper.poke_timer_locked()
+        script = agent.script_sends
+        if script is not None and script.made_by_script(record):
+            script.note_request(request_id)
         agent.run(effects)
         return future
+
+    def _note_script(self, func, effects, record=None) -> None:
+        """Fault injection: note the sends torch would make as SCRIPT_* messages
+        (``record``: the RRef a ``remote()`` makes); see faults.ScriptSends."""
+        script = self.agent.script_sends
+        if not script.is_script(func):
+            return
+        for effect in effects:
+            if isinstance(effect, fx.Send) and effect.message.type.value in SCRIPT_KINDS:
+                script.note_request(effect.message.request_id)
+        if record is not None:
+            script.note_rref(record)
 
     def create_local(self, value):
         """``RRef(value)``: an OwnerRRef on this worker, outside the tables until shared."""

@@ -42,6 +42,7 @@ import random
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from .. import control_messages
@@ -51,13 +52,20 @@ from ..transport import wire
 from .current import mark_serving
 
 __all__ = ["FaultSpec", "FaultPlan", "Fate", "FaultyTransport", "DyingCopier", "InjectedFault",
-           "ENV", "HOLD_S", "COPY", "spec_for"]
+           "ScriptSends", "ENV", "HOLD_S", "COPY", "SCRIPT_KINDS", "spec_for"]
 
 log = logging.getLogger("localrref.faults")
 
 ENV = "LOCALRREF_FAULTS"
 HOLD_S = 0.05  # a held frame goes after this long if no later frame to its peer comes
-_TYPES = tuple(t.value for t in MessageType)
+# torch's names for the calls, remote()s and fetches of builtin operators and
+# TorchScript functions (and of the RRefs those remote()s made): localrref
+# sends them as the PYTHON_* messages, and injects faults into them under
+# torch's names as well (ScriptSends tells which they are).
+SCRIPT_KINDS = {"PYTHON_CALL": "SCRIPT_CALL", "PYTHON_REMOTE_CALL": "SCRIPT_REMOTE_CALL",
+                "PYTHON_RREF_FETCH_CALL": "SCRIPT_RREF_FETCH_CALL"}
+_MESSAGE_TYPES = tuple(t.value for t in MessageType)
+_TYPES = _MESSAGE_TYPES + tuple(SCRIPT_KINDS.values())
 _DUPLICABLE = tuple(sorted(t.value for t in DUPLICABLE_TYPES))
 _CONTROLS = tuple(sorted(
     name for name, value in vars(control_messages).items()
@@ -87,11 +95,11 @@ class FaultSpec:
     def __post_init__(self) -> None:
         if self.kill_on:
             direction, _, kind = self.kill_on.partition(":")
-            if not ((direction in ("send", "recv") and kind in _TYPES + _CONTROLS)
+            if not ((direction in ("send", "recv") and kind in _MESSAGE_TYPES + _CONTROLS)
                     or self.kill_on == COPY):
                 raise ValueError(
                     f"cannot kill on {self.kill_on!r}: write send:TYPE, recv:TYPE or copy, "
-                    f"where TYPE is a message type ({', '.join(_TYPES)}) or a control "
+                    f"where TYPE is a message type ({', '.join(_MESSAGE_TYPES)}) or a control "
                     f"record ({', '.join(_CONTROLS)})")
         if self.kill_after < 1:
             raise ValueError(f"kill_after must be >= 1, got {self.kill_after}")
@@ -235,18 +243,67 @@ class FaultPlan:
         return self.spec.probability >= 1.0 or self._rng.random() < self.spec.probability
 
 
+class ScriptSends:
+    """Which of a worker's requests torch would send as SCRIPT_* messages.
+
+    torch's agent sends a call or ``remote()`` of a builtin operator or a
+    TorchScript function as SCRIPT_CALL / SCRIPT_REMOTE_CALL, and a fetch of
+    an RRef such a ``remote()`` made as SCRIPT_RREF_FETCH_CALL; its faulty
+    agent's options name them so. localrref sends the PYTHON_* messages for
+    all of them; the calls note here which requests torch's names fit, so
+    that fault injection meets them under either name. (An RRef made this
+    way and passed to another worker is fetched there as a PYTHON_* one.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: set[int] = set()  # each leaves as its message is sent
+        self._rrefs = weakref.WeakSet()   # the core's RRef records
+
+    @staticmethod
+    def is_script(func) -> bool:
+        from .tape import is_builtin
+        import torch
+        return isinstance(func, torch.jit.ScriptFunction) or is_builtin(func)
+
+    def note_request(self, request_id: int) -> None:
+        with self._lock:
+            self._requests.add(request_id)
+
+    def note_rref(self, record) -> None:
+        with self._lock:
+            self._rrefs.add(record)
+
+    def made_by_script(self, record) -> bool:
+        with self._lock:
+            return record in self._rrefs
+
+    def kind(self, message) -> str:
+        """The type under which fault injection meets ``message``."""
+        kind = message.type.value
+        script = SCRIPT_KINDS.get(kind)
+        if script is not None:
+            with self._lock:
+                if message.request_id in self._requests:
+                    self._requests.discard(message.request_id)
+                    return script
+        return kind
+
+
 class FaultyTransport:
     """An endpoint whose protocol messages meet a :class:`FaultPlan`.
 
     ``on_copy(message)`` is told of each extra copy sent (the agent counts it
-    as sent, for the shutdown drain). Everything but ``send`` and ``close``
-    is the wrapped endpoint's.
+    as sent, for the shutdown drain); ``classify(message)`` names the type
+    a message meets the plan as (default: its own, ``message.type``).
+    Everything but ``send`` and ``close`` is the wrapped endpoint's.
     """
 
-    def __init__(self, endpoint, plan: FaultPlan, *, on_copy=None) -> None:
+    def __init__(self, endpoint, plan: FaultPlan, *, on_copy=None, classify=None) -> None:
         self._endpoint = endpoint
         self._plan = plan
         self._on_copy = on_copy
+        self._classify = classify
         self._lock = threading.Condition()
         self._timers: list = []  # heap of (due, serial, dst, frame)
         self._serial = 0
@@ -291,7 +348,7 @@ class FaultyTransport:
             self._send_now(dst, frame)
             return
         message = frames.decode_message(frame)
-        kind = message.type.value
+        kind = message.type.value if self._classify is None else self._classify(message)
         with self._lock:
             fate = self._plan.fate(kind)
         if fate.fail:

@@ -15,7 +15,7 @@ from torch.distributed.rpc import backend_registry  # noqa: F401 - torch's, shar
 # torch's C++ classes that its faulty agent (torch.distributed.rpc._testing)
 # subclasses as it loads: its C++ reads them off this module.
 from torch.distributed.rpc import TensorPipeAgent, _TensorPipeRpcBackendOptionsBase  # noqa: F401
-from torch.distributed.rpc.backend_registry import BackendType
+from torch.distributed.rpc import BackendType
 
 import localrref
 from localrref import constants, functions

@@ -7,10 +7,11 @@ import threading
 import pytest
 
 from localrref.agent.faults import (ENV, FaultPlan, FaultSpec, FaultyTransport, Fate,
-                                    InjectedFault, spec_for)
+                                    InjectedFault, ScriptSends, spec_for)
 from localrref.codec import frames
 from localrref.core import messages as m
 from localrref.core.ids import GloballyUniqueId as G
+from localrref.core.rref import UserRRef
 from localrref.options import FaultyRpcBackendOptions, RpcBackendOptions
 from localrref.transport import wire
 
@@ -70,6 +71,9 @@ def test_the_environment_switch_reads_every_key():
     ("duplicate=PYTHON_CALL,RREF_ACK", "PYTHON_CALL cannot be duplicated"),
     ("kill=PYTHON_CALL", "cannot kill on 'PYTHON_CALL': write send:TYPE, recv:TYPE or copy"),
     ("kill=recv:Bogus", "or a control record (ArrivalRefused, Hello, HelloBack"),
+    # torch's SCRIPT_* names pick faults, but no frame carries one to kill on
+    ("kill=send:SCRIPT_CALL", "cannot kill on 'send:SCRIPT_CALL'"),
+    ("duplicate=SCRIPT_CALL", "SCRIPT_CALL cannot be duplicated"),
     ("kill=copy;kill_after=0", "kill_after must be >= 1"),
 ])
 def test_bad_specs_are_refused_naming_the_problem(text, fragment):
@@ -198,7 +202,41 @@ def test_torchs_faulty_agent_options_become_localrrefs():
     assert (ours.num_fail_sends, ours.rpc_timeout, ours.num_worker_threads, ours.init_method) == (
         3, 20, 8, "tcp://127.0.0.1:1")
     assert ours.messages_to_fail == ["RREF_FORK_REQUEST", "RREF_CHILD_ACCEPT", "RREF_USER_DELETE"]
-    assert ours.messages_to_delay == {"PYTHON_CALL": 1.5}
-    assert dropped == ("CLEANUP_AUTOGRAD_CONTEXT_REQ", "SCRIPT_CALL")
-    assert spec_for(ours, {}).messages_to_delay == {"PYTHON_CALL": 1.5}
+    assert ours.messages_to_delay == {"PYTHON_CALL": 1.5, "SCRIPT_CALL": 1.5}
+    assert dropped == ("CLEANUP_AUTOGRAD_CONTEXT_REQ",)
+    assert spec_for(ours, {}).messages_to_delay == {"PYTHON_CALL": 1.5, "SCRIPT_CALL": 1.5}
     assert from_torch_faulty(RpcBackendOptions()) is None
+
+
+def test_calls_of_builtins_and_torchscript_meet_torchs_script_faults():
+    # torch sends them as SCRIPT_CALL / SCRIPT_REMOTE_CALL, and the fetch of
+    # an RRef such a remote() made as SCRIPT_RREF_FETCH_CALL; localrref's
+    # PYTHON_* messages meet faults under those names once noted.
+    import torch
+
+    @torch.jit.script
+    def scripted(x):
+        return x + 1
+
+    script = ScriptSends()
+    assert script.is_script(torch.add) and script.is_script(scripted)
+    assert not script.is_script(print) and not script.is_script(lambda x: x)
+    script.note_request(5)
+    made, other = (UserRRef(1, G(0, 1), G(0, 2), "PyObject"),
+                   UserRRef(1, G(0, 3), G(0, 4), "PyObject"))
+    script.note_rref(made)
+    assert script.made_by_script(made) and not script.made_by_script(other)
+    call = m.PythonCall(request_id=5, payload=b"")
+    assert script.kind(call) == "SCRIPT_CALL"
+    assert script.kind(call) == "PYTHON_CALL"  # noted once, for its one send
+    assert script.kind(m.PythonCall(request_id=6, payload=b"")) == "PYTHON_CALL"
+
+    endpoint = FakeEndpoint()
+    plan = FaultPlan(FaultSpec(num_fail_sends=1, messages_to_fail=("SCRIPT_CALL",)), rank=0)
+    faulty = FaultyTransport(endpoint, plan, classify=script.kind)
+    script.note_request(7)
+    with pytest.raises(InjectedFault, match="SCRIPT_CALL"):
+        faulty.send(1, frames.encode_message(m.PythonCall(request_id=7, payload=b"")))
+    faulty.send(1, frames.encode_message(m.PythonCall(request_id=8, payload=b"")))
+    assert len(endpoint.sent) == 1
+    faulty.close()

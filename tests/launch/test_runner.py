@@ -129,7 +129,8 @@ def square(x):
 def run(rank):
     options = FaultyTensorPipeRpcBackendOptions(
         num_worker_threads=8, rpc_timeout=60, init_method="env://", num_fail_sends=3,
-        messages_to_fail=["PYTHON_REMOTE_CALL", "CLEANUP_AUTOGRAD_CONTEXT_REQ"],
+        messages_to_fail=["PYTHON_REMOTE_CALL", "SCRIPT_REMOTE_CALL",
+                          "CLEANUP_AUTOGRAD_CONTEXT_REQ"],
         messages_to_delay={"PYTHON_CALL": 1.5, "SCRIPT_CALL": 1.5})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -141,15 +142,20 @@ def run(rank):
             rpc.rpc_sync("worker1", square, args=(torch.ones(2),), timeout=0.5)
         except RuntimeError as exc:
             print("delayed:", "RPC ran for more than" in str(exc))
+        try:  # a builtin operator's call is a SCRIPT_CALL
+            rpc.rpc_sync("worker1", torch.add, args=(torch.ones(2), 1), timeout=0.5)
+        except RuntimeError as exc:
+            print("builtin delayed:", "RPC ran for more than" in str(exc))
         print("answer:", rpc.rpc_sync("worker1", square, args=(torch.ones(2) * 3,)).tolist())
-        for dst in ("worker1", "worker0"):  # the first sends of remote() fail
-            rref = rpc.remote(dst, square, args=(torch.ones(2),))
-            # torch says the same for worker1; to_here() on itself hangs
-            # there (its OwnerRRef waits for a value no job will set).
+        for dst, func in (("worker1", square), ("worker0", square), ("worker1", torch.neg)):
+            rref = rpc.remote(dst, func, args=(torch.ones(2),))  # its send fails
+            # torch says the same for worker1; its to_here() on itself
+            # hangs (the OwnerRRef waits for a value no job will set).
             try:
                 rref.to_here()
             except RuntimeError as exc:
-                print("failed:", dst, "RRef creation via rpc.remote() timed out" in str(exc))
+                print("failed:", dst, func.__name__,
+                      "RRef creation via rpc.remote() timed out" in str(exc))
             del rref
     rpc.shutdown()
 
@@ -165,8 +171,9 @@ def test_torchs_faulty_agent_options_inject_the_same_faults_under_the_runner(env
     done = run(["-m", "localrref.run", str(script)], dict(env, MASTER_PORT=str(free_port())))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "warned: ['localrref injects no faults into CLEANUP_AUTOGRAD_CONTEXT_REQ, SCRIPT_CALL']",
-        "delayed: True", "answer: [9.0, 9.0]", "failed: worker1 True", "failed: worker0 True"]
+        "warned: ['localrref injects no faults into CLEANUP_AUTOGRAD_CONTEXT_REQ']",
+        "delayed: True", "builtin delayed: True", "answer: [9.0, 9.0]",
+        "failed: worker1 square True", "failed: worker0 square True", "failed: worker1 neg True"]
 
 
 @pytest.mark.processes
