@@ -161,9 +161,14 @@ def _join(name, rank, world_size, options):
     for what, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
         unset = -1 if what == "RANK" else None
         if (value is unset or value is None) and not os.environ.get(what, "").strip():
+            # torch's TensorPipe makes a world without WORLD_SIZE a dynamic one,
+            # which ranks join and leave; a localrref world has a fixed size.
+            dynamic = (" (without a world size torch.distributed.rpc starts a dynamic "
+                       "world, which workers join and leave at any time: localrref's worlds "
+                       "have a fixed size)" if what == "WORLD_SIZE" else "")
             raise ValueError(f"Error initializing torch.distributed using {rendezvous.init_method} "
                              f"rendezvous: environment variable {what} expected, but not set "
-                             f"(pass {what.lower()}= to init_rpc, or set {what})")
+                             f"(pass {what.lower()}= to init_rpc, or set {what}){dynamic}")
     rank = _resolve_int("rank", rank, os.environ.get("RANK"), None, unset=-1)
     world_size = _resolve_int("world_size", world_size, os.environ.get("WORLD_SIZE"), None,
                               unset=None)
@@ -218,10 +223,15 @@ def _options(options, backend) -> RpcBackendOptions:
         return options
     if isinstance(options, RpcBackendOptions):
         # A class of the program's own: torch infers the backend from the
-        # options' class, and refuses one it does not know.
+        # options' class, and refuses one it does not know, or one that is
+        # not TensorPipe's for the TensorPipe backend.
         if backend is None:
             raise TypeError(f"Could not infer backend for options {options!r}: pass backend= "
                             f"to init_rpc, or use localrref.RpcBackendOptions")
+        if type(backend).__name__ == "BackendType" and backend.name == "TENSORPIPE":
+            raise TypeError(f"`rpc_backend_options` must be a `TensorPipeRpcBackendOptions`. "
+                            f"{options!r}: use localrref.RpcBackendOptions (or torch's "
+                            f"TensorPipeRpcBackendOptions) for the TENSORPIPE backend")
         return options
     faulty = from_torch_faulty(options)
     if faulty is not None:

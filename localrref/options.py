@@ -44,6 +44,15 @@ class RpcBackendOptions:
     devices: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name in ("rpc_timeout", "num_worker_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                # torch's words (pybind11's), then the fix
+                raise TypeError(
+                    f"TensorPipeRpcBackendOptions(): incompatible constructor arguments: "
+                    f"{name} must be a number, got {type(value).__name__} {value!r}"
+                    + (" (pass timedelta.total_seconds())"
+                       if type(value).__name__ == "timedelta" else ""))
         if self.rpc_timeout < 0:
             raise ValueError(f"rpc_timeout must be >= 0 seconds (0: no limit), got "
                              f"{self.rpc_timeout}")

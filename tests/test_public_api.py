@@ -121,3 +121,25 @@ def test_rref_is_generic_as_torchs_is():
     alias = localrref.RRef[torch.Tensor]
     assert typing.get_origin(alias) is localrref.RRef
     assert typing.get_args(alias) == typing.get_args(torch_rpc.RRef[torch.Tensor])
+
+
+def test_options_refuse_what_torchs_refuse_in_torchs_words():
+    from datetime import timedelta
+
+    from localrref.api import _options
+    with pytest.raises(TypeError, match="incompatible constructor arguments: rpc_timeout must "
+                                        "be a number.*timedelta.total_seconds"):
+        localrref.TensorPipeRpcBackendOptions(rpc_timeout=timedelta(seconds=3))
+    with pytest.raises(TypeError, match="num_worker_threads must be a number"):
+        localrref.RpcBackendOptions(num_worker_threads="8")
+
+    class FooBackendOptions(localrref.RpcBackendOptions):  # as torch's rpc_test has it
+        pass
+
+    own = FooBackendOptions()
+    with pytest.raises(TypeError, match="`rpc_backend_options` must be a "
+                                        "`TensorPipeRpcBackendOptions`"):
+        _options(own, torch_rpc.BackendType.TENSORPIPE)
+    with pytest.raises(TypeError, match="Could not infer backend for options"):
+        _options(own, None)
+    assert _options(own, "localrref") is own  # a backend of its own: the program's to choose

@@ -52,6 +52,7 @@ SUITES = {
     "DdpComparisonTest": "torch.testing._internal.distributed.ddp_under_dist_autograd_test",
     "DistAutogradTest": "torch.testing._internal.distributed.rpc.dist_autograd_test",
     "RpcTest": "torch.testing._internal.distributed.rpc.rpc_test",
+    "TensorPipeAgentRpcTest": "torch.testing._internal.distributed.rpc.rpc_test",
     # With torch's own fixture: torch's faulty agent's options, which localrref
     # takes as its FaultyRpcBackendOptions.
     "FaultyAgentRpcTest": "torch.testing._internal.distributed.rpc.faulty_agent_rpc_test",

@@ -650,8 +650,18 @@ class Agent:
         """The agent's own figures (torch's ``_get_current_rpc_agent().get_debug_info()``)."""
         with self.lock:
             pending = len(self.calls.pending)
+            jobs = len(self.core.jobs)
+        async_jobs = self.jobs.async_waiting
+        pool_size, idle = self.jobs.executor.sizes()
         counts = self._autograd_counts()
         return {
+            # torch's TensorPipe agent's keys
+            "agent.thread_pool_size": str(pool_size),
+            "agent.num_idle_threads": str(idle),
+            "agent.client_active_calls": str(pending),
+            "agent.server_active_calls": str(max(0, jobs - async_jobs)),
+            "agent.server_active_async_calls": str(async_jobs),
+            # localrref's own
             "agent.num_pending_calls": str(pending),
             "agent.worker_threads": str(self.jobs.executor.thread_count),
             "agent.threads": str(threading.active_count()),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import torch
 
@@ -40,6 +41,9 @@ class InlineExecutor:
 
     thread_count = 0
 
+    def sizes(self) -> tuple[int, int]:
+        return 0, 0
+
     def submit(self, fn, *args) -> None:
         fn(*args)
 
@@ -56,6 +60,9 @@ class Jobs:
                          else InlineExecutor())
         # job id -> the autograd context its request ran in (its reply is sent in it)
         self.contexts: dict[int, int] = {}
+        # async_execution jobs whose future has not completed yet
+        self._async_lock = threading.Lock()
+        self.async_waiting = 0
 
     def submit(self, job: fx.Execute) -> None:
         """Run ``job`` on the pool (a job that cannot start fails its caller)."""
@@ -123,11 +130,15 @@ class Jobs:
                     f"{type(result).__qualname__} ({name} is decorated with "
                     f"@rpc.functions.async_execution)"))
                 return
+            with self._async_lock:
+                self.async_waiting += 1
             result.add_done_callback(lambda f: self._finish_async(job, f))
             return
         self._finish(job, result)
 
     def _finish_async(self, job, future) -> None:
+        with self._async_lock:
+            self.async_waiting -= 1
         try:
             value = future.value()
         except BaseException as exc:

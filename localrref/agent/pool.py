@@ -50,6 +50,14 @@ class ElasticPool:
     def thread_count(self) -> int:
         return self._threads
 
+    def sizes(self) -> tuple[int, int]:
+        """``(size, idle)`` as torch's fixed pool reports them: the configured
+        size (or more, while the pool has grown), and how many of those are
+        not running a job now."""
+        with self._lock:
+            size = max(self.core_threads, self._threads)
+            return size, size - (self._threads - self._idle)
+
     def in_pool_thread(self) -> bool:
         return getattr(self._local, "pool", None) is self
 

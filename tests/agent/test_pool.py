@@ -29,9 +29,12 @@ def block_threads(pool, count, release):
 def test_blocked_jobs_get_new_threads_beyond_the_core_size():
     pool = ElasticPool(2, max_threads=8, idle_timeout=5)
     release = threading.Event()
+    assert pool.sizes() == (2, 2)  # torch's figures: its fixed size, all idle
     try:
-        block_threads(pool, 6, release)  # three times the core size, all blocked at once
-        assert pool.thread_count == 6
+        block_threads(pool, 1, release)
+        assert pool.sizes() == (2, 1)
+        block_threads(pool, 5, release)  # three times the core size, all blocked at once
+        assert pool.thread_count == 6 and pool.sizes() == (6, 0)
     finally:
         release.set()
         assert pool.shutdown() == []

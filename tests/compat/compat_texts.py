@@ -153,4 +153,11 @@ def debug_info_parts():
     assert set(_get_debug_info()) == keys[0] | keys[1] | keys[2]
     assert {"num_owner_rrefs", "num_pending_users", "num_forks"} <= keys[0]
     assert {"num_autograd_contexts", "num_current_backward_passes"} <= keys[2]
+    # The agent's, with torch's TensorPipe agent's keys (16 worker threads
+    # on both engines, by default or as the world asks).
+    agent = parts[1]
+    assert {"agent.thread_pool_size", "agent.num_idle_threads", "agent.client_active_calls",
+            "agent.server_active_calls", "agent.server_active_async_calls"} <= keys[1]
+    assert int(agent["agent.thread_pool_size"]) == 16
+    assert 0 <= int(agent["agent.num_idle_threads"]) <= 16
     return True

@@ -359,6 +359,15 @@ def test_missing_rank_is_named_as_torch_names_it(root, master, monkeypatch):
         localrref.init_rpc("x", world_size=2)
 
 
+def test_no_world_size_says_that_localrref_worlds_are_not_dynamic(root, master, monkeypatch):
+    # torch's TensorPipe starts a dynamic world then (its test_dynamic_rpc_*).
+    import localrref
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="WORLD_SIZE expected, but not set .* torch.distributed"
+                                         ".rpc starts a dynamic world.*have a fixed size"):
+        localrref.init_rpc("x", rank=0)
+
+
 def test_a_rendezvous_directory_of_another_user_is_refused(tmp_path, monkeypatch):
     if os.getuid() != 0:
         pytest.skip("needs root to give a directory to another user")
