@@ -45,11 +45,14 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import control_messages
 from ..codec import frames
 from ..core.messages import DUPLICABLE_TYPES, MessageType
 from ..transport import wire
 from .current import mark_serving
+from .tape import is_builtin
 
 __all__ = ["FaultSpec", "FaultPlan", "Fate", "FaultyTransport", "DyingCopier", "InjectedFault",
            "ScriptSends", "ENV", "HOLD_S", "COPY", "SCRIPT_KINDS", "spec_for"]
@@ -262,8 +265,6 @@ class ScriptSends:
 
     @staticmethod
     def is_script(func) -> bool:
-        from .tape import is_builtin
-        import torch
         return isinstance(func, torch.jit.ScriptFunction) or is_builtin(func)
 
     def note_request(self, request_id: int) -> None:
