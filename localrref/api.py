@@ -33,7 +33,8 @@ from .launch import paused_gc
 from .errors import (
     AGENT_NOT_SET_MESSAGE, NOT_INITIALIZED_MESSAGE, RPCNotInitializedError, UnknownWorkerError,
 )
-from .options import FaultyRpcBackendOptions, RpcBackendOptions, from_torch_faulty
+from .options import (FaultyRpcBackendOptions, RpcBackendOptions, TensorPipeRpcBackendOptions,
+                      from_torch_faulty)
 from .rref import RRef, worker_info
 
 __all__ = ["init_rpc", "rpc_sync", "rpc_async", "remote", "shutdown", "get_worker_info",
@@ -219,7 +220,7 @@ def _resolve_int(what, given, env, world_value, *, unset):
 def _options(options, backend) -> RpcBackendOptions:
     if options is None:
         return RpcBackendOptions()
-    if type(options) in (RpcBackendOptions, FaultyRpcBackendOptions):
+    if type(options) in (RpcBackendOptions, TensorPipeRpcBackendOptions, FaultyRpcBackendOptions):
         return options
     if isinstance(options, RpcBackendOptions):
         # A class of the program's own: torch infers the backend from the

@@ -151,11 +151,14 @@ def _spin_us_from_env() -> float:
                          f"{text!r}") from None
 
 
-def TensorPipeRpcBackendOptions(*, num_worker_threads=constants.DEFAULT_NUM_WORKER_THREADS,
-                                rpc_timeout=constants.DEFAULT_RPC_TIMEOUT_SEC,
-                                init_method=constants.DEFAULT_INIT_METHOD, device_maps=None,
-                                devices=None, _transports=None, _channels=None):
-    """torch's constructor name, returning localrref's options (the transports are ignored)."""
-    return RpcBackendOptions(num_worker_threads=num_worker_threads, rpc_timeout=rpc_timeout,
-                             init_method=init_method, device_maps=device_maps or {},
-                             devices=devices or [])
+class TensorPipeRpcBackendOptions(RpcBackendOptions):
+    """torch's name and constructor for localrref's options (the transports and
+    channels are ignored), a class as torch's is: ``isinstance`` works."""
+
+    def __init__(self, *, num_worker_threads=constants.DEFAULT_NUM_WORKER_THREADS,
+                 rpc_timeout=constants.DEFAULT_RPC_TIMEOUT_SEC,
+                 init_method=constants.DEFAULT_INIT_METHOD, device_maps=None, devices=None,
+                 _transports=None, _channels=None):
+        super().__init__(num_worker_threads=num_worker_threads, rpc_timeout=rpc_timeout,
+                         init_method=init_method, device_maps=device_maps or {},
+                         devices=devices or [])

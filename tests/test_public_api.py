@@ -136,6 +136,12 @@ def test_options_refuse_what_torchs_refuse_in_torchs_words():
     class FooBackendOptions(localrref.RpcBackendOptions):  # as torch's rpc_test has it
         pass
 
+    # torch's own name is a class, as torch's is, and is localrref's options.
+    tensorpipe = localrref.TensorPipeRpcBackendOptions(rpc_timeout=5, _transports=["uv"])
+    assert isinstance(tensorpipe, localrref.TensorPipeRpcBackendOptions)
+    assert isinstance(tensorpipe, localrref.RpcBackendOptions) and tensorpipe.rpc_timeout == 5
+    assert _options(tensorpipe, torch_rpc.BackendType.TENSORPIPE) is tensorpipe
+
     own = FooBackendOptions()
     with pytest.raises(TypeError, match="`rpc_backend_options` must be a "
                                         "`TensorPipeRpcBackendOptions`"):
