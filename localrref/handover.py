@@ -150,11 +150,8 @@ def torch_original(name: str) -> object:
     """torch's own ``name`` (``"torch.distributed.rpc"``,
     ``"torch.distributed.optim.DistributedOptimizer"``, ...), even under the runner."""
     for where, key, torchs, _ in _swaps:
-        if torchs is not None and key == name and where is sys.modules:
-            return torchs
-    for where, key, torchs, _ in _swaps:
-        if torchs is not None and where is not sys.modules and \
-                f"{where.__name__}.{key}" == name:
+        full = key if where is sys.modules else f"{where.__name__}.{key}"
+        if full == name and torchs is not None:
             return torchs
     try:
         return importlib.import_module(name)
